@@ -1,0 +1,188 @@
+"""cross_modal_attention vs what a user would otherwise call, side by side in one run.
+
+Baselines: F.scaled_dot_product_attention on the concatenated KV with a boolean
+padding mask (as (B, H, L, D) views of the (B, L, H, D) projections, and made
+contiguous), the eager math path, and optionally torch.compile of the reference.
+Reports medians, GFLOP/s on valid tokens (forward 4*Lq*Lk*D per head, backward
+2.5x), each as a fraction of a large matrix product's rate measured in the same
+run, the speedup of mmkernels over the best baseline, and peak extra memory.
+
+    python benchmarks/bench_attention.py            # the CPU table of benchmarks/README.md
+    python benchmarks/bench_attention.py --quick    # one shape, few repetitions
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mmkernels  # noqa: E402
+from common import bar_plot, matmul_gflops, median_ms, peak_cpu_memory_bytes, write_report  # noqa: E402
+from mmkernels.reference import cross_modal_attention_reference  # noqa: E402
+
+# (name, B, Hq, Hkv, D, Lq, segment lengths, max padding fraction)
+SHAPES = [
+    ("text64 x img576+aud1500", 4, 8, 8, 64, 64, (576, 1500), 0.4),
+    ("text128 x img196+aud1000+aud500", 2, 8, 4, 64, 128, (196, 1000, 500), 0.5),
+    ("text32 x img1024", 8, 12, 12, 64, 32, (1024,), 0.3),
+]
+QUICK_SHAPES = SHAPES[:1]
+
+
+def make_inputs(B, Hq, Hkv, D, Lq, segs, pad, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Lq, Hq, D, generator=g).to(dtype=dtype, device=device)
+    keys = [torch.randn(B, L, Hkv, D, generator=g).to(dtype=dtype, device=device) for L in segs]
+    values = [torch.randn(B, L, Hkv, D, generator=g).to(dtype=dtype, device=device) for L in segs]
+    # Each sample keeps 60-100% of each segment: padding at the end.
+    keep = 1 - pad * torch.rand(B, len(segs), generator=g)
+    kv_lengths = (keep * torch.tensor(segs)).long().clamp(min=1).to(device)
+    return q, keys, values, kv_lengths
+
+
+def concat_with_mask(keys, values, kv_lengths, Hq):
+    """What a user does without mmkernels: one KV sequence and a boolean mask."""
+    k = torch.cat(keys, dim=1)
+    v = torch.cat(values, dim=1)
+    masks = [torch.arange(t.shape[1], device=t.device)[None] < kv_lengths[:, m:m + 1] for m, t in enumerate(keys)]
+    mask = torch.cat(masks, dim=1)[:, None, None, :]  # (B, 1, 1, Lk)
+    group = Hq // k.shape[2]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=2)
+        v = v.repeat_interleave(group, dim=2)
+    return k, v, mask
+
+
+def sdpa(q, k, v, mask, contiguous):
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if contiguous:
+        qt, kt, vt = qt.contiguous(), kt.contiguous(), vt.contiguous()
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
+
+
+def math_path(q, k, v, mask):
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * q.shape[-1] ** -0.5
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.einsum("bhij,bjhd->bihd", p, v)
+
+
+def _fwd_bwd(fn, inputs, grad_out):
+    def run():
+        out = fn()
+        return torch.autograd.grad(out, inputs, grad_out)
+    return run
+
+
+def bench_shape(name, B, Hq, Hkv, D, Lq, segs, pad, args, gflops_peak):
+    dtype = getattr(torch, args.dtype)
+    q, keys, values, kv_lengths = make_inputs(B, Hq, Hkv, D, Lq, segs, pad, dtype, args.device)
+    k, v, mask = concat_with_mask(keys, values, kv_lengths, Hq)
+    valid = kv_lengths.sum(1).double()
+    flops = float((4 * Lq * valid * D * Hq).sum())
+    variants = {
+        # mmkernels and the compiled reference take the per-modality lists as they are.
+        "mmkernels": lambda q, ks, vs: mmkernels.cross_modal_attention(q, ks, vs, kv_lengths=kv_lengths,
+                                                                       backend=args.backend),
+        "sdpa (views)": lambda q, k, v: sdpa(q, k, v, mask, False),
+        "sdpa (contiguous)": lambda q, k, v: sdpa(q, k, v, mask, True),
+        "math": lambda q, k, v: math_path(q, k, v, mask),
+    }
+    if args.compile:
+        compiled_ref = torch.compile(cross_modal_attention_reference)
+        variants["compiled reference"] = lambda q, ks, vs: compiled_ref(q, ks, vs, kv_lengths)
+    rows = []
+    for vname, fn in variants.items():
+        own = vname in ("mmkernels", "compiled reference")
+        fwd_args = (q, keys, values) if own else (q, k, v)
+        with torch.no_grad():
+            fwd = median_ms(lambda: fn(*fwd_args), reps=args.reps, device=args.device)
+        # Backward: grads w.r.t. q and the user's own (per-modality) K/V tensors.
+        qg = q.detach().requires_grad_()
+        if own:
+            kg = [t.detach().requires_grad_() for t in keys]
+            vg = [t.detach().requires_grad_() for t in values]
+            run = _fwd_bwd(lambda: fn(qg, kg, vg), [qg, *kg, *vg], torch.randn(B, Lq, Hq, D, dtype=dtype))
+        else:
+            kg = [t.detach().requires_grad_() for t in keys]
+            vg = [t.detach().requires_grad_() for t in values]
+
+            def user_path():  # the concatenation is part of what the user pays in training
+                kk, vv, _ = concat_with_mask(kg, vg, kv_lengths, Hq)
+                return fn(qg, kk, vv)
+            run = _fwd_bwd(user_path, [qg, *kg, *vg], torch.randn(B, Lq, Hq, D, dtype=dtype))
+        fwd_bwd = median_ms(run, reps=args.reps, device=args.device)
+        rows.append(dict(shape=name, variant=vname, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
+                         fwd_gflops=flops / fwd / 1e6, fwd_bwd_gflops=3.5 * flops / fwd_bwd / 1e6,
+                         fwd_frac_of_matmul=flops / fwd / 1e6 / gflops_peak))
+    best_fwd = min(r["fwd_ms"] for r in rows if r["variant"] != "mmkernels")
+    best_both = min(r["fwd_bwd_ms"] for r in rows if r["variant"] != "mmkernels")
+    for r in rows:
+        r["fwd_speedup_vs_best"] = best_fwd / r["fwd_ms"]
+        r["fwd_bwd_speedup_vs_best"] = best_both / r["fwd_bwd_ms"]
+    return rows
+
+
+def bench_memory(args):
+    """Peak memory beyond inputs and outputs, Lq = 512 over one segment of 16384 keys."""
+    dtype = getattr(torch, args.dtype)
+    B, H, D, Lq, Lk = 1, 8, 64, 512, 16384
+    q, keys, values, kv_lengths = make_inputs(B, H, H, D, Lq, (Lk,), 0.0, dtype, args.device)
+    k, v, mask = concat_with_mask(keys, values, kv_lengths, H)
+    out_bytes = q.numel() * q.element_size()
+    rows = []
+    with torch.no_grad():
+        for vname, fn in {
+            "mmkernels": lambda: mmkernels.cross_modal_attention(q, keys, values, kv_lengths=kv_lengths, backend=args.backend),
+            "sdpa (views)": lambda: sdpa(q, k, v, mask, False),
+            "math": lambda: math_path(q, k, v, mask),
+        }.items():
+            fn()  # warm up allocator and thread pools
+            peak = peak_cpu_memory_bytes(fn)
+            rows.append(dict(variant=vname, extra_MiB=None if peak is None else max(peak - out_bytes, 0) / 2**20))
+    math_mib = rows[-1]["extra_MiB"]
+    for r in rows:
+        r["fraction_of_math"] = None if not math_mib or r["extra_MiB"] is None else r["extra_MiB"] / math_mib
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--backend", default=None, help="force an mmkernels backend (default: dispatch)")
+    p.add_argument("--reps", type=int, default=15, help="repetitions per median")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the reference (slow to compile)")
+    p.add_argument("--quick", action="store_true", help="first shape only, 5 repetitions, no memory case")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.reps = 5
+    torch.manual_seed(0)
+    gflops_peak = matmul_gflops(device=args.device)
+    print(f"matrix product (2048^2, fp32): {gflops_peak:.1f} GFLOP/s; threads: {torch.get_num_threads()}")
+    rows = []
+    for shape in QUICK_SHAPES if args.quick else SHAPES:
+        rows += bench_shape(*shape, args, gflops_peak)
+    cols = ["shape", "variant", "fwd_ms", "fwd_bwd_ms", "fwd_gflops", "fwd_bwd_gflops", "fwd_frac_of_matmul",
+            "fwd_speedup_vs_best", "fwd_bwd_speedup_vs_best"]
+    notes = [f"device {args.device}, {args.dtype}, medians of {args.reps}, {torch.get_num_threads()} threads",
+             f"matrix product rate in the same run: {gflops_peak:.1f} GFLOP/s",
+             "GFLOP/s on valid keys only (forward 4*Lq*Lk*D per head, forward+backward 3.5x that)",
+             "speedup = best baseline's time / this variant's time (baselines: sdpa views/contiguous, math)"]
+    md = write_report("attention_" + args.device, rows, cols, "cross_modal_attention", notes)
+    print(md.read_text())
+    bar_plot("attention_" + args.device, [f"{r['variant']}\n{r['shape'][:18]}" for r in rows],
+             [r["fwd_bwd_ms"] for r in rows], "forward+backward ms (median)", "cross_modal_attention")
+    if not args.quick:
+        mem = bench_memory(args)
+        md = write_report("attention_memory_" + args.device, mem, ["variant", "extra_MiB", "fraction_of_math"],
+                          "Peak memory beyond inputs and outputs (B=1, H=8, D=64, Lq=512, Lk=16384, forward)",
+                          ["measured as the rise of peak resident memory (VmHWM) during the call"])
+        print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""gated_fusion vs the same computation in eager PyTorch, side by side in one run.
+
+Reports medians of forward and forward+backward, the effective memory traffic
+(GB/s: forward reads features and logits and writes the output; backward reads
+them again with the output's gradient and writes two gradients) and the speedup.
+
+    python benchmarks/bench_gated_fusion.py
+    python benchmarks/bench_gated_fusion.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mmkernels  # noqa: E402
+from common import bar_plot, median_ms, write_report  # noqa: E402
+
+SHAPES = [(3, 32768, 768), (2, 8192, 1024), (4, 4096, 512)]
+
+
+def eager(features, gate_logits, present):
+    """What a user writes without mmkernels: masked softmax over modalities, tanh, weighted sum."""
+    logits = gate_logits.masked_fill(~present[..., None], float("-inf"))
+    gates = torch.softmax(logits, dim=0).nan_to_num(0.0)
+    return (gates * torch.tanh(features)).sum(0)
+
+
+def bench(M, N, H, args):
+    dtype = getattr(torch, args.dtype)
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(M, N, H, generator=g).to(dtype=dtype, device=args.device)
+    lg = torch.randn(M, N, H, generator=g).to(dtype=dtype, device=args.device)
+    present = (torch.rand(M, N, generator=g) > 0.2).to(args.device)
+    grad = torch.randn(N, H, generator=g).to(dtype=dtype, device=args.device)
+    esize = f.element_size()
+    fwd_bytes = (2 * M + 1) * N * H * esize
+    bwd_bytes = (4 * M + 1) * N * H * esize
+    rows = []
+    for name, fn in {
+        "mmkernels": lambda a, b: mmkernels.gated_fusion(a, b, present, backend=args.backend),
+        "eager": lambda a, b: eager(a, b, present),
+    }.items():
+        with torch.no_grad():
+            fwd = median_ms(lambda: fn(f, lg), reps=args.reps, device=args.device)
+        fr, lr = f.detach().requires_grad_(), lg.detach().requires_grad_()
+        both = median_ms(lambda: torch.autograd.grad(fn(fr, lr), [fr, lr], grad), reps=args.reps, device=args.device)
+        rows.append(dict(shape=f"M={M} N={N} H={H}", variant=name, fwd_ms=fwd, fwd_bwd_ms=both,
+                         fwd_GBps=fwd_bytes / fwd / 1e6, fwd_bwd_GBps=(fwd_bytes + bwd_bytes) / both / 1e6))
+    for r in rows:
+        r["fwd_speedup_vs_eager"] = rows[1]["fwd_ms"] / r["fwd_ms"]
+        r["fwd_bwd_speedup_vs_eager"] = rows[1]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--backend", default=None)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--quick", action="store_true", help="first shape, 5 repetitions")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.reps = 5
+    rows = []
+    for shape in SHAPES[:1] if args.quick else SHAPES:
+        rows += bench(*shape, args)
+    cols = ["shape", "variant", "fwd_ms", "fwd_bwd_ms", "fwd_GBps", "fwd_bwd_GBps", "fwd_speedup_vs_eager",
+            "fwd_bwd_speedup_vs_eager"]
+    md = write_report("gated_fusion_" + args.device, rows, cols, "gated_fusion",
+                      [f"device {args.device}, {args.dtype}, medians of {args.reps}, {torch.get_num_threads()} threads",
+                       "GB/s: bytes that one pass must move / time"])
+    print(md.read_text())
+    bar_plot("gated_fusion_" + args.device, [f"{r['variant']}\n{r['shape']}" for r in rows],
+             [r["fwd_bwd_ms"] for r in rows], "forward+backward ms (median)", "gated_fusion")
+
+
+if __name__ == "__main__":
+    main()

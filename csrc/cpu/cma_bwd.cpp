@@ -1,0 +1,264 @@
+// CPU backward of mmkernels::cma_bwd (FlashAttention-2 math, probabilities recomputed from lse).
+// Parallel over (batch, kv head) tasks: a task owns the dK/dV rows of its kv head and the dQ
+// rows of the G query heads sharing it, so there are no races and no float atomics; per-task
+// partials of grad_bias / grad_gate are reduced afterwards in a fixed order (deterministic).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../common/fast_math.h"
+#include "cma_common.h"
+#include "cpu_blas.h"
+
+namespace mmkernels::cpu {
+namespace {
+
+constexpr int64_t kBwdRows = 64;   // row block (query positions x grouped heads)
+constexpr int64_t kBwdKeys = 128;  // key block
+
+template <typename scalar_t>
+void cma_bwd_impl(const CmaProblem& p, const at::Tensor& go, const at::Tensor* glse,
+                  const at::Tensor& q, at::TensorList keys, at::TensorList values,
+                  const at::Tensor& o_raw, const at::Tensor& lse_in, double scale_d,
+                  at::Tensor& dq, std::vector<at::Tensor>& dk, std::vector<at::Tensor>& dv,
+                  at::Tensor& gbias, at::Tensor& ggate) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = p.B, Lq = p.Lq, Hq = p.Hq, Hkv = p.Hkv, D = p.D, Dv = p.Dv, M = p.M,
+                G = p.G;
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+
+  const at::Tensor lse = lse_in.to(lse_in.options().dtype(c10::CppTypeToScalarType<acc_t>::value))
+                             .contiguous();
+  at::Tensor glse_c;
+  if (glse) glse_c = glse->to(glse->options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const acc_t* lsep = lse.data_ptr<acc_t>();
+  const acc_t* glp = glse ? glse_c.data_ptr<acc_t>() : nullptr;
+  const int64_t sgl0 = glse ? glse_c.stride(0) : 0, sgl1 = glse ? glse_c.stride(1) : 0,
+                sgl2 = glse ? glse_c.stride(2) : 0;
+
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* gop = go.data_ptr<scalar_t>();
+  const scalar_t* orp = o_raw.data_ptr<scalar_t>();
+  std::vector<const scalar_t*> kp(M), vp(M);
+  std::vector<scalar_t*> dkp(M), dvp(M);
+  std::vector<int64_t> skb(M), skl(M), skh(M), svb(M), svl(M), svh(M);
+  for (int64_t m = 0; m < M; ++m) {
+    kp[m] = keys[m].data_ptr<scalar_t>();
+    vp[m] = values[m].data_ptr<scalar_t>();
+    dkp[m] = dk[m].data_ptr<scalar_t>();
+    dvp[m] = dv[m].data_ptr<scalar_t>();
+    skb[m] = keys[m].stride(0), skl[m] = keys[m].stride(1), skh[m] = keys[m].stride(2);
+    svb[m] = values[m].stride(0), svl[m] = values[m].stride(1), svh[m] = values[m].stride(2);
+  }
+  scalar_t* dqp = dq.data_ptr<scalar_t>();
+
+  // Per-task partials: grad_bias (B, Hq, M), grad_gate dot products (B, Hq).
+  std::vector<double> gb_part(static_cast<size_t>(B * Hq * M), 0.0);
+  std::vector<double> gg_part(static_cast<size_t>(B * Hq), 0.0);
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> Qs, dO, dQ, Di, lrow;
+    std::vector<int64_t> lim;
+    std::vector<acc_t> S(kBwdRows * kBwdKeys), dP(kBwdRows * kBwdKeys), dKt(kBwdKeys * D),
+        dVt(kBwdKeys * Dv), Kt(kBwdKeys * D), Vt(kBwdKeys * Dv), crow(kBwdRows);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, kvh = t % Hkv;
+      const int64_t ql = p.q_len[b];
+      const int64_t R = ql * G;  // valid rows, row r <-> (i = r / G, g = r % G)
+      Qs.resize(R * D);
+      dO.resize(R * Dv);
+      dQ.assign(R * D, acc_t(0));
+      Di.resize(R);
+      lrow.resize(R);
+      lim.resize(R);
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t i = r / G, g = r % G, h = kvh * G + g;
+        const scalar_t* qs = qp + b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
+        const scalar_t* gs = gop + b * go.stride(0) + i * go.stride(1) + h * go.stride(2);
+        const scalar_t* os = orp + b * o_raw.stride(0) + i * o_raw.stride(1) + h * o_raw.stride(2);
+        for (int64_t d = 0; d < D; ++d) Qs[r * D + d] = static_cast<acc_t>(qs[d]) * scale;
+        const acc_t gt = static_cast<acc_t>(p.gate_at(h));
+        acc_t dot = 0;
+        for (int64_t d = 0; d < Dv; ++d) {
+          const acc_t gv = static_cast<acc_t>(gs[d]);
+          dot += gv * static_cast<acc_t>(os[d]);
+          dO[r * Dv + d] = gt * gv;
+        }
+        gg_part[b * Hq + h] += static_cast<double>(dot);
+        lrow[r] = lsep[(b * Hq + h) * Lq + i];
+        Di[r] = gt * dot - (glp ? glp[b * sgl0 + h * sgl1 + i * sgl2] : acc_t(0));
+      }
+
+      for (int64_t m = 0; m < M; ++m) {
+        int64_t maxlim = 0;
+        for (int64_t r = 0; r < R; ++r) {
+          lim[r] = lrow[r] == ninf ? 0 : p.visible(b, m, r / G);
+          maxlim = std::max(maxlim, lim[r]);
+        }
+        const scalar_t* kbase = kp[m] + b * skb[m] + kvh * skh[m];
+        const scalar_t* vbase = vp[m] + b * svb[m] + kvh * svh[m];
+        // Output grads of this segment are written contiguously (B, Lk, Hkv, W).
+        const int64_t Lk = p.Lk[m];
+        auto dk_row = [&](int64_t j) { return dkp[m] + ((b * Lk + j) * Hkv + kvh) * D; };
+        auto dv_row = [&](int64_t j) { return dvp[m] + ((b * Lk + j) * Hkv + kvh) * Dv; };
+        for (int64_t j0 = 0; j0 < maxlim; j0 += kBwdKeys) {
+          const int64_t n = std::min(kBwdKeys, maxlim - j0);
+          int64_t ldk, ldv;
+          const acc_t* Kp = load_rows<scalar_t, acc_t>(kbase, skl[m], j0, n, D, Kt.data(), &ldk);
+          const acc_t* Vp = load_rows<scalar_t, acc_t>(vbase, svl[m], j0, n, Dv, Vt.data(), &ldv);
+          std::fill(dKt.begin(), dKt.begin() + n * D, acc_t(0));
+          std::fill(dVt.begin(), dVt.begin() + n * Dv, acc_t(0));
+          // Rows are ordered by query position, so (causal) visibility is nondecreasing in r
+          // except for rows with lse = -inf; skip leading blocks that see nothing.
+          int64_t rstart = 0;
+          if (p.causal) {
+            while (rstart < R && lim[rstart] <= j0) ++rstart;
+            rstart = (rstart / kBwdRows) * kBwdRows;
+          }
+          for (int64_t r0 = rstart; r0 < R; r0 += kBwdRows) {
+            const int64_t rb = std::min(kBwdRows, R - r0);
+            gemm(false, true, rb, n, D, acc_t(1), Qs.data() + r0 * D, D, Kp, ldk, acc_t(0),
+                 S.data(), kBwdKeys);
+            gemm(false, true, rb, n, Dv, acc_t(1), dO.data() + r0 * Dv, Dv, Vp, ldv, acc_t(0),
+                 dP.data(), kBwdKeys);
+            for (int64_t rr = 0; rr < rb; ++rr) {
+              const int64_t r = r0 + rr;
+              acc_t* s = S.data() + rr * kBwdKeys;
+              acc_t* dp = dP.data() + rr * kBwdKeys;
+              const int64_t lr = std::clamp<int64_t>(lim[r] - j0, 0, n);
+              const int64_t h = kvh * G + r % G;
+              const acc_t c = lrow[r] - static_cast<acc_t>(p.bias_at(h, m));
+              const acc_t di = Di[r];
+              acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+              for (int64_t j = 0; j < lr; ++j) {
+                const acc_t pj = fast_exp(s[j] - c);
+                const acc_t ds = pj * (dp[j] - di);
+                s[j] = pj;
+                dp[j] = ds;
+                sum += ds;
+              }
+              for (int64_t j = lr; j < n; ++j) s[j] = dp[j] = 0;
+              gb_part[(b * Hq + h) * M + m] += static_cast<double>(sum);
+            }
+            // dV += P^T dO ; dK += dS^T Qs (Qs carries the scale) ; dQ += dS K (scaled at end)
+            gemm(true, false, n, Dv, rb, acc_t(1), S.data(), kBwdKeys, dO.data() + r0 * Dv, Dv,
+                 acc_t(1), dVt.data(), Dv);
+            gemm(true, false, n, D, rb, acc_t(1), dP.data(), kBwdKeys, Qs.data() + r0 * D, D,
+                 acc_t(1), dKt.data(), D);
+            gemm(false, false, rb, D, n, acc_t(1), dP.data(), kBwdKeys, Kp, ldk, acc_t(1),
+                 dQ.data() + r0 * D, D);
+          }
+          for (int64_t j = 0; j < n; ++j) {
+            scalar_t* a = dk_row(j0 + j);
+            scalar_t* v = dv_row(j0 + j);
+            for (int64_t d = 0; d < D; ++d) a[d] = static_cast<scalar_t>(dKt[j * D + d]);
+            for (int64_t d = 0; d < Dv; ++d) v[d] = static_cast<scalar_t>(dVt[j * Dv + d]);
+          }
+        }
+        for (int64_t j = maxlim; j < Lk; ++j) {
+          scalar_t* a = dk_row(j);
+          scalar_t* v = dv_row(j);
+          for (int64_t d = 0; d < D; ++d) a[d] = scalar_t(0);
+          for (int64_t d = 0; d < Dv; ++d) v[d] = scalar_t(0);
+        }
+      }
+
+      for (int64_t i = 0; i < Lq; ++i) {
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = kvh * G + g;
+          scalar_t* dst = dqp + ((b * Lq + i) * Hq + h) * D;
+          if (i >= ql) {
+            for (int64_t d = 0; d < D; ++d) dst[d] = scalar_t(0);
+          } else {
+            const acc_t* src = dQ.data() + (i * G + g) * D;
+            for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d] * scale);
+          }
+        }
+      }
+    }
+  });
+
+  // Deterministic reductions over the batch.
+  acc_t* gbp = gbias.data_ptr<acc_t>();
+  acc_t* ggp = ggate.data_ptr<acc_t>();
+  if (!p.bias.empty()) {
+    for (int64_t h = 0; h < Hq; ++h)
+      for (int64_t m = 0; m < M; ++m) {
+        double s = 0;
+        for (int64_t b = 0; b < B; ++b) s += gb_part[(b * Hq + h) * M + m];
+        gbp[h * M + m] = static_cast<acc_t>(s);
+      }
+  }
+  if (!p.gate_t.empty()) {
+    for (int64_t h = 0; h < Hq; ++h) {
+      double s = 0;
+      for (int64_t b = 0; b < B; ++b) s += gg_part[b * Hq + h];
+      const double tt = p.gate_t[h];
+      ggate.data_ptr<acc_t>()[h] = static_cast<acc_t>((1.0 - tt * tt) * s);
+    }
+  }
+  (void)ggp;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor>
+cma_bwd_cpu(const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad_lse,
+            const at::Tensor& q_in, at::TensorList keys_in, at::TensorList values_in,
+            const at::Tensor& out_raw_in, const at::Tensor& lse,
+            const std::optional<at::Tensor>& kv_lengths,
+            const std::optional<at::Tensor>& q_lengths,
+            const std::optional<at::Tensor>& modality_bias,
+            const std::optional<at::Tensor>& head_gate, double scale, bool causal) {
+  const CmaProblem p = make_problem(q_in, keys_in, values_in, kv_lengths, q_lengths,
+                                    modality_bias, head_gate, causal);
+  TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == p.B &&
+                  grad_out_in.size(1) == p.Lq && grad_out_in.size(2) == p.Hq &&
+                  grad_out_in.size(3) == p.Dv,
+              "grad_out: expected (", p.B, ", ", p.Lq, ", ", p.Hq, ", ", p.Dv, "), got ",
+              grad_out_in.sizes());
+  TORCH_CHECK(out_raw_in.sizes() == grad_out_in.sizes(), "out_ungated: expected ",
+              grad_out_in.sizes(), ", got ", out_raw_in.sizes());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.Hq &&
+                  lse.size(2) == p.Lq,
+              "lse: expected (", p.B, ", ", p.Hq, ", ", p.Lq, "), got ", lse.sizes());
+  if (grad_lse.has_value())
+    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "grad_lse: expected ", lse.sizes(), ", got ",
+                grad_lse->sizes());
+  const auto dt = q_in.scalar_type();
+  const at::Tensor q = last_dim_contiguous(q_in);
+  const at::Tensor go = last_dim_contiguous(grad_out_in.to(dt));
+  const at::Tensor o_raw = last_dim_contiguous(out_raw_in.to(dt));
+  std::vector<at::Tensor> keys, values, dk, dv;
+  for (int64_t m = 0; m < p.M; ++m) {
+    keys.push_back(last_dim_contiguous(keys_in[m]));
+    values.push_back(last_dim_contiguous(values_in[m]));
+    dk.push_back(at::empty(keys_in[m].sizes(), q.options()));
+    dv.push_back(at::empty(values_in[m].sizes(), q.options()));
+  }
+  const auto acc_type = dt == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor gbias = at::zeros({p.Hq, p.M}, q.options().dtype(acc_type));
+  at::Tensor ggate = at::zeros({p.Hq}, q.options().dtype(acc_type));
+  const at::Tensor* glse = grad_lse.has_value() ? &*grad_lse : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "cma_bwd_cpu", [&] {
+    cma_bwd_impl<scalar_t>(p, go, glse, q, keys, values, o_raw, lse, scale, dq, dk, dv, gbias,
+                           ggate);
+  });
+  return {dq, dk, dv, gbias, ggate};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmkernels, CPU, m) { m.impl("cma_bwd", &cma_bwd_cpu); }
+
+}  // namespace mmkernels::cpu

@@ -1,0 +1,54 @@
+"""`python -m mmkernels.info`: what was built, what is available here, and why not."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from mmkernels import backends
+
+_SAMPLE_CALLS = [
+    backends.Call("cross_modal_attention", "cpu", torch.float32, 2, 64, 64),
+    backends.Call("cross_modal_attention", "cpu", torch.float64, 2, 64, 64),
+    backends.Call("cross_modal_attention", "cuda", torch.bfloat16, 3, 128, 128),
+    backends.Call("gated_fusion", "cpu", torch.float32, 3),
+    backends.Call("gated_fusion", "cuda", torch.bfloat16, 3),
+]
+
+
+def _kernels() -> str:
+    if backends.extension_error() is not None:
+        return f"not loaded: {backends.extension_error()}"
+    keys = [k for k in ("CPU", "CUDA") if backends._has_kernel("cma_fwd", k)]
+    return "loaded, kernels for " + ", ".join(keys)
+
+
+def report() -> str:
+    lines = [
+        f"mmkernels {__import__('mmkernels').__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}),"
+        f" GPU visible: {torch.cuda.is_available()}",
+        f"extension mmkernels._C: {_kernels()}",
+        f"triton: {backends.triton_error() or __import__('triton').__version__}"
+        + (" (interpreter: TRITON_INTERPRET=1)" if backends.triton_interpreted() else ""),
+        "",
+        "backend per call (the first able one in the device's order serves it):",
+    ]
+    for call in _SAMPLE_CALLS:
+        try:
+            chosen = backends.select(call)
+        except ValueError as e:  # a forced backend that can't serve it
+            chosen = f"error: {e}"
+        lines.append(f"- {call.op} on {call.device_type} {str(call.dtype).replace('torch.', '')}"
+                     f" (M={call.num_segments}, D={call.head_dim}): {chosen}")
+        for name, reasons in backends.describe(call).items():
+            lines.append(f"    {name:9s} " + ("ok" if not reasons else "no: " + "; ".join(reasons)))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""cross_modal_attention: public entry point, input checks, fake kernels, autograd.
+
+The C++ ops `mmkernels::cma_fwd` / `cma_bwd` (csrc/ops.cpp) and the Triton ops
+`mmkernels::triton_cma_fwd` / `triton_cma_bwd` share one signature, so they
+share the fake kernels and the autograd formula registered here.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from mmkernels import backends, reference
+from mmkernels.ops._checks import check_dtype, check_lengths, check_same_device
+
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_inputs(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, causal):
+    """Raise ValueError/TypeError naming the argument and what was expected."""
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a tensor (B, Lq, Hq, D), got {type(q).__name__}")
+    if isinstance(keys, torch.Tensor) or isinstance(values, torch.Tensor):
+        raise TypeError("keys and values must be sequences of tensors (one per modality), not a tensor")
+    keys, values = list(keys), list(values)
+    if len(keys) != len(values):
+        raise ValueError(f"keys and values must have the same number of modalities, got {len(keys)} and {len(values)}")
+    M = len(keys)
+    if not 1 <= M <= backends.MAX_SEGMENTS:
+        raise ValueError(f"the number of modalities M must be between 1 and {backends.MAX_SEGMENTS}, got {M}")
+    if q.dim() != 4:
+        raise ValueError(f"q must have shape (B, Lq, Hq, D), got {tuple(q.shape)}")
+    check_dtype("q", q, backends.FLOAT_DTYPES + (torch.float64,))
+    B, Lq, Hq, D = q.shape
+    Hkv = Dv = None
+    for m, (k, v) in enumerate(zip(keys, values)):
+        for name, t in ((f"keys[{m}]", k), (f"values[{m}]", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(f"{name} must have shape (B, Lk, Hkv, D), got {tuple(t.shape)}")
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+            check_same_device(name, t, q)
+            if t.shape[0] != B:
+                raise ValueError(f"{name} has batch {t.shape[0]}, expected q's batch {B}")
+        if k.shape[1] != v.shape[1]:
+            raise ValueError(f"keys[{m}] and values[{m}] must have the same length, got {k.shape[1]} and {v.shape[1]}")
+        if k.shape[3] != D:
+            raise ValueError(f"keys[{m}] must have head dim D={D} like q, got {k.shape[3]}")
+        Hkv = k.shape[2] if Hkv is None else Hkv
+        Dv = v.shape[3] if Dv is None else Dv
+        if k.shape[2] != Hkv or v.shape[2] != Hkv:
+            raise ValueError(f"keys[{m}] and values[{m}] must have {Hkv} kv heads like keys[0], got {k.shape[2]} and {v.shape[2]}")
+        if v.shape[3] != Dv:
+            raise ValueError(f"values[{m}] must have value dim Dv={Dv} like values[0], got {v.shape[3]}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    for name, t in [("q", q)] + [(f"keys[{m}]", k) for m, k in enumerate(keys)] + [(f"values[{m}]", v) for m, v in enumerate(values)]:
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got stride {t.stride(-1)}")
+    if kv_lengths is not None:
+        check_lengths("kv_lengths", kv_lengths, (B, M), [k.shape[1] for k in keys], q)
+    if q_lengths is not None:
+        check_lengths("q_lengths", q_lengths, (B,), [Lq], q)
+    for name, t, shape, dims in (
+        ("modality_bias", modality_bias, (Hq, M), "(Hq, M)"),
+        ("head_gate", head_gate, (Hq,), "(Hq,)"),
+    ):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor of shape {dims} = {shape}, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {dims} = {shape}, got {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, q.dtype):
+            raise TypeError(f"{name} must be float32 or q's dtype {q.dtype}, got {t.dtype}")
+        check_same_device(name, t, q)
+    if causal and M != 1:
+        raise ValueError(f"causal=True needs exactly one modality (M == 1), got M={M}")
+    return keys, values
+
+
+# ---------------------------------------------------------------- fake kernels
+def _fake_fwd(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal):
+    B, Lq, Hq, _ = q.shape
+    Dv = values[0].shape[-1]
+    out = q.new_empty((B, Lq, Hq, Dv))
+    lse = q.new_empty((B, Hq, Lq), dtype=_acc_dtype(q.dtype))
+    out_ungated = q.new_empty((B, Lq, Hq, Dv)) if head_gate is not None else q.new_empty((0,))
+    return out, lse, out_ungated
+
+
+def _fake_bwd(grad_out, grad_lse, q, keys, values, out_ungated, lse, kv_lengths, q_lengths,
+              modality_bias, head_gate, scale, causal):
+    acc = _acc_dtype(q.dtype)
+    Hq = q.shape[2]
+    return (
+        torch.empty_like(q),
+        [torch.empty_like(k) for k in keys],
+        [torch.empty_like(v) for v in values],
+        q.new_empty((Hq, len(keys)), dtype=acc),
+        q.new_empty((Hq,), dtype=acc),
+    )
+
+
+# ---------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal = inputs
+    out, lse, out_ungated = output
+    ctx.num_segments = len(keys)
+    ctx.scale, ctx.causal = scale, causal
+    ctx.bias_dtype = None if modality_bias is None else modality_bias.dtype
+    ctx.gate_dtype = None if head_gate is None else head_gate.dtype
+    saved_out = out_ungated if head_gate is not None else out
+    ctx.save_for_backward(q, *keys, *values, saved_out, lse, kv_lengths, q_lengths, modality_bias, head_gate)
+
+
+def make_backward(bwd_op):
+    """Autograd formula of a fwd op whose fused backward is `bwd_op`."""
+
+    def backward(ctx, grad_out, grad_lse, _grad_out_ungated):
+        M = ctx.num_segments
+        saved = ctx.saved_tensors
+        q, keys, values = saved[0], list(saved[1 : 1 + M]), list(saved[1 + M : 1 + 2 * M])
+        out, lse, kv_lengths, q_lengths, modality_bias, head_gate = saved[1 + 2 * M :]
+        gq, gk, gv, gbias, ggate = bwd_op(
+            grad_out, grad_lse, q, keys, values, out, lse, kv_lengths, q_lengths,
+            modality_bias, head_gate, ctx.scale, ctx.causal,
+        )
+        gbias = None if ctx.bias_dtype is None else gbias.to(ctx.bias_dtype)
+        ggate = None if ctx.gate_dtype is None else ggate.to(ctx.gate_dtype)
+        return gq, gk, gv, None, None, gbias, ggate, None, None
+
+    return backward
+
+
+def register(fwd_name: str, bwd_name: str) -> None:
+    """Fake kernels and autograd for a (fwd, bwd) pair with the shared signature."""
+    torch.library.register_fake(f"mmkernels::{fwd_name}")(_fake_fwd)
+    torch.library.register_fake(f"mmkernels::{bwd_name}")(_fake_bwd)
+    bwd_op = getattr(torch.ops.mmkernels, bwd_name)
+    torch.library.register_autograd(
+        f"mmkernels::{fwd_name}", make_backward(bwd_op), setup_context=_setup_context
+    )
+
+
+if backends.extension_error() is None:
+    register("cma_fwd", "cma_bwd")
+
+
+# ---------------------------------------------------------------- entry point
+def _run_backend(name, q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal):
+    if name == "reference":
+        return reference.cross_modal_attention_reference(
+            q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal, return_lse=True
+        )
+    if name == "triton":
+        from mmkernels import triton as _load_triton_ops  # noqa: F401  (registers the op)
+
+        op = torch.ops.mmkernels.triton_cma_fwd
+    else:  # cpu and cuda: the C++ op, dispatched on the device of q
+        op = torch.ops.mmkernels.cma_fwd
+    out, lse, _ = op(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal)
+    return out, lse
+
+
+def cross_modal_attention(
+    q: torch.Tensor,
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    kv_lengths: Optional[torch.Tensor] = None,
+    q_lengths: Optional[torch.Tensor] = None,
+    modality_bias: Optional[torch.Tensor] = None,
+    head_gate: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+):
+    """Attention of q over the valid keys of M modalities with one softmax.
+
+    q (B, Lq, Hq, D); keys[m] (B, Lk_m, Hkv, D); values[m] (B, Lk_m, Hkv, Dv);
+    kv_lengths int (B, M); q_lengths int (B,); modality_bias (Hq, M); head_gate
+    (Hq,). Returns out (B, Lq, Hq, Dv), and lse (B, Hq, Lq) if return_lse.
+    See DESIGN.md 2.1 for the exact semantics.
+    """
+    keys, values = check_inputs(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, causal)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    call = backends.Call(
+        "cross_modal_attention", q.device.type, q.dtype, len(keys), q.shape[-1], values[0].shape[-1]
+    )
+    name = backends.select(call, backend)
+    out, lse = _run_backend(
+        name, q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, float(scale), bool(causal)
+    )
+    return (out, lse) if return_lse else out

