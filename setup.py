@@ -125,7 +125,7 @@ def _extensions():
 
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        nvcc = opt + ["--expt-relaxed-constexpr", "--use_fast_math",
+        nvcc = opt + ["--expt-relaxed-constexpr",
                       "-lineinfo", f"-DPy_LIMITED_API={PY_LIMITED_API:#x}"]
         ext = CUDAExtension(
             "mmkernels._C",

@@ -12,7 +12,6 @@ import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Callable, Dict, List
 
 import torch
@@ -29,8 +28,7 @@ MAX_SEGMENTS = 8
 MAX_GPU_HEAD_DIM = 256
 
 
-@lru_cache(maxsize=None)
-def extension_error() -> str | None:
+def _load_extension() -> str | None:
     """None when mmkernels._C loaded, else why it did not."""
     if os.environ.get("MMKERNELS_NO_EXT") == "1":
         return "MMKERNELS_NO_EXT=1 is set"
@@ -41,17 +39,28 @@ def extension_error() -> str | None:
     return None
 
 
-def _has_kernel(op: str, dispatch_key: str) -> bool:
-    if extension_error() is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mmkernels::{op}", dispatch_key)
+# Settled once at import, so that dispatch is plain Python that torch.compile
+# traces without graph breaks.
+_EXTENSION_ERROR = _load_extension()
+_KERNELS = {
+    key: _EXTENSION_ERROR is None
+    and torch._C._dispatch_has_kernel_for_dispatch_key("mmkernels::cma_fwd", key)
+    for key in ("CPU", "CUDA")
+}
+_TRITON_ERROR = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
 
 
-@lru_cache(maxsize=None)
+def extension_error() -> str | None:
+    return _EXTENSION_ERROR
+
+
+def has_kernels(dispatch_key: str) -> bool:
+    """Whether the extension registered kernels for "CPU" or "CUDA"."""
+    return _KERNELS[dispatch_key]
+
+
 def triton_error() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    return None
+    return _TRITON_ERROR
 
 
 def triton_interpreted() -> bool:
@@ -80,7 +89,7 @@ def _cpu_reasons(call: Call) -> List[str]:
         reasons.append(f"the cpu backend runs on CPU tensors, got {call.device_type}")
     if extension_error() is not None:
         reasons.append(extension_error())
-    elif not _has_kernel("cma_fwd", "CPU"):
+    elif not has_kernels("CPU"):
         reasons.append("mmkernels._C was built without CPU kernels")
     if call.dtype not in FLOAT_DTYPES + (torch.float64,):
         reasons.append(f"dtype {call.dtype} is not supported (fp32, fp16, bf16, fp64)")
@@ -104,7 +113,7 @@ def _cuda_reasons(call: Call) -> List[str]:
         reasons.append(f"the cuda backend runs on CUDA tensors, got {call.device_type}")
     if extension_error() is not None:
         reasons.append(extension_error())
-    elif not _has_kernel("cma_fwd", "CUDA"):
+    elif not has_kernels("CUDA"):
         reasons.append("mmkernels._C was built without CUDA kernels (no nvcc/GPU at build time; FORCE_CUDA=1 builds them)")
     return reasons + _gpu_common_reasons(call, "cuda")
 

@@ -19,7 +19,7 @@ _SAMPLE_CALLS = [
 def _kernels() -> str:
     if backends.extension_error() is not None:
         return f"not loaded: {backends.extension_error()}"
-    keys = [k for k in ("CPU", "CUDA") if backends._has_kernel("cma_fwd", k)]
+    keys = [k for k in ("CPU", "CUDA") if backends.has_kernels(k)]
     return "loaded, kernels for " + ", ".join(keys)
 
 

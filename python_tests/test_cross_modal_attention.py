@@ -202,9 +202,10 @@ def test_grad_of_lse_and_zero_gate(backend, device):
     ref, lse_ref = reference(q, keys, values, **kw, return_lse=True)
     loss = (out * 1.5).sum() + torch.where(lse.isfinite(), lse, 0).sum()
     loss_ref = (ref * 1.5).sum() + torch.where(lse_ref.isfinite(), lse_ref, 0).sum()
-    for a, b in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(loss_ref, inputs)):
+    grads = torch.autograd.grad(loss, inputs)
+    for a, b in zip(grads, torch.autograd.grad(loss_ref, inputs)):
         close(a, b, torch.float64)
-    assert kw["head_gate"].requires_grad and torch.autograd.grad(out.sum(), kw["head_gate"])[0][:2].abs().sum() > 0
+    assert grads[-1][:2].abs().min() > 0  # the zero gates get a gradient
 
 
 @pytest.mark.parametrize("backend,device", compiled_backends())
@@ -226,6 +227,8 @@ def test_gradcheck_fp64(backend, device):
                                            q_pad=True, bias=True, gate=True, grad=True)
     kw["q_lengths"] = torch.tensor([3, 2])
     kw["kv_lengths"] = torch.tensor([[4, 1], [2, 3]])
+    for n in ("modality_bias", "head_gate"):  # fp64, or the finite differences are too coarse
+        kw[n] = kw[n].detach().double().requires_grad_()
     M = len(keys)
 
     def f(q, *rest):

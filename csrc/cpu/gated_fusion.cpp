@@ -14,6 +14,7 @@
 
 #include "../common/fast_math.h"
 #include "../common/gated_fusion_math.h"
+#include "cpu_memory.h"
 
 namespace mmkernels::cpu {
 namespace {
@@ -219,6 +220,8 @@ std::tuple<at::Tensor, at::Tensor> gated_fusion_fwd_cpu(const at::Tensor& featur
   const int64_t M = f.size(0), N = f.size(1), H = f.size(2);
   at::Tensor fused = at::empty({N, H}, f.options());
   at::Tensor gates = return_gates ? at::empty({M, N, H}, f.options()) : at::empty({0}, f.options());
+  advise_hugepages(fused);
+  advise_hugepages(gates);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "gated_fusion_fwd",
                                   [&] {
                                     gf_fwd_impl<scalar_t>(
@@ -249,6 +252,8 @@ std::tuple<at::Tensor, at::Tensor> gated_fusion_bwd_cpu(
   if (present.has_value()) pres = present->to(at::kBool).contiguous();
   at::Tensor df = at::empty({M, N, H}, f.options());
   at::Tensor dl = at::empty({M, N, H}, f.options());
+  advise_hugepages(df);
+  advise_hugepages(dl);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "gated_fusion_bwd",
                                   [&] {
                                     gf_bwd_impl<scalar_t>(

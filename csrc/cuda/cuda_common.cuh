@@ -2,10 +2,18 @@
 // Kept light: only c10 headers, no ATen/cuda/CUDAContext.h (needs cusparse headers).
 #pragma once
 
+#ifdef MMK_CUDA_EMULATE
+// Host emulation of the kernels for CPU-only testing (see emu/): defines the CUDA built-ins.
+#include "emu/emu.h"
+#define MMK_DYN_SMEM(name) float4* name = reinterpret_cast<float4*>(::mmk_emu::dyn_smem())
+#else
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
+#define MMK_DYN_SMEM(name) extern __shared__ __align__(128) float4 name[]
+#endif
 
 #include <cstdint>
 
@@ -78,6 +86,35 @@ __device__ __forceinline__ void load_tile(float* __restrict__ s, const T* __rest
       float val = 0.f;
       if (r < valid_rows && c < ncols) val = to_f(base[r * row_stride + c]) * mul;
       s[r * SSTR + c] = val;
+    }
+  }
+}
+
+// Same as load_tile but keeps the element type (16-bit tiles for tensor-core fragments).
+template <typename T, int ROWS, int DPAD, int SSTR, int NT>
+__device__ __forceinline__ void load_tile_raw(T* __restrict__ s, const T* __restrict__ base, int64_t row_stride,
+                                              int valid_rows, int ncols, bool vec4) {
+  static_assert(DPAD % 4 == 0 && SSTR % 4 == 0, "DPAD");
+  constexpr int CH = DPAD / 4;
+  const int tid = threadIdx.x;
+  const T zero = from_f<T>(0.f);
+  if (vec4) {
+    for (int idx = tid; idx < ROWS * CH; idx += NT) {
+      const int r = idx / CH;
+      const int c = (idx - r * CH) * 4;
+      VecT<T, 4> val;
+      if (r < valid_rows && c < ncols) {
+        val = *reinterpret_cast<const VecT<T, 4>*>(base + r * row_stride + c);
+      } else {
+        val.v[0] = zero; val.v[1] = zero; val.v[2] = zero; val.v[3] = zero;
+      }
+      *reinterpret_cast<VecT<T, 4>*>(s + r * SSTR + c) = val;
+    }
+  } else {
+    for (int idx = tid; idx < ROWS * DPAD; idx += NT) {
+      const int r = idx / DPAD;
+      const int c = idx - r * DPAD;
+      s[r * SSTR + c] = (r < valid_rows && c < ncols) ? base[r * row_stride + c] : zero;
     }
   }
 }

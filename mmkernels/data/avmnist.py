@@ -310,6 +310,7 @@ class AVMNISTQA(torch.utils.data.Dataset):
             "input_ids": self.text_ids[tpl], "attention_mask": self.text_mask[tpl],
             "image": self.images[img], "audio": self.audio[clip], "audio_lengths": self.audio_lengths[clip],
             "labels": torch.tensor(ans), "qtype": torch.tensor(qt),
+            **({"heard": self.samples[i, 5], "written": self.samples[i, 6]} if self.samples.shape[1] >= 7 else {}),
         }
 
     def __getitems__(self, idx):
@@ -321,6 +322,7 @@ class AVMNISTQA(torch.utils.data.Dataset):
             "input_ids": self.text_ids[tpl], "attention_mask": self.text_mask[tpl],
             "image": self.images[s[:, 0]], "audio": self.audio[s[:, 1]],
             "audio_lengths": self.audio_lengths[s[:, 1]], "labels": s[:, 4].clone(), "qtype": s[:, 3].clone(),
+            **({"heard": s[:, 5].clone(), "written": s[:, 6].clone()} if s.shape[1] >= 7 else {}),
         }
 
 

@@ -82,7 +82,7 @@ class Speaker:
 
 
 class EspeakSynth:
-    """Thin ctypes wrapper of libespeak-ng (from `espeakng-loader`), synchronous retrieval mode."""
+    """Thin ctypes wrapper of libespeak-ng (from `espeakng-loader`), AUDIO_OUTPUT_SYNCHRONOUS mode."""
 
     _instance = None
 
@@ -91,7 +91,7 @@ class EspeakSynth:
         self.lib = ctypes.CDLL(loader.get_library_path())
         data = loader.get_data_path()
         self.lib.espeak_Initialize.restype = ctypes.c_int
-        self.sample_rate = self.lib.espeak_Initialize(1, 0, data.encode(), 0)  # AUDIO_OUTPUT_RETRIEVAL
+        self.sample_rate = self.lib.espeak_Initialize(2, 0, data.encode(), 0)  # AUDIO_OUTPUT_SYNCHRONOUS
         if self.sample_rate <= 0:
             raise RuntimeError(f"espeak_Initialize failed (data path {data})")
         self._chunks: List[np.ndarray] = []

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One-call GPU check on a fresh machine (H200: Python 3.12, torch, triton, pytest,
+# hypothesis, ninja preinstalled; no internet). Builds the extension for sm_90,
+# runs the test suite (CUDA + Triton backends), then benchmarks/bench_gpu.py.
+# Logs, CSV and markdown go under $OUT when set (else benchmarks/results/gpu).
+# The whole run is held under ~8 minutes (TOTAL_S, default 450 s): the tests and
+# the benchmarks get what the build leaves. The benchmark table is printed last.
+#
+#   bash benchmarks/gpu_check.sh            # env: OUT, TOTAL_S, TEST_MAX_S, PYTEST_ARGS, MAX_JOBS
+set -u
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+TOTAL_S=${TOTAL_S:-450}
+LOG_DIR="${OUT:-benchmarks/results/gpu}"
+mkdir -p "$LOG_DIR"
+elapsed() { echo $(( $(date +%s) - START )); }
+say() { echo "[gpu_check $(elapsed)s] $*"; }
+
+export TORCH_CUDA_ARCH_LIST=9.0
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export PYTHONUNBUFFERED=1
+
+{ nvidia-smi || true; python -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"; } \
+  > "$LOG_DIR/env.txt" 2>&1
+say "environment: $(tail -n 1 "$LOG_DIR/env.txt")"
+
+# 1. build (CUDA extension for sm_90)
+say "building: pip install --no-build-isolation --no-deps -e . (log: $LOG_DIR/build.log)"
+pip install --no-build-isolation --no-deps -e . > "$LOG_DIR/build.log" 2>&1
+BUILD_RC=$?
+say "build rc=$BUILD_RC"
+[ $BUILD_RC -ne 0 ] && tail -n 30 "$LOG_DIR/build.log"
+python -m mmkernels.info > "$LOG_DIR/info.txt" 2>&1 || true
+
+# 2. tests: CUDA + Triton (no autotuning: one compilation per kernel variant)
+LEFT=$(( TOTAL_S - $(elapsed) ))
+TEST_MAX_S=${TEST_MAX_S:-240}
+TEST_S=$(( LEFT - 170 ))
+[ $TEST_S -gt $TEST_MAX_S ] && TEST_S=$TEST_MAX_S
+[ $TEST_S -lt 60 ] && TEST_S=60
+say "tests: pytest python_tests ${PYTEST_ARGS:--x -q} (limit ${TEST_S}s, log: $LOG_DIR/pytest.log)"
+MMKERNELS_TRITON_AUTOTUNE=0 timeout -k 10 "$TEST_S" python -m pytest python_tests ${PYTEST_ARGS:--x -q} -p no:cacheprovider \
+  > "$LOG_DIR/pytest.log" 2>&1
+TEST_RC=$?
+[ $TEST_RC -eq 124 ] && echo "(pytest stopped by the ${TEST_S}s limit)" >> "$LOG_DIR/pytest.log"
+say "tests rc=$TEST_RC"
+
+# 3. benchmarks with what is left
+LEFT=$(( TOTAL_S - $(elapsed) ))
+BENCH_S=$(( LEFT - 20 ))
+[ $BENCH_S -gt 300 ] && BENCH_S=300
+[ $BENCH_S -lt 90 ] && BENCH_S=90
+say "benchmarks: benchmarks/bench_gpu.py (budget ${BENCH_S}s, log: $LOG_DIR/bench.log)"
+timeout -k 10 $(( BENCH_S + 60 )) python benchmarks/bench_gpu.py --budget-s "$BENCH_S" --out "$LOG_DIR/bench" \
+  > "$LOG_DIR/bench.log" 2>&1
+BENCH_RC=$?
+say "benchmarks rc=$BENCH_RC"
+
+# summary, then the table last
+echo
+echo "==== gpu_check summary ($(elapsed)s) ===="
+echo "build rc=$BUILD_RC   tests rc=$TEST_RC   bench rc=$BENCH_RC   logs: $LOG_DIR"
+grep -E "FAILED|ERROR|Error" "$LOG_DIR/pytest.log" | head -n 15
+grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOG_DIR/pytest.log" | tail -n 1
+grep -E "FAILED|Traceback" "$LOG_DIR/bench.log" | head -n 8
+if grep -q "=== mmkernels GPU benchmarks" "$LOG_DIR/bench.log"; then
+  sed -n '/=== mmkernels GPU benchmarks/,$p' "$LOG_DIR/bench.log"
+else
+  echo "(no benchmark table: last lines of bench.log)"
+  tail -n 25 "$LOG_DIR/bench.log"
+fi

@@ -1,0 +1,198 @@
+"""Text + image + audio fusion model: encoders -> cross-modal blocks (each modality attends to the
+others on `cross_modal_attention`) -> masked mean pooling -> Gated Multimodal Unit (`gated_fusion`)
+-> head (answer / classification on the fused vector, or token classification on text tokens)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmkernels.models.encoders import AudioEncoder, ImageEncoder
+from mmkernels.models.text import apply_finetune_policy, build_text_encoder
+from mmkernels.nn.attention import CrossModalBlock
+from mmkernels.nn.fusion import GatedMultimodalUnit
+
+ALL_MODALITIES = ("text", "image", "audio")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class ModelConfig:
+    modalities: List[str] = field(default_factory=lambda: list(ALL_MODALITIES))
+    d_model: int = 64
+    num_heads: int = 4
+    fusion_layers: int = 1
+    ffn_mult: int = 2
+    dropout: float = 0.1
+    text_encoder: str = "random"        # random | minilm
+    text_hidden: int = 64               # random encoder only
+    text_layers: int = 2
+    text_heads: int = 2
+    text_finetune: str = "all"          # all | frozen | top_k
+    text_top_k: int = 2
+    text_freeze_embeddings: bool = True  # word embeddings (vocab x hidden) frozen: most of the cost, few tokens used
+    image_channels: int = 16
+    image_layers: int = 0
+    audio_layers: int = 1
+    n_mels: int = 40
+    gmu_hidden: int = 128
+    task: str = "answer"                # answer | classification | token_classification
+    num_labels: int = 21
+    aux_digit_loss: float = 0.0         # weight of auxiliary digit losses on the pooled image / audio encodings
+    labels: Optional[List[str]] = None  # id -> label name (answers), kept with the saved model
+    kernel_backend: Optional[str] = None  # None: mmkernels ops (default dispatch) | "reference" | "cpu" | ...
+    bert_config: Optional[dict] = None  # set by save_pretrained: rebuild the text encoder without its source
+
+    def __post_init__(self):
+        bad = [m for m in self.modalities if m not in ALL_MODALITIES]
+        if bad or not self.modalities:
+            raise ValueError(f"model.modalities must be a non-empty subset of {list(ALL_MODALITIES)}, got {self.modalities}")
+        if "text" not in self.modalities and self.task == "token_classification":
+            raise ValueError("model.task token_classification needs the text modality")
+        if self.task not in ("answer", "classification", "token_classification"):
+            raise ValueError(f"model.task must be answer|classification|token_classification, got {self.task!r}")
+
+
+def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype).unsqueeze(-1)
+    return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class FusionModel(nn.Module):
+    def __init__(self, config: ModelConfig, load_pretrained_text: bool = True):
+        super().__init__()
+        self.config = c = config
+        d, be = c.d_model, c.kernel_backend
+        self.modalities = list(c.modalities)
+        if "text" in self.modalities:
+            self.text = build_text_encoder(c.text_encoder, c.text_hidden, c.text_layers, c.text_heads,
+                                           bert_config=None if load_pretrained_text else c.bert_config)
+            apply_finetune_policy(self.text, c.text_finetune, c.text_top_k, c.text_freeze_embeddings)
+            self.text_proj = nn.Linear(self.text.config.hidden_size, d)
+        if "image" in self.modalities:
+            self.image = ImageEncoder(d, c.image_channels, c.image_layers, c.num_heads, c.dropout, backend=be)
+        if "audio" in self.modalities:
+            self.audio = AudioEncoder(d, c.n_mels, c.audio_layers, c.num_heads, c.dropout, backend=be)
+        M = len(self.modalities)
+        self.fusion = nn.ModuleList()
+        if M > 1:
+            for _ in range(c.fusion_layers):
+                self.fusion.append(nn.ModuleDict({
+                    m: CrossModalBlock(d, c.num_heads, M - 1, c.ffn_mult, c.dropout, backend=be) for m in self.modalities}))
+        if c.aux_digit_loss:
+            self.aux_heads = nn.ModuleDict({m: nn.Linear(d, 10) for m in ("image", "audio") if m in self.modalities})
+        self.gmu = GatedMultimodalUnit([d] * M, c.gmu_hidden, backend=be)
+        if c.task == "token_classification":
+            self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, c.num_labels))
+        else:
+            self.head = nn.Sequential(nn.LayerNorm(c.gmu_hidden), nn.Linear(c.gmu_hidden, c.gmu_hidden), nn.GELU(),
+                                      nn.Dropout(c.dropout), nn.Linear(c.gmu_hidden, c.num_labels))
+
+    def set_backend(self, backend: Optional[str]):
+        """Switch every op of the model to `backend` (None = default dispatch, 'reference', ...)."""
+        self.config.kernel_backend = backend
+        for mod in self.modules():
+            if hasattr(mod, "backend"):
+                mod.backend = backend
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, batch: Dict[str, torch.Tensor]):
+        tokens, lengths = {}, {}
+        if "text" in self.modalities:
+            am = batch["attention_mask"]
+            h = self.text(input_ids=batch["input_ids"], attention_mask=am).last_hidden_state
+            tokens["text"] = self.text_proj(h)
+            lengths["text"] = am.sum(1).to(torch.int32)
+        if "image" in self.modalities:
+            tokens["image"], lengths["image"] = self.image(batch["image"])
+        if "audio" in self.modalities:
+            tokens["audio"], lengths["audio"] = self.audio(batch["audio"], batch["audio_lengths"])
+        return tokens, lengths
+
+    def forward(self, batch: Dict[str, torch.Tensor], drop: Sequence[str] = (), return_gates: bool = False):
+        """batch: input_ids, attention_mask, image, audio, audio_lengths (+ labels: adds `loss`).
+        drop: modalities removed (their tokens are masked out of attention and of the GMU)."""
+        tokens, lengths = self.encode(batch)
+        B = next(iter(tokens.values())).shape[0]
+        dev = next(iter(tokens.values())).device
+        present = torch.ones(len(self.modalities), B, dtype=torch.bool, device=dev)
+        for i, m in enumerate(self.modalities):
+            if m in drop:
+                present[i] = False
+                lengths[m] = torch.zeros_like(lengths[m])
+                tokens[m] = torch.zeros_like(tokens[m])
+        aux = {}
+        if self.config.aux_digit_loss and self.training:
+            key = {"image": "written", "audio": "heard"}
+            for m, h in self.aux_heads.items():
+                if key[m] in batch:
+                    aux[m] = F.cross_entropy(h(masked_mean(tokens[m], lengths[m])).float(), batch[key[m]])
+        for layer in self.fusion:
+            new = {}
+            for m in self.modalities:
+                others = [o for o in self.modalities if o != m]
+                kv_len = torch.stack([lengths[o] for o in others], 1).to(torch.int32)
+                new[m] = layer[m](tokens[m], [tokens[o] for o in others], kv_len, lengths[m])
+            tokens = new
+        out = {}
+        if self.config.task == "token_classification":
+            logits = self.head(tokens["text"])
+        else:
+            pooled = [masked_mean(tokens[m], lengths[m]) for m in self.modalities]
+            fused = self.gmu(pooled, present=present, return_gates=return_gates)
+            if return_gates:
+                fused, out["gates"] = fused
+            logits = self.head(fused)
+        out["logits"] = logits
+        if "labels" in batch and batch["labels"] is not None:
+            out["loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
+                                          ignore_index=-100)
+            if aux:
+                out["loss"] = out["loss"] + self.config.aux_digit_loss * sum(aux.values())
+        return out
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, path: str):
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        cfg = asdict(self.config)
+        if hasattr(self, "text"):
+            cfg["bert_config"] = self.text.config.to_dict()
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = os.path.join(path, f".{WEIGHTS_NAME}.tmp")
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, WEIGHTS_NAME))
+        with open(os.path.join(path, f".{CONFIG_NAME}.tmp"), "w") as f:
+            json.dump({"model_type": "mmkernels-fusion", **cfg}, f, indent=1, default=str)
+        os.replace(os.path.join(path, f".{CONFIG_NAME}.tmp"), os.path.join(path, CONFIG_NAME))
+
+    @classmethod
+    def from_pretrained(cls, path: str, kernel_backend: Optional[str] = "keep", map_location="cpu") -> "FusionModel":
+        from safetensors.torch import load_file
+        cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+        for p in (cfg_path, w_path):
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"not a saved mmkernels model: {p} is missing")
+        with open(cfg_path) as f:
+            d = json.load(f)
+        d.pop("model_type", None)
+        known = {f.name for f in fields(ModelConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{cfg_path}: unknown config key(s) {unknown}")
+        cfg = ModelConfig(**d)
+        if kernel_backend != "keep":
+            cfg.kernel_backend = kernel_backend
+        model = cls(cfg, load_pretrained_text=False)
+        try:
+            state = load_file(w_path, device=str(map_location))
+        except Exception as e:
+            raise ValueError(f"corrupt weights file {w_path}: {e}") from e
+        model.load_state_dict(state)
+        return model

@@ -1,0 +1,167 @@
+"""Command-line entry points: mmkernels-train, mmkernels-eval, mmkernels-predict."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+EPILOG = "overrides: section.key=value, e.g. train.epochs=3 model.d_model=128 data.speech_dir=/path/to/fsdd"
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def train_main(argv: Optional[List[str]] = None) -> int:
+    from mmkernels.data.avmnist import DataFormatError
+    from mmkernels.data.speech import MissingPackageError
+    from mmkernels.train.config import ConfigError, load_config
+    from mmkernels.train.trainer import CheckpointError, Trainer, cleanup_distributed
+
+    p = argparse.ArgumentParser(prog="mmkernels-train", description="Train the text+image+audio fusion model.",
+                                epilog=EPILOG)
+    p.add_argument("--config", "-c", help="YAML config (configs/quick.yaml, configs/full.yaml, ...)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from a checkpoint file or run folder (default: the run's own checkpoint)")
+    p.add_argument("--output-dir", help="same as train.output_dir=...")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    try:
+        ov = list(a.overrides) + ([f"train.output_dir={a.output_dir}"] if a.output_dir else [])
+        cfg = load_config(a.config, ov)
+        resume = a.resume
+        if resume == "auto":
+            resume = cfg.train.output_dir
+        trainer = Trainer(cfg, resume=resume)
+        res = trainer.train()
+        if trainer.main:
+            print(json.dumps({k: v for k, v in res.items() if k != "report"}), flush=True)
+    except (ConfigError, CheckpointError, DataFormatError, MissingPackageError, FileNotFoundError) as e:
+        return _fail(str(e))
+    finally:
+        cleanup_distributed()
+    return 0
+
+
+def eval_main(argv: Optional[List[str]] = None) -> int:
+    from mmkernels.data.avmnist import DataFormatError
+    from mmkernels.models.fusion_model import FusionModel
+    from mmkernels.train.config import ConfigError, load_config
+    from mmkernels.train.trainer import evaluation_report, format_report, prepare_data_dir
+
+    p = argparse.ArgumentParser(prog="mmkernels-eval", description="Evaluation report of a saved model: accuracy "
+                                "overall and per question type, held-out phrasings, each modality removed.",
+                                epilog=EPILOG)
+    p.add_argument("--model", "-m", required=True, help="folder written by save_pretrained (e.g. runs/quick/best)")
+    p.add_argument("--config", "-c", help="data config; default: the run_config.json next to the model")
+    p.add_argument("--data-dir", help="built data folder ({split}.pt)")
+    p.add_argument("--backend", default="keep", help="kernel backend: default | reference | cpu | cuda | triton")
+    p.add_argument("--output", "-o", help="write the report as JSON here")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    try:
+        backend = {"keep": "keep", "default": None}.get(a.backend, a.backend)
+        model = FusionModel.from_pretrained(a.model, kernel_backend=backend)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model.to(device)
+        base = None
+        rc = os.path.join(os.path.dirname(os.path.abspath(a.model)), "run_config.json")
+        if not a.config and os.path.exists(rc):
+            with open(rc) as f:
+                base = {k: v for k, v in json.load(f).items() if k == "data"}
+        cfg = load_config(a.config, list(a.overrides) + ([f"data.data_dir={a.data_dir}"] if a.data_dir else []), base=base)
+        data_dir = prepare_data_dir(cfg)
+        rep = evaluation_report(model, data_dir, cfg.data.max_text_len, a.batch_size, device,
+                                torch.bfloat16 if device == "cuda" else None, progress=True)
+    except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    print(format_report(rep))
+    if a.output:
+        with open(a.output, "w") as f:
+            json.dump(rep, f, indent=1)
+    return 0
+
+
+def load_image(path: str) -> torch.Tensor:
+    """Image file -> uint8 (28, 28), white digit on black like MNIST (dark-on-light input is inverted)."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError("reading image files needs Pillow: pip install pillow") from e
+    try:
+        im = Image.open(path).convert("L").resize((28, 28), Image.BILINEAR)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read image file {path}: {e}") from e
+    x = np.asarray(im, dtype=np.uint8)
+    if x.mean() > 127:
+        x = 255 - x
+    return torch.from_numpy(x.copy())
+
+
+def predict_main(argv: Optional[List[str]] = None) -> int:
+    from mmkernels.data.speech import load_audio
+    from mmkernels.models.fusion_model import FusionModel
+    from mmkernels.models.text import load_tokenizer
+
+    p = argparse.ArgumentParser(prog="mmkernels-predict",
+                                description="Answer questions about an image + a spoken WAV; JSON lines out.")
+    p.add_argument("--model", "-m", required=True, help="folder written by save_pretrained")
+    p.add_argument("--image", help="image file (PNG/JPEG...) of a digit")
+    p.add_argument("--audio", help="WAV file of a spoken digit")
+    p.add_argument("--question", "-q", help="question text")
+    p.add_argument("--input", "-i", help="JSON lines file with fields image, audio, question (one query a line)")
+    p.add_argument("--output", "-o", help="output JSON lines file (default: stdout)")
+    p.add_argument("--backend", default="keep")
+    p.add_argument("--max-audio-seconds", type=float, default=1.0)
+    p.add_argument("--max-text-len", type=int, default=24)
+    p.add_argument("--top-k", type=int, default=3)
+    a = p.parse_args(argv)
+    queries = []
+    if a.input:
+        with open(a.input) as f:
+            for ln, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        queries.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        return _fail(f"{a.input}:{ln}: not valid JSON: {e}")
+    elif a.image and a.audio and a.question:
+        queries.append({"image": a.image, "audio": a.audio, "question": a.question})
+    else:
+        return _fail("give --image, --audio and --question, or --input queries.jsonl")
+    try:
+        backend = {"keep": "keep", "default": None}.get(a.backend, a.backend)
+        model = FusionModel.from_pretrained(a.model, kernel_backend=backend).eval()
+        tok = load_tokenizer()
+        labels = model.config.labels or [str(i) for i in range(model.config.num_labels)]
+        max_len = int(a.max_audio_seconds * 8000)
+        out = open(a.output, "w") if a.output else sys.stdout
+        for q in queries:
+            for k in ("image", "audio", "question"):
+                if k not in q:
+                    raise ValueError(f"query {q} lacks the field '{k}'")
+            wav = load_audio(q["audio"])[:max_len]
+            audio = torch.zeros(1, max_len)
+            audio[0, :len(wav)] = torch.from_numpy(wav)
+            enc = tok([q["question"]], padding="max_length", truncation=True, max_length=a.max_text_len, return_tensors="pt")
+            batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                     "image": load_image(q["image"])[None], "audio": audio,
+                     "audio_lengths": torch.tensor([max(1, len(wav))])}
+            with torch.no_grad():
+                probs = model(batch)["logits"].float().softmax(-1)[0]
+            top = probs.topk(min(a.top_k, len(labels)))
+            rec = {**q, "answer": labels[int(top.indices[0])], "score": round(float(top.values[0]), 4),
+                   "top": [{"answer": labels[int(i)], "score": round(float(v), 4)} for v, i in zip(top.values, top.indices)]}
+            out.write(json.dumps(rec) + "\n")
+        if a.output:
+            out.close()
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        return _fail(str(e))
+    return 0

@@ -1,0 +1,475 @@
+"""Trainer: AdamW + warmup/cosine, clipping, early stopping, bf16 autocast on GPU, atomic checkpoints
+with exact resume, DDP under torchrun (gloo on CPU, nccl on GPU), metrics log, learning-curve plot,
+final evaluation report."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mmkernels.data.avmnist import (ANSWERS, QUESTION_TYPES, AVMNISTConfig, AVMNISTQA, build_avmnist)
+from mmkernels.models.fusion_model import FusionModel
+from mmkernels.models.text import load_tokenizer
+from mmkernels.train import metrics as M
+from mmkernels.train.config import Config
+
+CKPT_NAME = "checkpoint.pt"
+CKPT_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or incompatible."""
+
+
+# ----------------------------------------------------------------------------- distributed
+def dist_info():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+def setup_distributed(device_type: str):
+    world, rank, local = dist_info()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return world, rank, local
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def is_main():
+    return dist_info()[1] == 0
+
+
+# ----------------------------------------------------------------------------- data
+def data_config_of(cfg: Config) -> AVMNISTConfig:
+    d = cfg.data
+    return AVMNISTConfig(seed=d.seed, n_train=d.n_train, n_val=d.n_val, n_test=d.n_test,
+                         speakers_train=d.speakers_train, speakers_val=d.speakers_val, speakers_test=d.speakers_test,
+                         images_train=d.images_train, images_val=d.images_val, images_test=d.images_test,
+                         max_audio_seconds=d.max_audio_seconds, speech_dir=d.speech_dir)
+
+
+def prepare_data_dir(cfg: Config, progress: bool = True) -> str:
+    if cfg.data.data_dir:
+        return cfg.data.data_dir
+    if cfg.data.dataset != "avmnist":
+        raise ValueError(f"data.dataset must be 'avmnist', got {cfg.data.dataset!r}")
+    out = None
+    if is_main():
+        out = build_avmnist(data_config_of(cfg), cache_dir=cfg.data.cache_dir, progress=progress)
+    barrier()
+    if out is None:
+        out = build_avmnist(data_config_of(cfg), cache_dir=cfg.data.cache_dir, progress=False)
+    return out
+
+
+def load_dataset(data_dir: str, split: str, max_text_len: int) -> AVMNISTQA:
+    return AVMNISTQA(os.path.join(data_dir, f"{split}.pt"), load_tokenizer(), max_text_len)
+
+
+def epoch_indices(n: int, epoch: int, seed: int, world: int, rank: int) -> List[int]:
+    """This rank's sample order for `epoch` (DistributedSampler: same global permutation on every rank)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    class _Len:
+        def __len__(self):
+            return n
+
+    s = DistributedSampler(_Len(), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    s.set_epoch(epoch)
+    return list(iter(s))
+
+
+def to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: FusionModel, ds: AVMNISTQA, batch_size: int = 256, drop: Sequence[str] = (),
+             device="cpu", amp_dtype=None, progress: bool = False, desc: str = "eval") -> Dict:
+    from tqdm.auto import tqdm
+    was = model.training
+    model.eval()
+    preds, golds, qts, losses = [], [], [], []
+    n = len(ds)
+    for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+        b = to_device(ds.__getitems__(list(range(i, min(n, i + batch_size)))), device)
+        ctx = torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+        with ctx:
+            out = model(b, drop=drop)
+        losses.append(float(out["loss"]) * len(b["labels"]))
+        preds.append(out["logits"].argmax(-1).cpu())
+        golds.append(b["labels"].cpu())
+        qts.append(b["qtype"].cpu())
+    model.train(was)
+    p, g, q = torch.cat(preds).numpy(), torch.cat(golds).numpy(), torch.cat(qts).numpy()
+    return {"loss": sum(losses) / max(1, n), "accuracy": M.accuracy(p, g),
+            "macro_f1": M.macro_f1(p, g, len(ANSWERS)), "n": int(n),
+            "per_type": M.grouped_accuracy(p, g, q, QUESTION_TYPES)}
+
+
+def evaluation_report(model: FusionModel, data_dir: str, max_text_len: int, batch_size: int = 256,
+                      device="cpu", amp_dtype=None, progress: bool = False) -> Dict:
+    """Accuracy overall and per question type on test, on the held-out phrasings, and on test with
+    each modality removed in turn."""
+    rep = {}
+    test = load_dataset(data_dir, "test", max_text_len)
+    rep["test"] = evaluate(model, test, batch_size, (), device, amp_dtype, progress, "test")
+    held = os.path.join(data_dir, "test_heldout.pt")
+    if os.path.exists(held):
+        rep["test_heldout_phrasings"] = evaluate(model, load_dataset(data_dir, "test_heldout", max_text_len),
+                                                 batch_size, (), device, amp_dtype, progress, "held-out")
+    if len(model.modalities) > 1:
+        for m in model.modalities:
+            rep[f"test_without_{m}"] = evaluate(model, test, batch_size, (m,), device, amp_dtype, progress, f"-{m}")
+    return rep
+
+
+def format_report(rep: Dict) -> str:
+    cols = QUESTION_TYPES
+    lines = [f"{'split':<26} {'acc':>6} {'mF1':>6} " + " ".join(f"{c:>7}" for c in cols),
+             "-" * (40 + 8 * len(cols))]
+    for k, r in rep.items():
+        lines.append(f"{k:<26} {100 * r['accuracy']:6.2f} {100 * r['macro_f1']:6.2f} "
+                     + " ".join(f"{100 * r['per_type'].get(c, float('nan')):7.2f}" for c in cols))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def atomic_torch_save(obj, path: str):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"corrupt checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from e
+    need = ("format", "model", "optimizer", "scheduler", "rng", "state", "config")
+    if not isinstance(ck, dict) or any(k not in ck for k in need):
+        missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
+        raise CheckpointError(f"corrupt checkpoint {path}: missing {missing}")
+    if ck["format"] != CKPT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {ck['format']}, this version reads {CKPT_FORMAT}")
+    return ck
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict):
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: Config, resume: Optional[str] = None):
+        self.cfg = cfg
+        t = cfg.train
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        dev = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.world, self.rank, local = setup_distributed(dev)
+        self.device = torch.device(f"cuda:{local}" if dev == "cuda" else "cpu")
+        if dev == "cuda":
+            torch.cuda.set_device(self.device)
+        self.main = self.rank == 0
+        self.amp_dtype = torch.bfloat16 if (t.amp == "bf16" or (t.amp == "auto" and dev == "cuda")) else None
+        if self.amp_dtype is not None and dev != "cuda":
+            self.amp_dtype = None
+        if t.batch_size % self.world:
+            raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({self.world})")
+        self.out = t.output_dir
+        os.makedirs(self.out, exist_ok=True)
+        self.log_rows: List[dict] = []
+
+        self.data_dir = prepare_data_dir(cfg, progress=t.progress and self.main)
+        self.train_ds = load_dataset(self.data_dir, "train", cfg.data.max_text_len)
+        self.val_ds = load_dataset(self.data_dir, "val", cfg.data.max_text_len)
+
+        seed_everything(t.seed)
+        if cfg.model.labels is None:
+            cfg.model.labels = list(ANSWERS)
+        self.model = FusionModel(cfg.model).to(self.device)
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.opt = self._make_optimizer()
+        self.steps_per_epoch = len(self.train_ds) // t.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"train set ({len(self.train_ds)} samples) is smaller than one batch ({t.batch_size})")
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_lambda)
+        self.scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for the checkpoint format
+        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": -math.inf,
+                      "best_step": -1, "bad_evals": 0, "stopped": False, "elapsed": 0.0}
+        if resume:
+            self._resume(resume)
+
+    # -------------------------------------------------------------- setup helpers
+    def _make_optimizer(self):
+        t = self.cfg.train
+        groups = {"decay": [], "no_decay": [], "text_decay": [], "text_no_decay": []}
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            nd = p.dim() < 2 or "norm" in n.lower() or n.endswith("head_gate") or n.endswith("ff_gate") \
+                or n.endswith("modality_bias") or ".pos" in n or n.startswith("image.pos") or n.startswith("audio.pos")
+            key = ("text_" if n.startswith("text.") else "") + ("no_decay" if nd else "decay")
+            groups[key].append(p)
+        tl = t.text_lr if t.text_lr is not None else t.lr
+        pg = [{"params": groups["decay"], "weight_decay": t.weight_decay, "lr": t.lr},
+              {"params": groups["no_decay"], "weight_decay": 0.0, "lr": t.lr},
+              {"params": groups["text_decay"], "weight_decay": t.weight_decay, "lr": tl},
+              {"params": groups["text_no_decay"], "weight_decay": 0.0, "lr": tl}]
+        return torch.optim.AdamW([g for g in pg if g["params"]])
+
+    def _lr_lambda(self, step: int) -> float:
+        t = self.cfg.train
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        prog = min(1.0, (step - t.warmup_steps) / max(1, self.total_steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+    def checkpoint_path(self):
+        return os.path.join(self.out, CKPT_NAME)
+
+    def _gather_rng(self):
+        st = rng_state()
+        if self.world > 1:
+            allst = [None] * self.world
+            dist.all_gather_object(allst, st)
+            return allst
+        return [st]
+
+    def save_checkpoint(self):
+        rngs = self._gather_rng()
+        if not self.main:
+            return
+        ck = {"format": CKPT_FORMAT, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+              "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,
+              "state": dict(self.state), "config": self.cfg.to_dict(), "world_size": self.world,
+              "log": self.log_rows}
+        atomic_torch_save(ck, self.checkpoint_path())
+
+    def _resume(self, path: str):
+        if os.path.isdir(path):
+            path = os.path.join(path, CKPT_NAME)
+        ck = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {path} does not fit this model config: {e}") from e
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck.get("scaler", {}))
+        rngs = ck["rng"]
+        set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+        self.state.update(ck["state"])
+        self.log_rows = list(ck.get("log", []))
+        if self.main:
+            print(f"resumed from {path}: epoch {self.state['epoch']}, step {self.state['global_step']}", flush=True)
+
+    # -------------------------------------------------------------- logging
+    def log(self, row: dict):
+        if not self.main:
+            return
+        self.log_rows.append(row)
+        with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def write_logs(self):
+        if not self.main or not self.log_rows:
+            return
+        keys = sorted({k for r in self.log_rows for k in r if not isinstance(r[k], dict)})
+        tmp = os.path.join(self.out, ".metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            w.writeheader()
+            for r in self.log_rows:
+                w.writerow(r)
+        os.replace(tmp, os.path.join(self.out, "metrics.csv"))
+
+    def plot(self):
+        if not self.main or not self.cfg.train.plot:
+            return None
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib not installed: no learning-curve plot", file=sys.stderr)
+            return None
+        tr = [r for r in self.log_rows if r.get("split") == "train"]
+        va = [r for r in self.log_rows if r.get("split") == "val"]
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        ax[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train")
+        ax[0].plot([r["step"] for r in va], [r["loss"] for r in va], "o-", label="val")
+        ax[0].set_xlabel("step"); ax[0].set_ylabel("loss"); ax[0].set_yscale("log"); ax[0].legend()
+        ax[1].plot([r["step"] for r in tr], [r["accuracy"] for r in tr], label="train (running)")
+        ax[1].plot([r["step"] for r in va], [r["accuracy"] for r in va], "o-", label="val")
+        ax[1].set_xlabel("step"); ax[1].set_ylabel("accuracy"); ax[1].legend()
+        fig.tight_layout()
+        p = os.path.join(self.out, "learning_curves.png")
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        return p
+
+    # -------------------------------------------------------------- loop
+    def _validate(self):
+        """Evaluate on val (rank 0), update early stopping; returns True if training should stop."""
+        t = self.cfg.train
+        stop = torch.zeros(1)
+        if self.main:
+            r = evaluate(self.model, self.val_ds, t.eval_batch_size, (), self.device, self.amp_dtype)
+            s = self.state
+            self.log({"split": "val", "step": s["global_step"], "epoch": s["epoch"], "loss": r["loss"],
+                      "accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "per_type": r["per_type"]})
+            val = r[t.metric]
+            if val > s["best_metric"]:
+                s["best_metric"], s["best_step"], s["bad_evals"] = val, s["global_step"], 0
+                self.model.save_pretrained(os.path.join(self.out, "best"))
+            else:
+                s["bad_evals"] += 1
+            if t.progress:
+                print(f"step {s['global_step']} epoch {s['epoch']}: val loss {r['loss']:.4f} acc {r['accuracy']:.4f} "
+                      f"(best {s['best_metric']:.4f} @ {s['best_step']})", flush=True)
+            if t.early_stopping_patience and s["bad_evals"] >= t.early_stopping_patience:
+                print(f"early stopping: no improvement of val {t.metric} for {s['bad_evals']} evaluations", flush=True)
+                stop[0] = 1
+        if self.world > 1:
+            dist.broadcast(stop, 0)
+        return bool(stop[0])
+
+    def train(self) -> Dict:
+        from tqdm.auto import tqdm
+        t, s = self.cfg.train, self.state
+        model = self.ddp or self.model
+        model.train()
+        kill_at = int(os.environ.get("MMKERNELS_KILL_AT_STEP", "0"))  # testing: SIGKILL self after this step
+        t0 = time.time() - s["elapsed"]
+        per_rank = t.batch_size // self.world
+        stop = s["stopped"]
+        run_loss, run_correct, run_n = 0.0, 0, 0
+        while not stop and s["epoch"] < t.epochs and s["global_step"] < self.total_steps:
+            idx = epoch_indices(len(self.train_ds), s["epoch"], t.seed, self.world, self.rank)
+            nb = len(idx) // per_rank
+            bar = tqdm(total=nb, initial=s["step_in_epoch"], desc=f"epoch {s['epoch']}",
+                       disable=not (t.progress and self.main), dynamic_ncols=True)
+            while s["step_in_epoch"] < nb:
+                j = s["step_in_epoch"]
+                batch = to_device(self.train_ds.__getitems__(idx[j * per_rank:(j + 1) * per_rank]), self.device)
+                ctx = torch.autocast(device_type="cuda", dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+                with ctx:
+                    out = model(batch)
+                loss = out["loss"]
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                self.opt.step()
+                self.sched.step()
+                s["step_in_epoch"] += 1
+                s["global_step"] += 1
+                run_loss += float(loss) * len(batch["labels"])
+                run_correct += int((out["logits"].argmax(-1) == batch["labels"]).sum())
+                run_n += len(batch["labels"])
+                bar.update(1)
+                if t.log_every and s["global_step"] % t.log_every == 0:
+                    row = {"split": "train", "step": s["global_step"], "epoch": s["epoch"], "loss": run_loss / run_n,
+                           "accuracy": run_correct / run_n, "lr": self.sched.get_last_lr()[0],
+                           "time": round(time.time() - t0, 2)}
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}")
+                    self.log(row)
+                    run_loss, run_correct, run_n = 0.0, 0, 0
+                out_of_time = t.max_minutes and (time.time() - t0) > 60 * t.max_minutes
+                if s["step_in_epoch"] == nb:
+                    s["epoch"] += 1
+                    s["step_in_epoch"] = 0
+                end = s["global_step"] >= self.total_steps or out_of_time
+                if (t.eval_every and s["global_step"] % t.eval_every == 0) or (not t.eval_every and s["step_in_epoch"] == 0) or end:
+                    stop = self._validate() or bool(end)
+                    model.train()
+                s["elapsed"] = time.time() - t0
+                s["stopped"] = bool(stop)
+                if (t.ckpt_every and s["global_step"] % t.ckpt_every == 0) or s["step_in_epoch"] == 0 or stop:
+                    self.save_checkpoint()
+                    self.write_logs()
+                if kill_at and s["global_step"] == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if stop or s["step_in_epoch"] == 0:
+                    break
+            bar.close()
+        s["elapsed"] = time.time() - t0
+        result = {"steps": s["global_step"], "epochs": s["epoch"], "best_val": s["best_metric"],
+                  "best_step": s["best_step"], "train_seconds": round(s["elapsed"], 1)}
+        if self.main:
+            self.save_checkpoint()
+            self.write_logs()
+            self.model.save_pretrained(os.path.join(self.out, "last"))
+            if not os.path.exists(os.path.join(self.out, "best", "config.json")):
+                self.model.save_pretrained(os.path.join(self.out, "best"))
+            with open(os.path.join(self.out, "run_config.json"), "w") as f:
+                json.dump({**self.cfg.to_dict(), "data_dir": self.data_dir}, f, indent=1)
+            p = self.plot()
+            if p:
+                result["plot"] = p
+        else:
+            self.save_checkpoint()  # participates in the RNG gather
+        if self.main and t.final_eval:
+            best = FusionModel.from_pretrained(os.path.join(self.out, "best")).to(self.device)
+            rep = evaluation_report(best, self.data_dir, self.cfg.data.max_text_len, t.eval_batch_size,
+                                    self.device, self.amp_dtype, progress=t.progress)
+            result["report"] = rep
+            with open(os.path.join(self.out, "report.json"), "w") as f:
+                json.dump({"train": {k: v for k, v in result.items() if k != "report"}, **rep}, f, indent=1)
+            print(format_report(rep), flush=True)
+        barrier()
+        return result
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

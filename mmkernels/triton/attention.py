@@ -1,0 +1,910 @@
+"""Triton kernels of cross-modal attention: forward (with a split-KV path) and backward.
+
+Layout of the work (FlashAttention-2 with the contract of DESIGN.md 2.1):
+
+* One program owns a tile of BLOCK_M *rows* of one (sample, kv head): row r is
+  query i = r // G of query head h = hkv * G + r % G (G = Hq // Hkv), so the
+  query heads of a GQA/MQA group share every K/V load.
+* The M <= 8 KV segments arrive as 8 pointer slots with their own strides and
+  lengths; one launch walks them in turn with one online softmax (no
+  concatenation). Each segment's loop stops at min(kv_lengths[b, m], Lk_m),
+  read on device: blocks past the valid length are never visited.
+* Split-KV (flash-decoding) for short queries over long keys: the valid keys of
+  a sample (all segments together) are cut into `num_splits` chunks, each
+  program writes a normalised partial output and its lse, and a merge kernel
+  combines them by lse.
+* Backward: a preprocess kernel (rowdot = sum(dO * O_ungated)), a dQ kernel
+  over row tiles (one launch over all segments; it also writes per-row partial
+  sums of dS per segment for the modality_bias grad), and a dK/dV kernel over
+  key blocks, one launch per segment (a row tile covers all query heads of the
+  kv head, so dK/dV of a GQA group needs no cross-program reduction). The bias
+  and gate grads are reduced with torch afterwards: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_SEGMENTS = 8
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Split-KV (flash-decoding) path: taken when Lq <= SPLIT_KV_MAX_LQ and the
+# padded key count of all segments >= SPLIT_KV_MIN_KEYS. NUM_SPLITS forces a
+# split count (tests); see `split_kv_settings`.
+SPLIT_KV_MAX_LQ = int(os.environ.get("MMKERNELS_TRITON_SPLIT_KV_MAX_LQ", "128"))
+SPLIT_KV_MIN_KEYS = int(os.environ.get("MMKERNELS_TRITON_SPLIT_KV_MIN_KEYS", "2048"))
+SPLIT_KV_KEYS_PER_SPLIT = 512
+SPLIT_KV_NUM_SPLITS: Optional[int] = None
+_SPLIT_KV_MAX_SPLITS = 64
+
+# Under the interpreter: one small fixed config (autotuning there is very slow).
+_INTERP_BLOCK_M = 16
+_INTERP_BLOCK_N = 16
+
+
+@contextlib.contextmanager
+def split_kv_settings(min_keys: Optional[int] = None, max_lq: Optional[int] = None,
+                      num_splits: Optional[int] = None, keys_per_split: Optional[int] = None):
+    """Temporarily override the split-KV thresholds (tests, benchmarks)."""
+    global SPLIT_KV_MIN_KEYS, SPLIT_KV_MAX_LQ, SPLIT_KV_NUM_SPLITS, SPLIT_KV_KEYS_PER_SPLIT
+    saved = SPLIT_KV_MIN_KEYS, SPLIT_KV_MAX_LQ, SPLIT_KV_NUM_SPLITS, SPLIT_KV_KEYS_PER_SPLIT
+    if keys_per_split is not None:
+        SPLIT_KV_KEYS_PER_SPLIT = keys_per_split
+    if min_keys is not None:
+        SPLIT_KV_MIN_KEYS = min_keys
+    if max_lq is not None:
+        SPLIT_KV_MAX_LQ = max_lq
+    if num_splits is not None:
+        SPLIT_KV_NUM_SPLITS = num_splits
+    try:
+        yield
+    finally:
+        SPLIT_KV_MIN_KEYS, SPLIT_KV_MAX_LQ, SPLIT_KV_NUM_SPLITS, SPLIT_KV_KEYS_PER_SPLIT = saved
+
+
+# MMKERNELS_TRITON_AUTOTUNE=0 (read at import) keeps only the first config of each
+# list: no autotuning, one compilation per kernel variant (quick test runs on a GPU).
+AUTOTUNE = os.environ.get("MMKERNELS_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _prune(configs, named_args, **kwargs):
+    """fp32 (exact IEEE dots) and head dims of 256 only try the small tiles: the big
+    ones spill registers and take ptxas minutes to compile."""
+    args = dict(named_args, **kwargs)
+    small = bool(args.get("IEEE", False)) or max(args.get("BLOCK_D", 0), args.get("BLOCK_DV", 0)) > 128
+    if not small:
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return kept or configs[:1]
+
+
+def _tuned(configs, key):
+    """Autotune on the GPU; under the interpreter the launch passes fixed blocks."""
+    def wrap(kernel):
+        if INTERPRET:
+            return kernel
+        if not AUTOTUNE:
+            return triton.autotune(configs=configs[:1], key=key)(kernel)
+        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
+    return wrap
+
+
+def _cfg(bm, bn, w, s):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+
+# Hopper (H100/H200) oriented choices; the autotuner drops configs that do not fit.
+# The first entry of each list is the no-autotune default (see AUTOTUNE).
+_FWD_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 128, 4, 3)]
+_DKDV_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(32, 128, 4, 3), _cfg(64, 128, 8, 2)]
+_DQ_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2)]
+_KEY = ["D", "DV", "NUM_SEG", "CAUSAL", "HAS_BIAS", "IEEE"]
+
+
+def _fixed_blocks():
+    return {"BLOCK_M": _INTERP_BLOCK_M, "BLOCK_N": _INTERP_BLOCK_N} if INTERPRET else {}
+
+
+# ------------------------------------------------------------------ helpers (device)
+# Triton 3.8's interpreter computes tl.dot on bf16 operands wrongly (it multiplies
+# the raw bits): there, bf16 operands are widened to fp32 first (exact products).
+_INTERP_BF16_DOT = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if _INTERP_BF16_DOT:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    if IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def _seg_valid(KVLEN, skvb, skvm, b, m: tl.constexpr, LK, NUM_SEG: tl.constexpr, HAS_KVLEN: tl.constexpr):
+    """Valid keys of segment m in sample b: min(max(kv_lengths[b, m], 0), Lk_m); 0 past NUM_SEG."""
+    if m >= NUM_SEG:
+        n = 0
+    elif HAS_KVLEN:
+        n = tl.load(KVLEN + b * skvb + m * skvm).to(tl.int32)
+        n = tl.minimum(tl.maximum(n, 0), LK)
+    else:
+        n = LK
+    return n
+
+
+@triton.jit
+def _bias_row(BIAS, sbh, sbm, h, m, row_in, HAS_BIAS: tl.constexpr):
+    """modality_bias[h, m] per row, in the log2 domain (0 without bias)."""
+    if HAS_BIAS:
+        br = tl.load(BIAS + h * sbh + m * sbm, mask=row_in, other=0.0).to(tl.float32) * 1.4426950408889634
+    else:
+        br = h.to(tl.float32) * 0.0
+    return br
+
+
+@triton.jit
+def _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, start, hi, brow, i_row, causal_off, qk_scale,
+               offs_n, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
+    """One key block of the online softmax; MASKED only for the tail block (and causal)."""
+    n = start + offs_n
+    n64 = n.to(tl.int64)
+    kptr = k_base + n64[None, :] * skn + offs_d[:, None]
+    vptr = v_base + n64[:, None] * svn + offs_dv[None, :]
+    if MASKED:
+        nmask = n < hi
+        kt = tl.load(kptr, mask=nmask[None, :] & (offs_d[:, None] < D), other=0.0)
+        v = tl.load(vptr, mask=nmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    else:
+        if BLOCK_D == D:
+            kt = tl.load(kptr)
+        else:
+            kt = tl.load(kptr, mask=offs_d[:, None] < D, other=0.0)
+        if BLOCK_DV == DV:
+            v = tl.load(vptr)
+        else:
+            v = tl.load(vptr, mask=offs_dv[None, :] < DV, other=0.0)
+    s = _dot(q, kt, IEEE) * qk_scale
+    if HAS_BIAS:
+        s = s + brow[:, None]
+    if MASKED:
+        valid = nmask[None, :]
+        if CAUSAL:
+            valid = valid & (n[None, :] <= i_row[:, None] + causal_off)
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_segment(acc, m_i, l_i, q, K, V, skb, skn, skh, svb, svn, svh,
+                 b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    k_base = K + b * skb + hkv * skh
+    v_base = V + b * svb + hkv * svh
+    hi = tl.maximum(hi, lo)
+    if CAUSAL:
+        for start in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, start, hi, brow, i_row,
+                                       causal_off, qk_scale, offs_n, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
+                                       CAUSAL, True, IEEE, HAS_BIAS)
+    else:
+        # full blocks without masks, then the tail block masked
+        n_full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+        for start in range(lo, n_full, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, start, hi, brow, i_row,
+                                       causal_off, qk_scale, offs_n, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
+                                       CAUSAL, False, IEEE, HAS_BIAS)
+        if n_full < hi:
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, n_full, hi, brow, i_row,
+                                       causal_off, qk_scale, offs_n, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
+                                       CAUSAL, True, IEEE, HAS_BIAS)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _store_out(OUT, OUTU, sob, som, soh, LSE, GATE_T, b, i_row, h, Lq, Hq, o, lse2, row_in, offs_dv,
+               DV: tl.constexpr, HAS_GATE: tl.constexpr):
+    optr = b * sob + i_row.to(tl.int64)[:, None] * som + h[:, None] * soh + offs_dv[None, :]
+    omask = row_in[:, None] & (offs_dv[None, :] < DV)
+    if HAS_GATE:
+        t = tl.load(GATE_T + h, mask=row_in, other=0.0)
+        tl.store(OUTU + optr, o.to(OUTU.dtype.element_ty), mask=omask)
+        o = o * t[:, None]
+    tl.store(OUT + optr, o.to(OUT.dtype.element_ty), mask=omask)
+    tl.store(LSE + (b * Hq + h) * Lq + i_row, lse2 * 0.6931471805599453, mask=row_in)
+
+
+# ------------------------------------------------------------------ forward
+@_tuned(_FWD_CONFIGS, _KEY + ["SPLIT"])
+@triton.jit
+def _cma_fwd_kernel(
+    Q, sqb, sqm, sqh,
+    K0, V0, sk0b, sk0n, sk0h, sv0b, sv0n, sv0h, LK0,
+    K1, V1, sk1b, sk1n, sk1h, sv1b, sv1n, sv1h, LK1,
+    K2, V2, sk2b, sk2n, sk2h, sv2b, sv2n, sv2h, LK2,
+    K3, V3, sk3b, sk3n, sk3h, sv3b, sv3n, sv3h, LK3,
+    K4, V4, sk4b, sk4n, sk4h, sv4b, sv4n, sv4h, LK4,
+    K5, V5, sk5b, sk5n, sk5h, sv5b, sv5n, sv5h, LK5,
+    K6, V6, sk6b, sk6n, sk6h, sv6b, sv6n, sv6h, LK6,
+    K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h, LK7,
+    KVLEN, skvb, skvm, QLEN, BIAS, sbh, sbm, GATE_T,
+    OUT, OUTU, sob, som, soh, LSE, OPART, LPART,
+    Lq, G, Hkv, num_splits, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    NUM_SEG: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_GATE: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = (bh // Hkv).to(tl.int64)
+    hkv = bh % Hkv
+    Hq = Hkv * G
+    LqG = Lq * G
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = r < LqG
+    i_row = r // G
+    h = hkv * G + r % G
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    if HAS_QLEN:
+        q_len = tl.minimum(tl.maximum(tl.load(QLEN + b).to(tl.int32), 0), Lq)
+    else:
+        q_len = Lq
+    # a tile whose first query is padding skips every key block
+    active = ((pid_m * BLOCK_M) // G < q_len).to(tl.int32)
+    kvl0 = _seg_valid(KVLEN, skvb, skvm, b, 0, LK0, NUM_SEG, HAS_KVLEN) * active
+    kvl1 = _seg_valid(KVLEN, skvb, skvm, b, 1, LK1, NUM_SEG, HAS_KVLEN) * active
+    kvl2 = _seg_valid(KVLEN, skvb, skvm, b, 2, LK2, NUM_SEG, HAS_KVLEN) * active
+    kvl3 = _seg_valid(KVLEN, skvb, skvm, b, 3, LK3, NUM_SEG, HAS_KVLEN) * active
+    kvl4 = _seg_valid(KVLEN, skvb, skvm, b, 4, LK4, NUM_SEG, HAS_KVLEN) * active
+    kvl5 = _seg_valid(KVLEN, skvb, skvm, b, 5, LK5, NUM_SEG, HAS_KVLEN) * active
+    kvl6 = _seg_valid(KVLEN, skvb, skvm, b, 6, LK6, NUM_SEG, HAS_KVLEN) * active
+    kvl7 = _seg_valid(KVLEN, skvb, skvm, b, 7, LK7, NUM_SEG, HAS_KVLEN) * active
+    off0 = 0
+    off1 = off0 + kvl0
+    off2 = off1 + kvl1
+    off3 = off2 + kvl2
+    off4 = off3 + kvl3
+    off5 = off4 + kvl4
+    off6 = off5 + kvl5
+    off7 = off6 + kvl6
+    total = off7 + kvl7
+    if SPLIT:
+        chunk = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
+        s_lo = split * chunk
+        s_hi = tl.minimum(s_lo + chunk, total)
+    else:
+        s_lo = 0
+        s_hi = total
+    # causal (M == 1): query i sees key j iff j <= i + kv_len - q_len
+    causal_off = kvl0 - q_len
+    causal_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, q_len - 1) + causal_off + 1
+    q = tl.load(Q + b * sqb + i_row.to(tl.int64)[:, None] * sqm + h[:, None] * sqh + offs_d[None, :],
+                mask=row_in[:, None] & (offs_d[None, :] < D), other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if NUM_SEG > 0:
+        lo = tl.minimum(tl.maximum(s_lo - off0, 0), kvl0)
+        hi = tl.minimum(tl.maximum(s_hi - off0, 0), kvl0)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 0, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K0, V0, sk0b, sk0n, sk0h, sv0b, sv0n, sv0h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+    if NUM_SEG > 1:
+        lo = tl.minimum(tl.maximum(s_lo - off1, 0), kvl1)
+        hi = tl.minimum(tl.maximum(s_hi - off1, 0), kvl1)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 1, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K1, V1, sk1b, sk1n, sk1h, sv1b, sv1n, sv1h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+    if NUM_SEG > 2:
+        lo = tl.minimum(tl.maximum(s_lo - off2, 0), kvl2)
+        hi = tl.minimum(tl.maximum(s_hi - off2, 0), kvl2)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 2, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K2, V2, sk2b, sk2n, sk2h, sv2b, sv2n, sv2h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+    if NUM_SEG > 3:
+        lo = tl.minimum(tl.maximum(s_lo - off3, 0), kvl3)
+        hi = tl.minimum(tl.maximum(s_hi - off3, 0), kvl3)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 3, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K3, V3, sk3b, sk3n, sk3h, sv3b, sv3n, sv3h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+    if NUM_SEG > 4:
+        lo = tl.minimum(tl.maximum(s_lo - off4, 0), kvl4)
+        hi = tl.minimum(tl.maximum(s_hi - off4, 0), kvl4)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 4, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K4, V4, sk4b, sk4n, sk4h, sv4b, sv4n, sv4h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+    if NUM_SEG > 5:
+        lo = tl.minimum(tl.maximum(s_lo - off5, 0), kvl5)
+        hi = tl.minimum(tl.maximum(s_hi - off5, 0), kvl5)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 5, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K5, V5, sk5b, sk5n, sk5h, sv5b, sv5n, sv5h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+    if NUM_SEG > 6:
+        lo = tl.minimum(tl.maximum(s_lo - off6, 0), kvl6)
+        hi = tl.minimum(tl.maximum(s_hi - off6, 0), kvl6)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 6, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K6, V6, sk6b, sk6n, sk6h, sv6b, sv6n, sv6h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+    if NUM_SEG > 7:
+        lo = tl.minimum(tl.maximum(s_lo - off7, 0), kvl7)
+        hi = tl.minimum(tl.maximum(s_hi - off7, 0), kvl7)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 7, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+    row_ok = row_in & (i_row < q_len) & (l_i > 0)
+    l_safe = tl.where(row_ok, l_i, 1.0)
+    o = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
+    lse2 = tl.where(row_ok, m_i + tl.log2(l_safe), float("-inf"))
+    if SPLIT:
+        pbase = (bh.to(tl.int64) * num_splits + split) * LqG + r
+        tl.store(LPART + pbase, lse2, mask=row_in)
+        tl.store(OPART + pbase[:, None] * DV + offs_dv[None, :], o,
+                 mask=row_in[:, None] & (offs_dv[None, :] < DV))
+    else:
+        _store_out(OUT, OUTU, sob, som, soh, LSE, GATE_T, b, i_row, h, Lq, Hq, o, lse2, row_in, offs_dv,
+                   DV, HAS_GATE)
+
+
+@triton.jit
+def _cma_merge_kernel(OPART, LPART, OUT, OUTU, sob, som, soh, LSE, GATE_T, Lq, G, Hkv, num_splits,
+                      DV: tl.constexpr, BLOCK_DV: tl.constexpr, NS_P2: tl.constexpr, HAS_GATE: tl.constexpr):
+    """Merge the split-KV partials of one row by their lse (log2 domain)."""
+    r = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    hkv = bh % Hkv
+    Hq = Hkv * G
+    LqG = Lq * G
+    s = tl.arange(0, NS_P2)
+    smask = s < num_splits
+    offs_dv = tl.arange(0, BLOCK_DV)
+    pbase = (bh.to(tl.int64) * num_splits + s) * LqG + r
+    lp = tl.load(LPART + pbase, mask=smask, other=float("-inf"))
+    mx = tl.max(lp, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(lp - mx_safe)
+    wsum = tl.sum(w, 0)
+    op = tl.load(OPART + pbase[:, None] * DV + offs_dv[None, :],
+                 mask=smask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    o = tl.sum(w[:, None] * op, 0) / tl.where(wsum > 0, wsum, 1.0)
+    lse2 = tl.where(wsum > 0, mx_safe + tl.log2(tl.where(wsum > 0, wsum, 1.0)), float("-inf"))
+    i = r // G
+    h = hkv * G + r % G
+    optr = b * sob + i * som + h * soh + offs_dv
+    dmask = offs_dv < DV
+    if HAS_GATE:
+        t = tl.load(GATE_T + h)
+        tl.store(OUTU + optr, o.to(OUTU.dtype.element_ty), mask=dmask)
+        o = o * t
+    tl.store(OUT + optr, o.to(OUT.dtype.element_ty), mask=dmask)
+    tl.store(LSE + (b * Hq + h) * Lq + i, lse2 * 0.6931471805599453)
+
+
+# ------------------------------------------------------------------ backward
+@triton.jit
+def _cma_bwd_pre_kernel(DO, sdb, sdm, sdh, O, sob, som, soh, RD, Lq, Hq, n_rows,
+                        DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
+    """rowdot[b, h, i] = sum_d dO[b, i, h, d] * O_ungated[b, i, h, d] (fp32)."""
+    rr = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rr < n_rows
+    b = rr // (Lq * Hq)
+    rem = rr % (Lq * Hq)
+    i = rem // Hq
+    h = rem % Hq
+    offs = tl.arange(0, BLOCK_DV)
+    mask = rmask[:, None] & (offs[None, :] < DV)
+    do = tl.load(DO + (b * sdb + i * sdm + h * sdh)[:, None] + offs[None, :], mask=mask, other=0.0)
+    o = tl.load(O + (b * sob + i * som + h * soh)[:, None] + offs[None, :], mask=mask, other=0.0)
+    rd = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(RD + (b * Hq + h) * Lq + i, rd, mask=rmask)
+
+
+@triton.jit
+def _dq_segment(dq, q, do, t_row, L2, dlt, K, V, skb, skn, skh, svb, svn, svh,
+                b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                IEEE: tl.constexpr):
+    k_base = K + b * skb + hkv * skh
+    v_base = V + b * svb + hkv * svh
+    dbr = tl.zeros_like(dlt)
+    for start in range(0, hi, BLOCK_N):
+        n = start + offs_n
+        nmask = n < hi
+        n64 = n.to(tl.int64)
+        k = tl.load(k_base + n64[:, None] * skn + offs_d[None, :],
+                    mask=nmask[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(v_base + n64[:, None] * svn + offs_dv[None, :],
+                    mask=nmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale + brow[:, None]
+        valid = nmask[None, :]
+        if CAUSAL:
+            valid = valid & (n[None, :] <= i_row[:, None] + causal_off)
+        p = tl.where(valid, tl.exp2(s - L2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), IEEE) * t_row[:, None]
+        ds = p * (dp - dlt[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+        dbr += tl.sum(ds, 1)
+    return dq, dbr
+
+
+@_tuned(_DQ_CONFIGS, _KEY)
+@triton.jit
+def _cma_bwd_dq_kernel(
+    Q, sqb, sqm, sqh, DO, sdb, sdm, sdh,
+    K0, V0, sk0b, sk0n, sk0h, sv0b, sv0n, sv0h, LK0,
+    K1, V1, sk1b, sk1n, sk1h, sv1b, sv1n, sv1h, LK1,
+    K2, V2, sk2b, sk2n, sk2h, sv2b, sv2n, sv2h, LK2,
+    K3, V3, sk3b, sk3n, sk3h, sv3b, sv3n, sv3h, LK3,
+    K4, V4, sk4b, sk4n, sk4h, sv4b, sv4n, sv4h, LK4,
+    K5, V5, sk5b, sk5n, sk5h, sv5b, sv5n, sv5h, LK5,
+    K6, V6, sk6b, sk6n, sk6h, sv6b, sv6n, sv6h, LK6,
+    K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h, LK7,
+    KVLEN, skvb, skvm, QLEN, BIAS, sbh, sbm, GATE_T, LSE, DLT,
+    DQ, sdqb, sdqm, sdqh, DBIAS,
+    Lq, G, Hkv, qk_scale, scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    NUM_SEG: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_GATE: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    hkv = bh % Hkv
+    Hq = Hkv * G
+    LqG = Lq * G
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = r < LqG
+    i_row = r // G
+    h = hkv * G + r % G
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    if HAS_QLEN:
+        q_len = tl.minimum(tl.maximum(tl.load(QLEN + b).to(tl.int32), 0), Lq)
+    else:
+        q_len = Lq
+    active = ((pid_m * BLOCK_M) // G < q_len).to(tl.int32)
+    kvl0 = _seg_valid(KVLEN, skvb, skvm, b, 0, LK0, NUM_SEG, HAS_KVLEN) * active
+    kvl1 = _seg_valid(KVLEN, skvb, skvm, b, 1, LK1, NUM_SEG, HAS_KVLEN) * active
+    kvl2 = _seg_valid(KVLEN, skvb, skvm, b, 2, LK2, NUM_SEG, HAS_KVLEN) * active
+    kvl3 = _seg_valid(KVLEN, skvb, skvm, b, 3, LK3, NUM_SEG, HAS_KVLEN) * active
+    kvl4 = _seg_valid(KVLEN, skvb, skvm, b, 4, LK4, NUM_SEG, HAS_KVLEN) * active
+    kvl5 = _seg_valid(KVLEN, skvb, skvm, b, 5, LK5, NUM_SEG, HAS_KVLEN) * active
+    kvl6 = _seg_valid(KVLEN, skvb, skvm, b, 6, LK6, NUM_SEG, HAS_KVLEN) * active
+    kvl7 = _seg_valid(KVLEN, skvb, skvm, b, 7, LK7, NUM_SEG, HAS_KVLEN) * active
+    off0 = 0
+    off1 = off0 + kvl0
+    off2 = off1 + kvl1
+    off3 = off2 + kvl2
+    off4 = off3 + kvl3
+    off5 = off4 + kvl4
+    off6 = off5 + kvl5
+    off7 = off6 + kvl6
+    total = off7 + kvl7
+    causal_off = kvl0 - q_len
+    causal_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, q_len - 1) + causal_off + 1
+    q = tl.load(Q + b * sqb + i_row.to(tl.int64)[:, None] * sqm + h[:, None] * sqh + offs_d[None, :],
+                mask=row_in[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b * sdb + i_row.to(tl.int64)[:, None] * sdm + h[:, None] * sdh + offs_dv[None, :],
+                 mask=row_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if HAS_GATE:
+        t_row = tl.load(GATE_T + h, mask=row_in, other=0.0)
+    else:
+        t_row = h.to(tl.float32) * 0.0 + 1.0
+    lrow = (b * Hq + h) * Lq + i_row
+    lse = tl.load(LSE + lrow, mask=row_in, other=float("-inf"))
+    row_ok = row_in & (i_row < q_len) & (lse > float("-inf"))
+    L2 = tl.where(row_ok, lse * 1.4426950408889634, float("inf"))
+    dlt = tl.where(row_ok, tl.load(DLT + lrow, mask=row_in, other=0.0), 0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dbias_base = (bh.to(tl.int64) * LqG + r) * NUM_SEG
+    if NUM_SEG > 0:
+        hi = kvl0
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 0, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K0, V0, sk0b, sk0n, sk0h, sv0b, sv0n, sv0h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 0, dbr, mask=row_in)
+    if NUM_SEG > 1:
+        hi = kvl1
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 1, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K1, V1, sk1b, sk1n, sk1h, sv1b, sv1n, sv1h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 1, dbr, mask=row_in)
+    if NUM_SEG > 2:
+        hi = kvl2
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 2, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K2, V2, sk2b, sk2n, sk2h, sv2b, sv2n, sv2h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 2, dbr, mask=row_in)
+    if NUM_SEG > 3:
+        hi = kvl3
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 3, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K3, V3, sk3b, sk3n, sk3h, sv3b, sv3n, sv3h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 3, dbr, mask=row_in)
+    if NUM_SEG > 4:
+        hi = kvl4
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 4, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K4, V4, sk4b, sk4n, sk4h, sv4b, sv4n, sv4h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 4, dbr, mask=row_in)
+    if NUM_SEG > 5:
+        hi = kvl5
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 5, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K5, V5, sk5b, sk5n, sk5h, sv5b, sv5n, sv5h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 5, dbr, mask=row_in)
+    if NUM_SEG > 6:
+        hi = kvl6
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 6, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K6, V6, sk6b, sk6n, sk6h, sv6b, sv6n, sv6h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 6, dbr, mask=row_in)
+    if NUM_SEG > 7:
+        hi = kvl7
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 7, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 7, dbr, mask=row_in)
+    tl.store(DQ + b * sdqb + i_row.to(tl.int64)[:, None] * sdqm + h[:, None] * sdqh + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_in[:, None] & (offs_d[None, :] < D))
+
+
+@_tuned(_DKDV_CONFIGS, _KEY)
+@triton.jit
+def _cma_bwd_dkdv_kernel(
+    Q, sqb, sqm, sqh, DO, sdb, sdm, sdh,
+    K, V, skb, skn, skh, svb, svn, svh, LK, seg,
+    KVLEN, skvb, skvm, QLEN, BIAS, sbh, sbm, GATE_T, LSE, DLT,
+    DK, sdkb, sdkn, sdkh, DVP, sdvb, sdvn, sdvh,
+    Lq, G, Hkv, qk_scale, scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    NUM_SEG: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_GATE: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    hkv = bh % Hkv
+    Hq = Hkv * G
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    if HAS_KVLEN:
+        kvl = tl.minimum(tl.maximum(tl.load(KVLEN + b * skvb + seg * skvm).to(tl.int32), 0), LK)
+    else:
+        kvl = LK
+    if HAS_QLEN:
+        q_len = tl.minimum(tl.maximum(tl.load(QLEN + b).to(tl.int32), 0), Lq)
+    else:
+        q_len = Lq
+    nvalid = n < kvl
+    n64 = n.to(tl.int64)
+    k = tl.load(K + b * skb + hkv * skh + n64[:, None] * skn + offs_d[None, :],
+                mask=nvalid[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b * svb + hkv * svh + n64[:, None] * svn + offs_dv[None, :],
+                mask=nvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    row_hi = tl.where(pid_n * BLOCK_N < kvl, q_len * G, 0)
+    row_lo = 0
+    if CAUSAL:
+        causal_off = kvl - q_len
+        i_min = tl.maximum(pid_n * BLOCK_N - causal_off, 0)
+        row_lo = ((i_min * G) // BLOCK_M) * BLOCK_M
+    for start in range(row_lo, row_hi, BLOCK_M):
+        r = start + offs_m
+        row_in = r < row_hi
+        i_row = r // G
+        h = hkv * G + r % G
+        q = tl.load(Q + b * sqb + i_row.to(tl.int64)[:, None] * sqm + h[:, None] * sqh + offs_d[None, :],
+                    mask=row_in[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(DO + b * sdb + i_row.to(tl.int64)[:, None] * sdm + h[:, None] * sdh + offs_dv[None, :],
+                     mask=row_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lrow = (b * Hq + h) * Lq + i_row
+        lse = tl.load(LSE + lrow, mask=row_in, other=float("-inf"))
+        row_ok = row_in & (lse > float("-inf"))
+        L2 = tl.where(row_ok, lse * 1.4426950408889634, float("inf"))
+        dlt = tl.where(row_ok, tl.load(DLT + lrow, mask=row_in, other=0.0), 0.0)
+        if HAS_GATE:
+            t_row = tl.load(GATE_T + h, mask=row_in, other=0.0)
+        else:
+            t_row = h.to(tl.float32) * 0.0 + 1.0
+        brow = _bias_row(BIAS, sbh, sbm, h, seg, row_in, HAS_BIAS)
+        st = _dot(k, tl.trans(q), IEEE) * qk_scale + brow[None, :]
+        valid = nvalid[:, None] & row_ok[None, :]
+        if CAUSAL:
+            valid = valid & (n[:, None] <= i_row[None, :] + causal_off)
+        pt = tl.where(valid, tl.exp2(st - L2[None, :]), 0.0)
+        dv += _dot((pt * t_row[None, :]).to(do.dtype), do, IEEE)
+        dpt = _dot(v, tl.trans(do), IEEE) * t_row[None, :]
+        dst = pt * (dpt - dlt[None, :])
+        dk += _dot(dst.to(q.dtype), q, IEEE)
+    nmask = n < LK
+    tl.store(DK + b * sdkb + hkv * sdkh + n64[:, None] * sdkn + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=nmask[:, None] & (offs_d[None, :] < D))
+    tl.store(DVP + b * sdvb + hkv * sdvh + n64[:, None] * sdvn + offs_dv[None, :],
+             dv.to(DVP.dtype.element_ty), mask=nmask[:, None] & (offs_dv[None, :] < DV))
+
+
+# ------------------------------------------------------------------ host side
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(max(int(x), 1)))
+
+
+def _interp_safe(t: torch.Tensor) -> torch.Tensor:
+    """The interpreter misreads tensors with a 0 stride (e.g. the expanded grad of out.sum())."""
+    if INTERPRET and t.numel() > 1 and 0 in t.stride():
+        return t.contiguous()
+    return t
+
+
+def _segment_args(keys, values):
+    args = []
+    for m in range(MAX_SEGMENTS):
+        if m < len(keys):
+            k, v = keys[m], values[m]
+            args += [k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), k.shape[1]]
+        else:
+            args += [keys[0], values[0], 0, 0, 0, 0, 0, 0, 0]
+    return args
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_kv_splits(q: torch.Tensor, B: int, Hkv: int, Lq: int, G: int, total_keys: int) -> int:
+    """How many KV splits the forward uses (1 = no split-KV)."""
+    if Lq > SPLIT_KV_MAX_LQ or total_keys < SPLIT_KV_MIN_KEYS or total_keys == 0:
+        return 1
+    if SPLIT_KV_NUM_SPLITS is not None:
+        return max(1, min(int(SPLIT_KV_NUM_SPLITS), _SPLIT_KV_MAX_SPLITS))
+    sms = _num_sms(q.device.index or 0) if q.device.type == "cuda" else 4
+    programs = max(1, B * Hkv * triton.cdiv(Lq * G, 64))
+    ns = min(triton.cdiv(2 * sms, programs), triton.cdiv(total_keys, SPLIT_KV_KEYS_PER_SPLIT), _SPLIT_KV_MAX_SPLITS)
+    return max(1, ns)
+
+
+def _flags(q, keys, kv_lengths, q_lengths, modality_bias, head_gate, causal):
+    return dict(
+        NUM_SEG=len(keys), HAS_KVLEN=kv_lengths is not None, HAS_QLEN=q_lengths is not None,
+        HAS_BIAS=modality_bias is not None, HAS_GATE=head_gate is not None, CAUSAL=bool(causal),
+        IEEE=q.dtype == torch.float32,
+    )
+
+
+def _optional_args(q, kv_lengths, q_lengths, modality_bias, gate_t):
+    kvl = kv_lengths if kv_lengths is not None else q
+    skvb, skvm = (kv_lengths.stride(0), kv_lengths.stride(1)) if kv_lengths is not None else (0, 0)
+    bias = modality_bias if modality_bias is not None else q
+    sbh, sbm = (modality_bias.stride(0), modality_bias.stride(1)) if modality_bias is not None else (0, 0)
+    return [kvl, skvb, skvm, q_lengths if q_lengths is not None else q, bias, sbh, sbm,
+            gate_t if gate_t is not None else q]
+
+
+@triton_op("mmkernels::triton_cma_fwd", mutates_args=())
+def triton_cma_fwd(
+    q: torch.Tensor,
+    keys: List[torch.Tensor],
+    values: List[torch.Tensor],
+    kv_lengths: Optional[torch.Tensor],
+    q_lengths: Optional[torch.Tensor],
+    modality_bias: Optional[torch.Tensor],
+    head_gate: Optional[torch.Tensor],
+    scale: float,
+    causal: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, Lq, Hq, D = q.shape
+    Hkv, Dv = keys[0].shape[2], values[0].shape[3]
+    G = Hq // Hkv
+    q, keys, values = _interp_safe(q), [_interp_safe(k) for k in keys], [_interp_safe(v) for v in values]
+    out = q.new_empty((B, Lq, Hq, Dv))
+    lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
+    out_u = q.new_empty((B, Lq, Hq, Dv)) if head_gate is not None else q.new_empty((0,))
+    if B * Lq * Hq == 0:
+        return out, lse, out_u
+    gate_t = torch.tanh(head_gate.float()).contiguous() if head_gate is not None else None
+    total_keys = sum(int(k.shape[1]) for k in keys)
+    ns = num_kv_splits(q, B, Hkv, Lq, G, total_keys)
+    split = ns > 1
+    if split:
+        opart = q.new_empty((B, Hkv, ns, Lq * G, Dv), dtype=torch.float32)
+        lpart = q.new_empty((B, Hkv, ns, Lq * G), dtype=torch.float32)
+    else:
+        opart = lpart = lse
+    flags = _flags(q, keys, kv_lengths, q_lengths, modality_bias, head_gate, causal)
+    BD, BDV = _pow2(D), _pow2(Dv)
+    LqG = Lq * G
+
+    def grid(meta):
+        return (triton.cdiv(LqG, meta["BLOCK_M"]), B * Hkv, ns)
+
+    wrap_triton(_cma_fwd_kernel)[grid](
+        q, q.stride(0), q.stride(1), q.stride(2),
+        *_segment_args(keys, values),
+        *_optional_args(q, kv_lengths, q_lengths, modality_bias, gate_t),
+        out, out_u if head_gate is not None else out, out.stride(0), out.stride(1), out.stride(2),
+        lse, opart, lpart,
+        Lq, G, Hkv, ns, float(scale) * LOG2E,
+        D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, SPLIT=split, **flags, **_fixed_blocks(),
+    )
+    if split:
+        wrap_triton(_cma_merge_kernel)[(LqG, B * Hkv)](
+            opart, lpart, out, out_u if head_gate is not None else out,
+            out.stride(0), out.stride(1), out.stride(2), lse, gate_t if gate_t is not None else q,
+            Lq, G, Hkv, ns,
+            DV=Dv, BLOCK_DV=BDV, NS_P2=max(2, triton.next_power_of_2(ns)), HAS_GATE=head_gate is not None,
+        )
+    return out, lse, out_u
+
+
+@triton_op("mmkernels::triton_cma_bwd", mutates_args=())
+def triton_cma_bwd(
+    grad_out: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    keys: List[torch.Tensor],
+    values: List[torch.Tensor],
+    out_ungated: torch.Tensor,
+    lse: torch.Tensor,
+    kv_lengths: Optional[torch.Tensor],
+    q_lengths: Optional[torch.Tensor],
+    modality_bias: Optional[torch.Tensor],
+    head_gate: Optional[torch.Tensor],
+    scale: float,
+    causal: bool,
+) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor], torch.Tensor, torch.Tensor]:
+    B, Lq, Hq, D = q.shape
+    Hkv, Dv = keys[0].shape[2], values[0].shape[3]
+    G = Hq // Hkv
+    M = len(keys)
+    dq = torch.empty_like(q)
+    dks = [torch.empty_like(k) for k in keys]
+    dvs = [torch.empty_like(v) for v in values]
+    if B * Hkv == 0 or (Lq == 0 and sum(int(k.shape[1]) for k in keys) == 0):
+        return dq, dks, dvs, q.new_zeros((Hq, M), dtype=torch.float32), q.new_zeros((Hq,), dtype=torch.float32)
+    q, keys, values = _interp_safe(q), [_interp_safe(k) for k in keys], [_interp_safe(v) for v in values]
+    grad_out, out_ungated = _interp_safe(grad_out), _interp_safe(out_ungated)
+    gate_t = torch.tanh(head_gate.float()).contiguous() if head_gate is not None else None
+    lse = lse.float().contiguous()
+    BD, BDV = _pow2(D), _pow2(Dv)
+    LqG = Lq * G
+    flags = _flags(q, keys, kv_lengths, q_lengths, modality_bias, head_gate, causal)
+    opt = _optional_args(q, kv_lengths, q_lengths, modality_bias, gate_t)
+
+    rowdot = q.new_empty((B, Hq, Lq), dtype=torch.float32)
+    n_rows = B * Lq * Hq
+    if n_rows > 0:
+        BLOCK_R = 16 if INTERPRET else max(1, min(64, 4096 // BDV))
+        wrap_triton(_cma_bwd_pre_kernel)[(triton.cdiv(n_rows, BLOCK_R),)](
+            grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            out_ungated, out_ungated.stride(0), out_ungated.stride(1), out_ungated.stride(2),
+            rowdot, Lq, Hq, n_rows, DV=Dv, BLOCK_DV=BDV, BLOCK_R=BLOCK_R,
+        )
+    dlt = rowdot * gate_t[None, :, None] if gate_t is not None else rowdot
+    if grad_lse is not None:
+        dlt = dlt - grad_lse.float()
+    dlt = dlt.contiguous()
+    dbias = q.new_empty((B, Hkv, LqG, M), dtype=torch.float32) if modality_bias is not None else lse
+    common = dict(D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, **flags, **_fixed_blocks())
+    if LqG > 0:
+        wrap_triton(_cma_bwd_dq_kernel)[lambda meta: (triton.cdiv(LqG, meta["BLOCK_M"]), B * Hkv)](
+            q, q.stride(0), q.stride(1), q.stride(2),
+            grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            *_segment_args(keys, values), *opt, lse, dlt,
+            dq, dq.stride(0), dq.stride(1), dq.stride(2), dbias,
+            Lq, G, Hkv, float(scale) * LOG2E, float(scale), **common,
+        )
+    for m in range(M):
+        k, v, dk, dv = keys[m], values[m], dks[m], dvs[m]
+        Lk = k.shape[1]
+        if Lk == 0:
+            continue
+
+        def grid_kv(meta, Lk=Lk):
+            return (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
+
+        wrap_triton(_cma_bwd_dkdv_kernel)[grid_kv](
+            q, q.stride(0), q.stride(1), q.stride(2),
+            grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), Lk, m,
+            *opt, lse, dlt,
+            dk, dk.stride(0), dk.stride(1), dk.stride(2), dv, dv.stride(0), dv.stride(1), dv.stride(2),
+            Lq, G, Hkv, float(scale) * LOG2E, float(scale), **common,
+        )
+    if modality_bias is not None:
+        grad_bias = dbias.view(B, Hkv, Lq, G, M).sum(dim=(0, 2)).reshape(Hq, M)
+    else:
+        grad_bias = q.new_zeros((Hq, M), dtype=torch.float32)
+    if gate_t is not None:
+        grad_gate = (1.0 - gate_t * gate_t) * rowdot.sum(dim=(0, 2))
+    else:
+        grad_gate = q.new_zeros((Hq,), dtype=torch.float32)
+    return dq, dks, dvs, grad_bias, grad_gate
