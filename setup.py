@@ -22,7 +22,6 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PY_LIMITED_API = 0x030A0000  # abi3, CPython >= 3.10
 
 
 def _env_flag(name: str) -> bool:
@@ -116,8 +115,8 @@ def _extensions():
 
     debug = _env_flag("MMKERNELS_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp", "-fno-math-errno", "-fno-trapping-math",
-                 f"-DPy_LIMITED_API={PY_LIMITED_API:#x}"]
+    # (py_limited_api=True makes torch define Py_LIMITED_API for every TU.)
+    cxx = opt + ["-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if not _env_flag("MMKERNELS_PORTABLE"):
         cxx.append("-march=native")
     link = ["-fopenmp"]
@@ -125,8 +124,7 @@ def _extensions():
 
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        nvcc = opt + ["--expt-relaxed-constexpr",
-                      "-lineinfo", f"-DPy_LIMITED_API={PY_LIMITED_API:#x}"]
+        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
         ext = CUDAExtension(
             "mmkernels._C",
             sources + cuda_sources,

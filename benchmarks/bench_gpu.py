@@ -89,7 +89,7 @@ def attention_case(name, B, Hq, Hkv, D, Lq, segs, pad, seed=0):
     valid_per_b = kvl.sum(1).double()  # (B,)
     flops_fwd = float((4.0 * Hq * Lq * D * valid_per_b).sum())
     kv_bytes = float(kvl.sum()) * Hkv * 2 * D * 2
-    return dict(name=name, q=q, keys=keys, values=values, kvl=kvl.cuda() if pad > 0 else None,
+    return dict(name=name, q=q, keys=keys, values=values, kvl=kvl.to("cuda") if pad > 0 else None,
                 kvl_cpu=kvl, flops_fwd=flops_fwd, kv_bytes=kv_bytes, B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, segs=segs)
 
 

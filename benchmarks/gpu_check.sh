@@ -32,18 +32,28 @@ say "build rc=$BUILD_RC"
 [ $BUILD_RC -ne 0 ] && tail -n 30 "$LOG_DIR/build.log"
 python -m mmkernels.info > "$LOG_DIR/info.txt" 2>&1 || true
 
-# 2. tests: CUDA + Triton (no autotuning: one compilation per kernel variant)
+# 2. tests: the Triton tests first (they are this check's point; -x elsewhere must not
+#    hide them), then the rest of the suite (CUDA backend, model layer...) with -x -q.
+#    No autotuning in tests: one compilation per kernel variant.
 LEFT=$(( TOTAL_S - $(elapsed) ))
-TEST_MAX_S=${TEST_MAX_S:-240}
+TEST_MAX_S=${TEST_MAX_S:-260}
 TEST_S=$(( LEFT - 170 ))
 [ $TEST_S -gt $TEST_MAX_S ] && TEST_S=$TEST_MAX_S
-[ $TEST_S -lt 60 ] && TEST_S=60
-say "tests: pytest python_tests ${PYTEST_ARGS:--x -q} (limit ${TEST_S}s, log: $LOG_DIR/pytest.log)"
-MMKERNELS_TRITON_AUTOTUNE=0 timeout -k 10 "$TEST_S" python -m pytest python_tests ${PYTEST_ARGS:--x -q} -p no:cacheprovider \
-  > "$LOG_DIR/pytest.log" 2>&1
+[ $TEST_S -lt 80 ] && TEST_S=80
+T1=$(( TEST_S / 2 ))
+say "tests 1/2: pytest python_tests/test_triton.py -q (limit ${T1}s, log: $LOG_DIR/pytest_triton.log)"
+MMKERNELS_TRITON_AUTOTUNE=0 timeout -k 10 "$T1" python -m pytest python_tests/test_triton.py -q -p no:cacheprovider -rs \
+  > "$LOG_DIR/pytest_triton.log" 2>&1
+TRITON_TEST_RC=$?
+[ $TRITON_TEST_RC -eq 124 ] && echo "(pytest stopped by the ${T1}s limit)" >> "$LOG_DIR/pytest_triton.log"
+say "triton tests rc=$TRITON_TEST_RC: $(tail -n 1 "$LOG_DIR/pytest_triton.log")"
+T2=$(( TEST_S - T1 ))
+say "tests 2/2: pytest python_tests ${PYTEST_ARGS:--x -q} --ignore=python_tests/test_triton.py (limit ${T2}s, log: $LOG_DIR/pytest.log)"
+MMKERNELS_TRITON_AUTOTUNE=0 timeout -k 10 "$T2" python -m pytest python_tests ${PYTEST_ARGS:--x -q} -p no:cacheprovider \
+  --ignore=python_tests/test_triton.py > "$LOG_DIR/pytest.log" 2>&1
 TEST_RC=$?
-[ $TEST_RC -eq 124 ] && echo "(pytest stopped by the ${TEST_S}s limit)" >> "$LOG_DIR/pytest.log"
-say "tests rc=$TEST_RC"
+[ $TEST_RC -eq 124 ] && echo "(pytest stopped by the ${T2}s limit)" >> "$LOG_DIR/pytest.log"
+say "other tests rc=$TEST_RC: $(tail -n 1 "$LOG_DIR/pytest.log")"
 
 # 3. benchmarks with what is left
 LEFT=$(( TOTAL_S - $(elapsed) ))
@@ -59,9 +69,11 @@ say "benchmarks rc=$BENCH_RC"
 # summary, then the table last
 echo
 echo "==== gpu_check summary ($(elapsed)s) ===="
-echo "build rc=$BUILD_RC   tests rc=$TEST_RC   bench rc=$BENCH_RC   logs: $LOG_DIR"
-grep -E "FAILED|ERROR|Error" "$LOG_DIR/pytest.log" | head -n 15
-grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOG_DIR/pytest.log" | tail -n 1
+echo "build rc=$BUILD_RC   triton tests rc=$TRITON_TEST_RC   other tests rc=$TEST_RC   bench rc=$BENCH_RC   logs: $LOG_DIR"
+for f in pytest_triton.log pytest.log; do
+  echo "-- $f: $(tail -n 1 "$LOG_DIR/$f")"
+  grep -E "^(FAILED|ERROR)" "$LOG_DIR/$f" | head -n 10
+done
 grep -E "FAILED|Traceback" "$LOG_DIR/bench.log" | head -n 8
 if grep -q "=== mmkernels GPU benchmarks" "$LOG_DIR/bench.log"; then
   sed -n '/=== mmkernels GPU benchmarks/,$p' "$LOG_DIR/bench.log"

@@ -107,10 +107,19 @@ def _gpu_common_reasons(call: Call, name: str) -> List[str]:
     return reasons
 
 
+def _cuda_capability() -> tuple:
+    # Read in eager only: a traced call has been dispatched eagerly before.
+    if torch.compiler.is_compiling() or not torch.cuda.is_available():
+        return (9, 0)
+    return torch.cuda.get_device_capability()
+
+
 def _cuda_reasons(call: Call) -> List[str]:
     reasons = []
     if call.device_type != "cuda":
         reasons.append(f"the cuda backend runs on CUDA tensors, got {call.device_type}")
+    elif _cuda_capability() < (8, 0):
+        reasons.append(f"the CUDA kernels need compute capability 8.0 or newer, got {_cuda_capability()}")
     if extension_error() is not None:
         reasons.append(extension_error())
     elif not has_kernels("CUDA"):

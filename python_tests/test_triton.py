@@ -69,8 +69,8 @@ def _check_vs_fp64(q, keys, values, kw, atol=1e-4, rtol=2e-4, **extra):
     assert torch.equal(lse.isneginf(), lse_ref.isneginf())
     _close(torch.where(lse.isfinite(), lse, 0), torch.where(lse_ref.isfinite(), lse_ref, 0), atol, rtol, "lse")
     g = torch.Generator().manual_seed(0)
-    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    gl = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
+    gl = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(out.device)
     loss = (out * go.to(out.dtype)).sum() + (torch.where(lse.isfinite(), lse, 0) * gl.float()).sum()
     loss_ref = (ref * go).sum() + (torch.where(lse_ref.isfinite(), lse_ref, 0) * gl).sum()
     grads = torch.autograd.grad(loss, _diff(q, keys, values, kw))
@@ -88,6 +88,8 @@ SHAPES = [
     (2, 4, (5, 11, 3, 8), 4, 2, 8, 8),
 ]
 FEATURES = [dict(), dict(q_pad=True, bias=True, gate=True), dict(noncontig=True, bias=True, padded=False)]
+if CUDA:  # every shape is a new set of kernel compilations on the GPU: keep the informative two
+    SHAPES = SHAPES[1:3]
 
 
 @pytest.mark.parametrize("features", FEATURES, ids=["plain", "qpad-bias-gate", "noncontig-nolen"])
@@ -355,3 +357,65 @@ def test_gated_fusion_low_precision_within_rule(dtype):
                                       torch.autograd.grad(out64, [f64, lg64], go),
                                       torch.autograd.grad(out_low, [fr, lgr], go.to(dtype)))):
         assert_within_rule(a, b, c, name=f"grad {i}")
+
+
+# ---------------------------------------------------------------- compiled for sm_90 without a GPU
+_AOT_SCRIPT = r'''
+import sys, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+import mmkernels.triton.attention as A
+import mmkernels.triton.gated_fusion as GF
+
+SCALARS = {"G", "N", "H", "NH"}
+
+def compile_(kernel, consts, ptrs, floats=(), warps=4):
+    jf = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    sig = {}
+    for n in jf.arg_names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in floats:
+            sig[n] = "fp32"
+        elif n.isupper() and not n.startswith("LK") and n not in SCALARS:
+            sig[n] = ptrs.get(n, ptrs["*"])
+        else:
+            sig[n] = "i32"
+    src = ASTSource(fn=jf, signature=sig, constexprs={(jf.arg_names.index(k),): v for k, v in consts.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 2})
+    print("compiled", jf.__name__, flush=True)
+
+ptr = {"*": "*bf16", "KVLEN": "*i32", "QLEN": "*i64"}
+for n in ["BIAS", "GATE_T", "LSE", "OPART", "LPART", "DLT", "DBIAS", "RD"]:
+    ptr[n] = "*fp32"
+flags = dict(NUM_SEG=2, HAS_KVLEN=True, HAS_QLEN=True, HAS_BIAS=True, HAS_GATE=True, CAUSAL=False, IEEE=False)
+dims = dict(D=48, DV=64, BLOCK_D=64, BLOCK_DV=64, BLOCK_M=32, BLOCK_N=32)
+compile_(A._cma_fwd_kernel, dict(dims, SPLIT=True, **flags), ptr, ("qk_scale",))
+compile_(A._cma_fwd_kernel, dict(dims, SPLIT=False, **dict(flags, NUM_SEG=1, CAUSAL=True)), ptr, ("qk_scale",))
+compile_(A._cma_merge_kernel, dict(DV=64, BLOCK_DV=64, NS_P2=4, HAS_GATE=True), ptr)
+compile_(A._cma_bwd_pre_kernel, dict(DV=64, BLOCK_DV=64, BLOCK_R=32), ptr)
+compile_(A._cma_bwd_dq_kernel, dict(dims, **flags), ptr, ("qk_scale", "scale"))
+compile_(A._cma_bwd_dkdv_kernel, dict(dims, **dict(flags, CAUSAL=True)), ptr, ("qk_scale", "scale"))
+gptr = {"*": "*bf16", "P": "*u8"}
+compile_(GF._gf_fwd_kernel, dict(M=3, MP2=4, HAS_P=True, ACT=0, RET_G=True, BLOCK=256), gptr)
+compile_(GF._gf_bwd_kernel, dict(M=3, MP2=4, HAS_P=True, ACT=0, HAS_GG=True, BLOCK=256), gptr)
+'''
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the kernels run for real")
+@pytest.mark.skipif(os.environ.get("MMKERNELS_SKIP_TRITON_AOT") == "1", reason="MMKERNELS_SKIP_TRITON_AOT=1")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter runs the kernels as Python: this compiles them for real (sm_90, bf16,
+    ptxas included) so that compiled-mode typing errors show up on a machine without a GPU."""
+    import subprocess
+    import sys
+
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except Exception:  # noqa: BLE001
+        pytest.skip("triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MMKERNELS_TRITON_AUTOTUNE"] = "0"
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.stdout.count("compiled") == 8

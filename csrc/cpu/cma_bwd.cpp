@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -107,10 +108,15 @@ void cma_bwd_impl(const CmaProblem& p, const at::Tensor& go, const at::Tensor* g
         }
         const scalar_t* kbase = kp[m] + b * skb[m] + kvh * skh[m];
         const scalar_t* vbase = vp[m] + b * svb[m] + kvh * svh[m];
-        // Output grads of this segment are written contiguously (B, Lk, Hkv, W).
+        // Output grads: (B, Lk, Hkv, W) with the strides of empty_like(input) (unit last dim).
         const int64_t Lk = p.Lk[m];
-        auto dk_row = [&](int64_t j) { return dkp[m] + ((b * Lk + j) * Hkv + kvh) * D; };
-        auto dv_row = [&](int64_t j) { return dvp[m] + ((b * Lk + j) * Hkv + kvh) * Dv; };
+        const at::Tensor& dkm = dk[m];
+        const at::Tensor& dvm = dv[m];
+        scalar_t* dk0 = dkp[m] + b * dkm.stride(0) + kvh * dkm.stride(2);
+        scalar_t* dv0 = dvp[m] + b * dvm.stride(0) + kvh * dvm.stride(2);
+        const int64_t dks = dkm.stride(1), dvs = dvm.stride(1);
+        auto dk_row = [&](int64_t j) { return dk0 + j * dks; };
+        auto dv_row = [&](int64_t j) { return dv0 + j * dvs; };
         for (int64_t j0 = 0; j0 < maxlim; j0 += kBwdKeys) {
           const int64_t n = std::min(kBwdKeys, maxlim - j0);
           int64_t ldk, ldv;
@@ -177,7 +183,7 @@ void cma_bwd_impl(const CmaProblem& p, const at::Tensor& go, const at::Tensor* g
       for (int64_t i = 0; i < Lq; ++i) {
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = kvh * G + g;
-          scalar_t* dst = dqp + ((b * Lq + i) * Hq + h) * D;
+          scalar_t* dst = dqp + b * dq.stride(0) + i * dq.stride(1) + h * dq.stride(2);
           if (i >= ql) {
             for (int64_t d = 0; d < D; ++d) dst[d] = scalar_t(0);
           } else {
@@ -211,6 +217,14 @@ void cma_bwd_impl(const CmaProblem& p, const at::Tensor& go, const at::Tensor* g
   (void)ggp;
 }
 
+// Gradient buffer with the layout of torch.empty_like(input) (what the fake kernel returns:
+// strides preserved for dense inputs, contiguous otherwise), last dim unit-stride.
+at::Tensor grad_like(const at::Tensor& t) {
+  at::Tensor g = at::empty_like(t);
+  if (g.dim() > 0 && g.size(-1) > 1 && g.stride(-1) != 1) g = at::empty(t.sizes(), t.options());
+  return g;
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor>
 cma_bwd_cpu(const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad_lse,
             const at::Tensor& q_in, at::TensorList keys_in, at::TensorList values_in,
@@ -242,11 +256,11 @@ cma_bwd_cpu(const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad
   for (int64_t m = 0; m < p.M; ++m) {
     keys.push_back(last_dim_contiguous(keys_in[m]));
     values.push_back(last_dim_contiguous(values_in[m]));
-    dk.push_back(at::empty(keys_in[m].sizes(), q.options()));
-    dv.push_back(at::empty(values_in[m].sizes(), q.options()));
+    dk.push_back(grad_like(keys_in[m]));
+    dv.push_back(grad_like(values_in[m]));
   }
   const auto acc_type = dt == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dq = grad_like(q_in);
   at::Tensor gbias = at::zeros({p.Hq, p.M}, q.options().dtype(acc_type));
   at::Tensor ggate = at::zeros({p.Hq}, q.options().dtype(acc_type));
   const at::Tensor* glse = grad_lse.has_value() ? &*grad_lse : nullptr;

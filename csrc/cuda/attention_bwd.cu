@@ -21,6 +21,7 @@
 
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cma_host.h"
@@ -51,25 +52,44 @@ void launch_bwd(CmaPrepared& r, const at::Tensor& go, const at::Tensor& out_ung,
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
+  bool use_tc = false;
+  if constexpr (!std::is_same_v<T, float> && DPAD <= 128) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    use_tc = major >= 8;  // WMMA bf16 needs sm_80
+  }
+
   // 2. dK / dV over all key blocks of all segments (also zero-fills grads of padded keys)
   {
     constexpr int BN = BwdCfg<DPAD>::KV_BN;
     constexpr int BMQ = BwdCfg<DPAD>::KV_BMQ;
+    const int kb = use_tc ? kTcKB : BN;
     AttnParams p = r.p;
     int64_t total = 0;
     for (int64_t m = 0; m < r.M; ++m) {
       p.seg[m].blk_start = total;
-      total += (p.seg[m].len + BN - 1) / BN;
+      total += (p.seg[m].len + kb - 1) / kb;
     }
     TORCH_CHECK(total < (int64_t(1) << 31), "mmkernels CUDA cma_bwd: too many key blocks");
     if (total > 0 && r.B > 0) {
-      constexpr size_t smem = dkdv_smem_bytes<BN, BMQ, DPAD>();
-      auto kernel = cma_bwd_dkdv_kernel<T, BN, BMQ, DPAD>;
-      set_smem(kernel, smem, device);
       const dim3 grid((unsigned)total, (unsigned)r.Hkv, (unsigned)r.B);
-      kernel<<<grid, kBwdThreads, smem, stream>>>(p, static_cast<const T*>(go.data_ptr()), go_vec4 ? 1 : 0,
-                                               lse.data_ptr<float>(), delta.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (use_tc) {
+        if constexpr (!std::is_same_v<T, float> && DPAD <= 128) {
+          constexpr size_t smem = dkdv_tc_smem_bytes<T, DPAD>();
+          auto kernel = cma_bwd_dkdv_tc_kernel<T, DPAD>;
+          set_smem(kernel, smem, device);
+          kernel<<<grid, kBwdThreads, smem, stream>>>(p, static_cast<const T*>(go.data_ptr()), go_vec4 ? 1 : 0,
+                                                      lse.data_ptr<float>(), delta.data_ptr<float>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      } else {
+        constexpr size_t smem = dkdv_smem_bytes<BN, BMQ, DPAD>();
+        auto kernel = cma_bwd_dkdv_kernel<T, BN, BMQ, DPAD>;
+        set_smem(kernel, smem, device);
+        kernel<<<grid, kBwdThreads, smem, stream>>>(p, static_cast<const T*>(go.data_ptr()), go_vec4 ? 1 : 0,
+                                                    lse.data_ptr<float>(), delta.data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     }
   }
 
@@ -77,19 +97,32 @@ void launch_bwd(CmaPrepared& r, const at::Tensor& go, const at::Tensor& out_ung,
   {
     constexpr int BM = BwdCfg<DPAD>::Q_BM;
     constexpr int BN = BwdCfg<DPAD>::Q_BN;
-    const int64_t nqb = (r.Lq + BM - 1) / BM;
+    const int bm = use_tc ? kTcBM : BM;
+    const int64_t nqb = (r.Lq + bm - 1) / bm;
     if (r.bias.defined()) bias_part = at::zeros({r.Hq, r.M, r.B * nqb}, r.q.options().dtype(at::kFloat));
     if (nqb > 0 && r.B > 0) {
-      constexpr size_t smem = dq_smem_bytes<BM, BN, DPAD>();
-      auto kernel = cma_bwd_dq_kernel<T, BM, BN, DPAD>;
-      set_smem(kernel, smem, device);
       const dim3 grid((unsigned)nqb, (unsigned)r.Hq, (unsigned)r.B);
-      kernel<<<grid, kBwdThreads, smem, stream>>>(r.p, static_cast<const T*>(go.data_ptr()), go_vec4 ? 1 : 0,
-                                               lse.data_ptr<float>(), delta.data_ptr<float>(),
-                                               static_cast<T*>(grad_q.data_ptr()), grad_q.stride(0), grad_q.stride(1),
-                                               grad_q.stride(2), bias_part.defined() ? bias_part.data_ptr<float>() : nullptr,
-                                               nqb);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      T* dqp = static_cast<T*>(grad_q.data_ptr());
+      float* bp = bias_part.defined() ? bias_part.data_ptr<float>() : nullptr;
+      if (use_tc) {
+        if constexpr (!std::is_same_v<T, float> && DPAD <= 128) {
+          constexpr size_t smem = dq_tc_smem_bytes<T, DPAD>();
+          auto kernel = cma_bwd_dq_tc_kernel<T, DPAD>;
+          set_smem(kernel, smem, device);
+          kernel<<<grid, kBwdThreads, smem, stream>>>(r.p, static_cast<const T*>(go.data_ptr()), go_vec4 ? 1 : 0,
+                                                      lse.data_ptr<float>(), delta.data_ptr<float>(), dqp,
+                                                      grad_q.stride(0), grad_q.stride(1), grad_q.stride(2), bp, nqb);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      } else {
+        constexpr size_t smem = dq_smem_bytes<BM, BN, DPAD>();
+        auto kernel = cma_bwd_dq_kernel<T, BM, BN, DPAD>;
+        set_smem(kernel, smem, device);
+        kernel<<<grid, kBwdThreads, smem, stream>>>(r.p, static_cast<const T*>(go.data_ptr()), go_vec4 ? 1 : 0,
+                                                    lse.data_ptr<float>(), delta.data_ptr<float>(), dqp,
+                                                    grad_q.stride(0), grad_q.stride(1), grad_q.stride(2), bp, nqb);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     }
   }
 }

@@ -190,8 +190,7 @@ def build_avmnist(cfg: AVMNISTConfig, cache_dir: Optional[str] = None, progress:
         for s in clips:
             pools[s] = clips[s]
     else:
-        synth = speech.EspeakSynth.get()
-        voices = synth.speakers()
+        voices = speech.espeak_voices()
         order = rng.permutation(len(voices))
         n_tr = int(0.7 * len(voices)); n_va = int(0.12 * len(voices))
         vsplit = {"train": [voices[i] for i in order[:n_tr]],
@@ -203,9 +202,10 @@ def build_avmnist(cfg: AVMNISTConfig, cache_dir: Optional[str] = None, progress:
             for spk in speech.make_speakers(nspk[s], vsplit[s], rng):
                 for d in range(10):
                     jobs.append((s, spk, d))
+        wavs = speech.synthesize_many([(speech.DIGIT_WORDS[d], spk) for _, spk, d in jobs], progress=progress)
         pools = {s: [] for s in ("train", "val", "test")}
-        for s, spk, d in tqdm(jobs, desc="synthesizing speech", disable=not progress):
-            pools[s].append((synth.synth(speech.DIGIT_WORDS[d], spk), d, spk.name))
+        for (s, spk, d), w in zip(jobs, wavs):
+            pools[s].append((w, d, spk.name))
 
     templates = all_templates()
     img_src = {"train": mnist[0], "val": mnist[1], "test": mnist[2]}

@@ -95,6 +95,7 @@ class EspeakSynth:
         if self.sample_rate <= 0:
             raise RuntimeError(f"espeak_Initialize failed (data path {data})")
         self._chunks: List[np.ndarray] = []
+        self._libc = ctypes.CDLL(None)
         CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
         def _cb(wav, n, _events):
@@ -127,6 +128,10 @@ class EspeakSynth:
         self.lib.espeak_SetParameter(3, int(speaker.pitch), 0)   # espeakPITCH
         self.lib.espeak_SetParameter(4, int(speaker.prange), 0)  # espeakRANGE
         self._chunks = []
+        # deterministic output: eSpeak's own noise generator and libc rand() reseeded for every clip
+        if hasattr(self.lib, "espeak_ng_SetRandSeed"):
+            self.lib.espeak_ng_SetRandSeed(ctypes.c_long(12345))
+        self._libc.srand(12345)
         b = text.encode()
         rc = self.lib.espeak_Synth(b, len(b) + 1, 0, 0, 0, 0, None, None)
         self.lib.espeak_Synchronize()
@@ -134,6 +139,14 @@ class EspeakSynth:
             raise RuntimeError(f"espeak_Synth failed with code {rc} for {text!r} ({speaker.name})")
         x = np.concatenate(self._chunks).astype(np.float32) / 32768.0 if self._chunks else np.zeros(0, np.float32)
         return normalize(trim_silence(resample(x, self.sample_rate)))
+
+
+def espeak_voices() -> List[Tuple[str, str]]:
+    """All (language, variant) English voices of the installed eSpeak NG data, in a fixed order."""
+    loader = _require("espeakng_loader", "espeakng-loader")
+    vdir = os.path.join(loader.get_data_path(), "voices", "!v")
+    variants = sorted(v for v in os.listdir(vdir) if " " not in v and v not in _EXCLUDED_VARIANTS)
+    return [(lang, var) for lang in ESPEAK_LANGUAGES for var in variants]
 
 
 def make_speakers(n: int, voices: Sequence[Tuple[str, str]], rng: np.random.Generator) -> List[Speaker]:
@@ -210,3 +223,28 @@ def split_speakers(speakers: Sequence[str], fractions=(0.6, 0.2, 0.2), seed: int
     n_test = max(1, int(round(fractions[2] * n)))
     n_train = n - n_val - n_test
     return {"train": spk[:n_train], "val": spk[n_train:n_train + n_val], "test": spk[n_train + n_val:]}
+
+
+# ----------------------------------------------------------------------------- batch synthesis
+def _synth_chunk(jobs):
+    s = EspeakSynth.get()
+    return [s.synth(text, spk) for text, spk in jobs]
+
+
+def synthesize_many(jobs: Sequence[Tuple[str, Speaker]], progress: bool = True, chunk: int = 50) -> List[np.ndarray]:
+    """Synthesize [(text, speaker)] in order in a fresh worker process: eSpeak NG keeps some state from
+    one utterance to the next, so a fresh process makes the output a pure function of the job list."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from tqdm.auto import tqdm
+
+    _require("espeakng_loader", "espeakng-loader")
+    out: List[np.ndarray] = []
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex, \
+            tqdm(total=len(jobs), desc="synthesizing speech", disable=not progress) as bar:
+        futs = [ex.submit(_synth_chunk, list(jobs[i:i + chunk])) for i in range(0, len(jobs), chunk)]
+        for f in futs:
+            r = f.result()
+            out.extend(r)
+            bar.update(len(r))
+    return out

@@ -24,16 +24,20 @@ class ImageEncoder(nn.Module):
         )
         self.pos = nn.Parameter(torch.zeros(1, 49, dim))
         nn.init.normal_(self.pos, std=0.02)
+        # global summary token (token 0): a linear map of the whole 7x7 grid (spatial layout kept)
+        self.summary = nn.Sequential(nn.Linear(49 * dim, dim), nn.GELU())
         self.blocks = nn.ModuleList(SelfAttentionBlock(dim, heads, dropout=dropout, backend=backend) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, image: torch.Tensor):
-        x = image.float()
+        """-> tokens (B, 50, d): [summary, 49 patches], lengths (B,)"""
+        x = image.to(self.pos.dtype)
         if image.dtype == torch.uint8:
             x = x / 255.0
         x = (x - 0.13) / 0.31
         x = self.cnn(x.unsqueeze(1))                       # (B, d, 7, 7)
-        x = x.flatten(2).transpose(1, 2) + self.pos        # (B, 49, d)
+        x = torch.nn.functional.gelu(x).flatten(2).transpose(1, 2)  # (B, 49, d)
+        x = torch.cat([self.summary(x.flatten(1)).unsqueeze(1), x + self.pos], 1)
         for b in self.blocks:
             x = b(x)
         lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.int32, device=x.device)
@@ -55,7 +59,7 @@ class AudioEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, wav: torch.Tensor, lengths: torch.Tensor):
-        x = wav.float()
+        x = wav.to(self.pos.dtype)
         if wav.dtype == torch.int16:
             x = x / 32768.0
         mel, fl = self.frontend(x, lengths)                         # (B, F, n_mels)

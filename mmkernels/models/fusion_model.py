@@ -3,6 +3,7 @@ others on `cross_modal_attention`) -> masked mean pooling -> Gated Multimodal Un
 -> head (answer / classification on the fused vector, or token classification on text tokens)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -59,6 +60,13 @@ class ModelConfig:
             raise ValueError(f"model.task must be answer|classification|token_classification, got {self.task!r}")
 
 
+def pool(m: str, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Image: its summary token (token 0); text and audio: mean over valid tokens."""
+    if m == "image":
+        return x[:, 0] * (lengths > 0).to(x.dtype).unsqueeze(-1)
+    return masked_mean(x, lengths)
+
+
 def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype).unsqueeze(-1)
     return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -106,7 +114,9 @@ class FusionModel(nn.Module):
         tokens, lengths = {}, {}
         if "text" in self.modalities:
             am = batch["attention_mask"]
-            h = self.text(input_ids=batch["input_ids"], attention_mask=am).last_hidden_state
+            frozen = not any(p.requires_grad for p in self.text.parameters())
+            with torch.no_grad() if frozen else contextlib.nullcontext():  # a frozen encoder keeps no graph
+                h = self.text(input_ids=batch["input_ids"], attention_mask=am).last_hidden_state
             tokens["text"] = self.text_proj(h)
             lengths["text"] = am.sum(1).to(torch.int32)
         if "image" in self.modalities:
@@ -132,7 +142,7 @@ class FusionModel(nn.Module):
             key = {"image": "written", "audio": "heard"}
             for m, h in self.aux_heads.items():
                 if key[m] in batch:
-                    aux[m] = F.cross_entropy(h(masked_mean(tokens[m], lengths[m])).float(), batch[key[m]])
+                    aux[m] = F.cross_entropy(h(pool(m, tokens[m], lengths[m])).float(), batch[key[m]])
         for layer in self.fusion:
             new = {}
             for m in self.modalities:
@@ -144,7 +154,7 @@ class FusionModel(nn.Module):
         if self.config.task == "token_classification":
             logits = self.head(tokens["text"])
         else:
-            pooled = [masked_mean(tokens[m], lengths[m]) for m in self.modalities]
+            pooled = [pool(m, tokens[m], lengths[m]) for m in self.modalities]
             fused = self.gmu(pooled, present=present, return_gates=return_gates)
             if return_gates:
                 fused, out["gates"] = fused

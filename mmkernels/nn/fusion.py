@@ -63,7 +63,7 @@ class LogMelFrontEnd(nn.Module):
         return lengths // self.hop + 1
 
     def forward(self, wav: torch.Tensor, lengths: torch.Tensor):
-        wav = wav.float()
+        wav = wav.to(self.window.dtype) if wav.is_floating_point() else wav.float()
         spec = torch.stft(wav, self.n_fft, self.hop, window=self.window, center=True, return_complex=True)
         power = spec.real ** 2 + spec.imag ** 2                      # (B, F, frames)
         mel = torch.log(torch.matmul(power.transpose(1, 2), self.fb) + 1e-6)  # (B, frames, n_mels)

@@ -247,6 +247,10 @@ class Trainer:
                       "best_step": -1, "bad_evals": 0, "stopped": False, "elapsed": 0.0}
         if resume:
             self._resume(resume)
+        elif self.main:  # a fresh run starts a fresh log
+            for f in ("metrics.jsonl", "metrics.csv"):
+                if os.path.exists(os.path.join(self.out, f)):
+                    os.remove(os.path.join(self.out, f))
 
     # -------------------------------------------------------------- setup helpers
     def _make_optimizer(self):
@@ -413,7 +417,7 @@ class Trainer:
                 self.sched.step()
                 s["step_in_epoch"] += 1
                 s["global_step"] += 1
-                run_loss += float(loss) * len(batch["labels"])
+                run_loss += float(loss.detach()) * len(batch["labels"])
                 run_correct += int((out["logits"].argmax(-1) == batch["labels"]).sum())
                 run_n += len(batch["labels"])
                 bar.update(1)

@@ -30,16 +30,26 @@ def _register() -> None:
 _register()
 
 
+_CAPABILITY: dict = {}
+
+
+def _capability():
+    # cached: dispatch runs on every call, also inside torch.compile'd code
+    if "cc" not in _CAPABILITY:
+        _CAPABILITY["cc"] = torch.cuda.get_device_capability()
+    return _CAPABILITY["cc"]
+
+
 def not_supported_reasons(call) -> List[str]:
-    """Limits of the Triton kernels beyond the common GPU ones checked in backends.py."""
+    """Limits of the Triton kernels beyond the common GPU ones checked in backends.py
+    (device, dtype fp32/fp16/bf16, head dims <= 256)."""
     reasons: List[str] = []
     if call.device_type == "cuda" and torch.cuda.is_available():
-        major, _ = torch.cuda.get_device_capability()
-        if major < 8:
-            reasons.append(
-                f"the Triton kernels need compute capability 8.0 or newer (tl.dot in bf16/fp16 "
-                f"with fp32 accumulation), got {major}.x"
-            )
+        cc = tuple(_capability())
+        if cc < (7, 5):
+            reasons.append(f"the Triton kernels need compute capability 7.5 or newer, got {cc[0]}.{cc[1]}")
+        elif cc < (8, 0) and call.dtype == torch.bfloat16:
+            reasons.append(f"bf16 Triton kernels need compute capability 8.0 or newer, got {cc[0]}.{cc[1]}")
     if call.op == "cross_modal_attention" and call.num_segments > attention.MAX_SEGMENTS:
         reasons.append(f"at most {attention.MAX_SEGMENTS} KV segments, got {call.num_segments}")
     return reasons

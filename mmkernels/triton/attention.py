@@ -1,3 +1,4 @@
+# GENERATED from attention.py.in by `python -m mmkernels.triton._codegen`: edit the template.
 """Triton kernels of cross-modal attention: forward (with a split-KV path) and backward.
 
 Layout of the work (FlashAttention-2 with the contract of DESIGN.md 2.1):
@@ -42,7 +43,7 @@ LN2 = 0.6931471805599453
 # split count (tests); see `split_kv_settings`.
 SPLIT_KV_MAX_LQ = int(os.environ.get("MMKERNELS_TRITON_SPLIT_KV_MAX_LQ", "128"))
 SPLIT_KV_MIN_KEYS = int(os.environ.get("MMKERNELS_TRITON_SPLIT_KV_MIN_KEYS", "2048"))
-SPLIT_KV_KEYS_PER_SPLIT = 512
+SPLIT_KV_KEYS_PER_SPLIT = 256
 SPLIT_KV_NUM_SPLITS: Optional[int] = None
 _SPLIT_KV_MAX_SPLITS = 64
 
@@ -748,7 +749,7 @@ def num_kv_splits(q: torch.Tensor, B: int, Hkv: int, Lq: int, G: int, total_keys
         return max(1, min(int(SPLIT_KV_NUM_SPLITS), _SPLIT_KV_MAX_SPLITS))
     sms = _num_sms(q.device.index or 0) if q.device.type == "cuda" else 4
     programs = max(1, B * Hkv * triton.cdiv(Lq * G, 64))
-    ns = min(triton.cdiv(2 * sms, programs), triton.cdiv(total_keys, SPLIT_KV_KEYS_PER_SPLIT), _SPLIT_KV_MAX_SPLITS)
+    ns = min(triton.cdiv(4 * sms, programs), triton.cdiv(total_keys, SPLIT_KV_KEYS_PER_SPLIT), _SPLIT_KV_MAX_SPLITS)
     return max(1, ns)
 
 
@@ -765,7 +766,8 @@ def _optional_args(q, kv_lengths, q_lengths, modality_bias, gate_t):
     skvb, skvm = (kv_lengths.stride(0), kv_lengths.stride(1)) if kv_lengths is not None else (0, 0)
     bias = modality_bias if modality_bias is not None else q
     sbh, sbm = (modality_bias.stride(0), modality_bias.stride(1)) if modality_bias is not None else (0, 0)
-    return [kvl, skvb, skvm, q_lengths if q_lengths is not None else q, bias, sbh, sbm,
+    qlen = q_lengths.contiguous() if q_lengths is not None else q  # the kernels index it with stride 1
+    return [kvl, skvb, skvm, qlen, bias, sbh, sbm,
             gate_t if gate_t is not None else q]
 
 
@@ -794,11 +796,14 @@ def triton_cma_fwd(
     total_keys = sum(int(k.shape[1]) for k in keys)
     ns = num_kv_splits(q, B, Hkv, Lq, G, total_keys)
     split = ns > 1
+    # Written-to kernel arguments never alias one another (torch.compile's mutation
+    # analysis of user kernels): unused outputs get a 1-element dummy.
+    dummy = q.new_empty((1,), dtype=torch.float32)
     if split:
         opart = q.new_empty((B, Hkv, ns, Lq * G, Dv), dtype=torch.float32)
         lpart = q.new_empty((B, Hkv, ns, Lq * G), dtype=torch.float32)
     else:
-        opart = lpart = lse
+        opart = lpart = dummy
     flags = _flags(q, keys, kv_lengths, q_lengths, modality_bias, head_gate, causal)
     BD, BDV = _pow2(D), _pow2(Dv)
     LqG = Lq * G
@@ -810,14 +815,14 @@ def triton_cma_fwd(
         q, q.stride(0), q.stride(1), q.stride(2),
         *_segment_args(keys, values),
         *_optional_args(q, kv_lengths, q_lengths, modality_bias, gate_t),
-        out, out_u if head_gate is not None else out, out.stride(0), out.stride(1), out.stride(2),
+        out, out_u if head_gate is not None else dummy, out.stride(0), out.stride(1), out.stride(2),
         lse, opart, lpart,
         Lq, G, Hkv, ns, float(scale) * LOG2E,
         D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, SPLIT=split, **flags, **_fixed_blocks(),
     )
     if split:
         wrap_triton(_cma_merge_kernel)[(LqG, B * Hkv)](
-            opart, lpart, out, out_u if head_gate is not None else out,
+            opart, lpart, out, out_u if head_gate is not None else dummy,
             out.stride(0), out.stride(1), out.stride(2), lse, gate_t if gate_t is not None else q,
             Lq, G, Hkv, ns,
             DV=Dv, BLOCK_DV=BDV, NS_P2=max(2, triton.next_power_of_2(ns)), HAS_GATE=head_gate is not None,
@@ -872,7 +877,8 @@ def triton_cma_bwd(
     if grad_lse is not None:
         dlt = dlt - grad_lse.float()
     dlt = dlt.contiguous()
-    dbias = q.new_empty((B, Hkv, LqG, M), dtype=torch.float32) if modality_bias is not None else lse
+    dbias = (q.new_empty((B, Hkv, LqG, M), dtype=torch.float32) if modality_bias is not None
+             else q.new_empty((1,), dtype=torch.float32))
     common = dict(D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, **flags, **_fixed_blocks())
     if LqG > 0:
         wrap_triton(_cma_bwd_dq_kernel)[lambda meta: (triton.cdiv(LqG, meta["BLOCK_M"]), B * Hkv)](

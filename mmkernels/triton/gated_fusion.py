@@ -131,7 +131,7 @@ def triton_gated_fusion_fwd(
     lg = gate_logits.contiguous()
     p, has_p = _present_arg(present, features)
     wrap_triton(_gf_fwd_kernel)[lambda meta: (triton.cdiv(NH, meta["BLOCK"]),)](
-        f, lg, p, fused, gates if return_gates else fused, N, H, NH,
+        f, lg, p, fused, gates if return_gates else features.new_empty((1,)), N, H, NH,
         M=M, MP2=triton.next_power_of_2(M), HAS_P=has_p, ACT=int(activation), RET_G=bool(return_gates),
         **_fixed(),
     )

@@ -1,0 +1,160 @@
+"""Fusion model: shapes, mmkernels ops vs reference ops with the same weights, zero-init gates,
+modality removal, heads, save_pretrained / from_pretrained, metrics."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+try:
+    from mmkernels.models.text import load_tokenizer
+    load_tokenizer()
+except Exception as e:  # pragma: no cover
+    pytest.skip(f"MiniLM tokenizer unavailable: {e}", allow_module_level=True)
+
+from mmkernels.models import FusionModel, ModelConfig  # noqa: E402
+from mmkernels.nn import CrossModalBlock, GatedMultimodalUnit, LogMelFrontEnd  # noqa: E402
+from mmkernels.train import metrics  # noqa: E402
+
+TINY = dict(d_model=32, num_heads=2, text_hidden=32, text_layers=1, text_heads=2, image_channels=8,
+            audio_layers=1, gmu_hidden=32, dropout=0.0)
+
+
+def make_batch(B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tok = load_tokenizer()
+    enc = tok(["Which digit is spoken?", "What is the sum of the spoken and the written digits?", "Is it?"][:B] * 3,
+              padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    L = torch.tensor([8000, 3000, 1200][:B])
+    audio = (torch.rand(B, 8000, generator=g) * 2 - 1) * (torch.arange(8000)[None] < L[:, None])
+    return {"input_ids": enc["input_ids"][:B], "attention_mask": enc["attention_mask"][:B],
+            "image": torch.randint(0, 256, (B, 28, 28), generator=g, dtype=torch.uint8),
+            "audio": audio, "audio_lengths": L, "labels": torch.tensor([1, 5, 20][:B])}
+
+
+def randomize_gates(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("head_gate", "ff_gate", "modality_bias")):
+                p.uniform_(-1, 1)
+
+
+def test_forward_shapes_and_loss():
+    torch.manual_seed(0)
+    m = FusionModel(ModelConfig(**TINY))
+    out = m(make_batch())
+    assert out["logits"].shape == (3, 21) and out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert m.image.cnn[0].weight.grad is not None and m.audio.conv[0].weight.grad is not None
+
+
+def test_ops_vs_reference_same_weights():
+    torch.manual_seed(0)
+    m = FusionModel(ModelConfig(**TINY)).double()
+    randomize_gates(m)
+    b = make_batch()
+    b["audio"] = b["audio"].double()
+    outs, grads = [], []
+    for backend in (None, "reference"):
+        m.set_backend(backend)
+        m.zero_grad()
+        o = m(b)
+        o["loss"].backward()
+        outs.append(o["logits"].detach())
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-7, atol=1e-9)
+
+
+def test_cross_modal_block_starts_as_identity():
+    torch.manual_seed(0)
+    blk = CrossModalBlock(16, 2, 2)
+    x = torch.randn(2, 5, 16)
+    src = [torch.randn(2, 7, 16), torch.randn(2, 3, 16)]
+    y = blk(x, src, torch.tensor([[7, 3], [2, 0]], dtype=torch.int32), torch.tensor([5, 3], dtype=torch.int32))
+    torch.testing.assert_close(y, x)
+    y.sum().backward()
+    assert blk.attn.head_gate.grad.abs().sum() > 0  # the gate learns first (Flamingo)
+
+
+def test_modality_removal_changes_prediction_and_is_finite():
+    torch.manual_seed(0)
+    m = FusionModel(ModelConfig(**TINY)).eval()
+    randomize_gates(m)
+    b = make_batch()
+    full = m(b)["logits"]
+    for drop in ("image", "audio", "text"):
+        o = m(b, drop=(drop,))["logits"]
+        assert torch.isfinite(o).all()
+        assert not torch.allclose(o, full)
+    # removing a modality = the same model never seeing it: its input does not matter any more
+    b2 = dict(b, image=torch.zeros_like(b["image"]))
+    torch.testing.assert_close(m(b, drop=("image",))["logits"], m(b2, drop=("image",))["logits"])
+
+
+def test_gmu_is_arevalo_for_two_modalities():
+    torch.manual_seed(0)
+    g = GatedMultimodalUnit([4, 4], 3)
+    x, y = torch.randn(5, 4), torch.randn(5, 4)
+    h, gates = g([x, y], return_gates=True)
+    torch.testing.assert_close(gates.sum(0), torch.ones(5, 3))
+    hx, hy = torch.tanh(g.proj[0](x)), torch.tanh(g.proj[1](y))
+    torch.testing.assert_close(h, gates[0] * hx + gates[1] * hy)
+    present = torch.tensor([[True] * 5, [False] * 5])
+    torch.testing.assert_close(g([x, y], present=present), hx)
+
+
+def test_logmel_frontend():
+    fe = LogMelFrontEnd()
+    wav = torch.sin(torch.arange(8000) / 3.0)[None].repeat(2, 1)
+    mel, fl = fe(wav, torch.tensor([8000, 4000]))
+    assert mel.shape == (2, 101, 40) and fl.tolist() == [101, 51]
+    assert mel[1, 51:].abs().sum() == 0
+
+
+def test_token_classification_and_classification_heads():
+    torch.manual_seed(0)
+    m = FusionModel(ModelConfig(**TINY, task="token_classification", num_labels=5))
+    b = make_batch()
+    b["labels"] = torch.randint(0, 5, b["input_ids"].shape).masked_fill(b["attention_mask"] == 0, -100)
+    out = m(b)
+    assert out["logits"].shape == (3, 16, 5) and torch.isfinite(out["loss"])
+    m2 = FusionModel(ModelConfig(**TINY, task="classification", num_labels=10, modalities=["image", "audio"]))
+    b = make_batch()
+    b["labels"] = torch.tensor([1, 2, 3])
+    assert m2(b)["logits"].shape == (3, 10)
+
+
+def test_save_and_load_pretrained(tmp_path):
+    torch.manual_seed(0)
+    m = FusionModel(ModelConfig(**TINY, labels=[str(i) for i in range(21)])).eval()
+    randomize_gates(m)
+    b = make_batch()
+    m.save_pretrained(str(tmp_path / "m"))
+    m2 = FusionModel.from_pretrained(str(tmp_path / "m")).eval()
+    torch.testing.assert_close(m(b)["logits"], m2(b)["logits"])
+    assert m2.config.labels == m.config.labels
+    m3 = FusionModel.from_pretrained(str(tmp_path / "m"), kernel_backend="reference").eval()
+    assert m3.gmu.backend == "reference" and m3.fusion[0]["text"].attn.backend == "reference"
+    torch.testing.assert_close(m(b)["logits"], m3(b)["logits"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        (tmp_path / "m" / "model.safetensors").unlink()
+        FusionModel.from_pretrained(str(tmp_path / "m"))
+
+
+def test_text_finetune_policies():
+    m = FusionModel(ModelConfig(**dict(TINY, text_layers=3), text_finetune="top_k", text_top_k=1))
+    req = [any(p.requires_grad for p in l.parameters()) for l in m.text.encoder.layer]
+    assert req == [False, False, True]
+    m = FusionModel(ModelConfig(**TINY, text_finetune="frozen"))
+    assert not any(p.requires_grad for p in m.text.parameters())
+    with pytest.raises(ValueError, match="text_finetune"):
+        FusionModel(ModelConfig(**TINY, text_finetune="some"))
+
+
+def test_metrics():
+    assert metrics.accuracy([1, 2, 3], [1, 2, 0]) == pytest.approx(2 / 3)
+    assert metrics.macro_f1([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-ORG"]]
+    pred = [["B-PER", "I-PER", "O", "B-PER"], ["O", "B-ORG"]]
+    r = metrics.entity_f1(pred, gold)
+    assert r["precision"] == pytest.approx(2 / 3) and r["recall"] == pytest.approx(2 / 3)
+    assert metrics.bio_entities(["I-X", "I-X", "O"]) == {("X", 0, 2)}

@@ -1,0 +1,134 @@
+"""Training CLI end to end on a tiny data set: exact resume after a real SIGKILL mid-epoch, clear errors,
+evaluation report, prediction (JSON lines), metrics log."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("espeakng_loader")
+pytest.importorskip("mnist")
+pytest.importorskip("transformers")
+
+from mmkernels.train.testing import tiny_overrides  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(args, env=None, module="mmkernels.train"):
+    e = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", module] + args, cwd=ROOT, env=e, capture_output=True, text=True,
+                          timeout=600)
+
+
+def weights(run_dir):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(run_dir, "last", "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from mmkernels.data.avmnist import build_avmnist
+    from mmkernels.train.config import load_config
+    from mmkernels.train.trainer import data_config_of
+    c = str(tmp_path_factory.mktemp("cache"))
+    cfg = load_config(None, tiny_overrides(c, "unused"))
+    build_avmnist(data_config_of(cfg), cache_dir=c, progress=False)
+    return c
+
+
+@pytest.fixture(scope="module")
+def full_run(cache, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runA"))
+    r = run_cli(tiny_overrides(cache, out, final_eval=True, plot=True))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_uninterrupted_run_outputs(full_run):
+    out, r = full_run
+    for f in ("checkpoint.pt", "metrics.csv", "metrics.jsonl", "report.json", "learning_curves.png",
+              "best/config.json", "best/model.safetensors", "last/model.safetensors", "run_config.json"):
+        assert os.path.exists(os.path.join(out, f)), f
+    rep = json.load(open(os.path.join(out, "report.json")))
+    for k in ("test", "test_heldout_phrasings", "test_without_text", "test_without_image", "test_without_audio"):
+        assert 0.0 <= rep[k]["accuracy"] <= 1.0 and set(rep[k]["per_type"]) == {"match", "sum", "heard", "written", "larger"}
+    assert "test_without_audio" in r.stdout and rep["train"]["steps"] == 8
+
+
+def test_kill_mid_epoch_then_resume_is_exact(cache, full_run, tmp_path):
+    out_a, _ = full_run
+    out = str(tmp_path / "runB")
+    # 4 steps an epoch, checkpoints at steps 3, 4 (epoch end), 6; SIGKILL right after step 7 (mid-epoch 1)
+    r = run_cli(tiny_overrides(cache, out), env={"MMKERNELS_KILL_AT_STEP": "7"})
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert ck["state"]["global_step"] == 6 and ck["state"]["step_in_epoch"] == 2
+    assert not [f for f in os.listdir(out) if ".tmp" in f]  # atomic writes leave no temp files
+    r = run_cli(tiny_overrides(cache, out) + ["--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    wa, wb = weights(out_a), weights(out)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    steps = [json.loads(l)["step"] for l in open(os.path.join(out, "metrics.jsonl")) if '"train"' in l]
+    assert steps[-1] == 8
+
+
+def test_clear_errors(cache, tmp_path, capsys):
+    from mmkernels.train.cli import train_main
+    out = str(tmp_path / "run")
+    assert train_main(tiny_overrides(cache, out) + ["model.d_modle=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'model.d_modle'" in err and "d_model" in err
+    cfgf = tmp_path / "bad.yaml"
+    cfgf.write_text("train:\n  epochz: 3\n")
+    assert train_main(["--config", str(cfgf)]) == 2
+    assert "unknown config key 'train.epochz'" in capsys.readouterr().err
+    assert train_main(tiny_overrides(cache, out) + ["--resume", str(tmp_path / "nope.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "checkpoint.pt"), "wb") as f:
+        f.write(b"\x80garbage")
+    assert train_main(tiny_overrides(cache, out) + ["--resume"]) == 2
+    assert "corrupt checkpoint" in capsys.readouterr().err
+    bad = tmp_path / "data"
+    bad.mkdir()
+    (bad / "train.pt").write_bytes(b"oops")
+    assert train_main(tiny_overrides(cache, out) + [f"data.data_dir={bad}"]) == 2
+    assert "malformed data file" in capsys.readouterr().err and "train.pt" in capsys.readouterr().err + "train.pt"
+
+
+def test_eval_and_predict(full_run, tmp_path, capsys):
+    from PIL import Image
+    from mmkernels.data.avmnist import load_mnist
+    from mmkernels.data.speech import EspeakSynth, Speaker
+    from mmkernels.train.cli import eval_main, predict_main
+    out, _ = full_run
+    assert eval_main(["--model", os.path.join(out, "best"), "--output", str(tmp_path / "rep.json"),
+                      "--backend", "reference"]) == 0
+    assert "test_without_image" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "rep.json"))["test"]["n"] == 32
+    (x, _), _, _ = load_mnist()
+    Image.fromarray(x[0]).save(tmp_path / "d.png")
+    import wave
+    import numpy as np
+    w = EspeakSynth().synth("five", Speaker("en", "m3", 150, 50, 50))
+    with wave.open(str(tmp_path / "five.wav"), "wb") as f:
+        f.setnchannels(1); f.setsampwidth(2); f.setframerate(8000)
+        f.writeframes((w * 32767).astype(np.int16).tobytes())
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"image": str(tmp_path / "d.png"), "audio": str(tmp_path / "five.wav"),
+                             "question": "Which digit is spoken?"}) + "\n")
+    assert predict_main(["--model", os.path.join(out, "best"), "--input", str(q), "--output", str(tmp_path / "p.jsonl")]) == 0
+    recs = [json.loads(l) for l in open(tmp_path / "p.jsonl")]
+    assert len(recs) == 1 and recs[0]["answer"] in [str(i) for i in range(19)] + ["yes", "no"]
+    assert 0 <= recs[0]["score"] <= 1 and len(recs[0]["top"]) == 3
+    assert predict_main(["--model", os.path.join(out, "best"), "--image", str(tmp_path / "d.png"),
+                         "--audio", str(tmp_path / "missing.wav"), "-q", "What?"]) == 2
+    assert "missing.wav" in capsys.readouterr().err

@@ -1,0 +1,45 @@
+"""torchrun with 2 CPU processes (DDP, gloo, DistributedSampler) == 1 process with the same global batch."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("espeakng_loader")
+pytest.importorskip("mnist")
+pytest.importorskip("transformers")
+if not torch.distributed.is_available():
+    pytest.skip("torch.distributed unavailable", allow_module_level=True)
+
+from mmkernels.train.testing import tiny_overrides  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_ddp_two_processes_match_single(tmp_path):
+    from safetensors.torch import load_file
+    from mmkernels.data.avmnist import build_avmnist
+    from mmkernels.train.config import load_config
+    from mmkernels.train.trainer import data_config_of
+    cache = str(tmp_path / "cache")
+    extra = ["model.dropout=0.0", "train.epochs=1"]
+    build_avmnist(data_config_of(load_config(None, tiny_overrides(cache, "x"))), cache_dir=cache, progress=False)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    single = str(tmp_path / "single")
+    r = subprocess.run([sys.executable, "-m", "mmkernels.train"] + tiny_overrides(cache, single) + extra,
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    multi = str(tmp_path / "multi")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "mmkernels.train"] + tiny_overrides(cache, multi) + extra,
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(os.path.join(single, "last", "model.safetensors"))
+    b = load_file(os.path.join(multi, "last", "model.safetensors"))
+    assert a.keys() == b.keys()
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=k)
+    ck = torch.load(os.path.join(multi, "checkpoint.pt"), weights_only=False)
+    assert ck["world_size"] == 2 and ck["state"]["global_step"] == 4 and len(ck["rng"]) == 2
