@@ -158,3 +158,19 @@ def test_metrics():
     r = metrics.entity_f1(pred, gold)
     assert r["precision"] == pytest.approx(2 / 3) and r["recall"] == pytest.approx(2 / 3)
     assert metrics.bio_entities(["I-X", "I-X", "O"]) == {("X", 0, 2)}
+
+
+def test_frozen_text_encoder_runs_in_eval_mode_and_dedups_exactly():
+    torch.manual_seed(0)
+    m = FusionModel(ModelConfig(**dict(TINY, dropout=0.1), text_finetune="frozen")).train()
+    assert not m.text.training and m.image.training
+    b = make_batch()
+    b["input_ids"][2] = b["input_ids"][0]
+    b["attention_mask"][2] = b["attention_mask"][0]
+    tokens, _ = m.encode(b)
+    h = m.text(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(tokens["text"], m.text_proj(h))
+    tokens2, _ = m.encode(b)  # second call: served from the frozen-encoder cache
+    torch.testing.assert_close(tokens2["text"], tokens["text"])
+    m.load_state_dict(m.state_dict())
+    assert not m.__dict__.get("_text_cache")

@@ -419,3 +419,12 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert r.stdout.count("compiled") == 8
+
+
+def test_generated_attention_module_is_up_to_date():
+    """attention.py is generated from attention.py.in: an edit of one alone must not land."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mmkernels.triton._codegen", "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -67,12 +67,26 @@ void cma_bwd_impl(const CmaProblem& p, const at::Tensor& go, const at::Tensor* g
   std::vector<double> gb_part(static_cast<size_t>(B * Hq * M), 0.0);
   std::vector<double> gg_part(static_cast<size_t>(B * Hq), 0.0);
 
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+  struct Scratch {
     std::vector<acc_t> Qs, dO, dQ, Di, lrow;
     std::vector<int64_t> lim;
-    std::vector<acc_t> S(kBwdRows * kBwdKeys), dP(kBwdRows * kBwdKeys), dKt(kBwdKeys * D),
-        dVt(kBwdKeys * Dv), Kt(kBwdKeys * D), Vt(kBwdKeys * Dv), crow(kBwdRows);
-    for (int64_t t = t0; t < t1; ++t) {
+    std::vector<acc_t> S, dP, dKt, dVt, Kt, Vt;
+  };
+  auto make_scratch = [&] {
+    Scratch sc;
+    sc.S.resize(kBwdRows * kBwdKeys);
+    sc.dP.resize(kBwdRows * kBwdKeys);
+    sc.dKt.resize(kBwdKeys * D);
+    sc.dVt.resize(kBwdKeys * Dv);
+    sc.Kt.resize(kBwdKeys * D);
+    sc.Vt.resize(kBwdKeys * Dv);
+    return sc;
+  };
+  parallel_tasks(B * Hkv, make_scratch, [&](int64_t t, Scratch& sc) {
+    auto& Qs = sc.Qs; auto& dO = sc.dO; auto& dQ = sc.dQ; auto& Di = sc.Di; auto& lrow = sc.lrow;
+    auto& lim = sc.lim; auto& S = sc.S; auto& dP = sc.dP; auto& dKt = sc.dKt; auto& dVt = sc.dVt;
+    auto& Kt = sc.Kt; auto& Vt = sc.Vt;
+    {
       const int64_t b = t / Hkv, kvh = t % Hkv;
       const int64_t ql = p.q_len[b];
       const int64_t R = ql * G;  // valid rows, row r <-> (i = r / G, g = r % G)

@@ -4,7 +4,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -150,6 +153,21 @@ inline const acc_t* load_rows(const scalar_t* base, int64_t row_stride, int64_t 
   }
   *ld = W;
   return buf;
+}
+
+// Runs body(task, scratch) for task in [0, n) on the intra-op thread pool with dynamic
+// scheduling (tasks differ in cost through padding, and a busy machine may stall one thread).
+// Each worker builds one `Scratch` (thread-local tile buffers) with make_scratch(). Results do
+// not depend on which worker runs a task, so the kernels stay deterministic.
+template <typename MakeScratch, typename Body>
+void parallel_tasks(int64_t n, const MakeScratch& make_scratch, const Body& body) {
+  if (n <= 0) return;
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(t, scratch);
+  });
 }
 
 }  // namespace mmkernels::cpu

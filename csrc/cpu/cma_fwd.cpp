@@ -52,12 +52,21 @@ void cma_fwd_impl(const CmaProblem& p, const at::Tensor& q, at::TensorList keys,
   scalar_t* orp = out_raw ? out_raw->data_ptr<scalar_t>() : nullptr;
   acc_t* lp = lse.data_ptr<acc_t>();
 
-  at::parallel_for(0, B * Hkv * nqb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> Qb(R_max * D), S(R_max * kFwdKeys), acc(R_max * Dv), Kt(kFwdKeys * D),
-        Vt(kFwdKeys * Dv);
-    std::vector<acc_t> mrow(R_max), lrow(R_max), brow(R_max);
-    std::vector<int64_t> lim(R_max);
-    for (int64_t t = t0; t < t1; ++t) {
+  struct Scratch {
+    std::vector<acc_t> Qb, S, acc, Kt, Vt, mrow, lrow, brow;
+    std::vector<int64_t> lim;
+  };
+  auto make_scratch = [&] {
+    return Scratch{std::vector<acc_t>(R_max * D), std::vector<acc_t>(R_max * kFwdKeys),
+                   std::vector<acc_t>(R_max * Dv), std::vector<acc_t>(kFwdKeys * D),
+                   std::vector<acc_t>(kFwdKeys * Dv), std::vector<acc_t>(R_max),
+                   std::vector<acc_t>(R_max), std::vector<acc_t>(R_max),
+                   std::vector<int64_t>(R_max)};
+  };
+  parallel_tasks(B * Hkv * nqb, make_scratch, [&](int64_t t, Scratch& sc) {
+    auto& Qb = sc.Qb; auto& S = sc.S; auto& acc = sc.acc; auto& Kt = sc.Kt; auto& Vt = sc.Vt;
+    auto& mrow = sc.mrow; auto& lrow = sc.lrow; auto& brow = sc.brow; auto& lim = sc.lim;
+    {
       const int64_t b = t / (Hkv * nqb);
       const int64_t kvh = (t / nqb) % Hkv;
       const int64_t i0 = (t % nqb) * BQ;

@@ -3,7 +3,6 @@ others on `cross_modal_attention`) -> masked mean pooling -> Gated Multimodal Un
 -> head (answer / classification on the fused vector, or token classification on text tokens)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -102,6 +101,44 @@ class FusionModel(nn.Module):
             self.head = nn.Sequential(nn.LayerNorm(c.gmu_hidden), nn.Linear(c.gmu_hidden, c.gmu_hidden), nn.GELU(),
                                       nn.Dropout(c.dropout), nn.Linear(c.gmu_hidden, c.num_labels))
 
+    TEXT_CACHE_SIZE = 4096
+
+    @torch.no_grad()
+    def _frozen_text(self, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder (eval mode, no graph): each distinct question is encoded once per batch, and its
+        output is kept in a bounded cache (cleared whenever weights are loaded): exact, not an approximation."""
+        key_rows = torch.cat([ids, am], 1)
+        uniq, inv = torch.unique(key_rows, dim=0, return_inverse=True)
+        keys = [tuple(r) for r in uniq.cpu().tolist()]
+        cache = self.__dict__.setdefault("_text_cache", {})
+        missing = [i for i, k in enumerate(keys) if k not in cache]
+        if missing:
+            L = ids.shape[1]
+            sel = uniq[missing]
+            hm = self.text(input_ids=sel[:, :L], attention_mask=sel[:, L:]).last_hidden_state
+            if len(cache) + len(missing) > self.TEXT_CACHE_SIZE:
+                cache.clear()
+            for i, h in zip(missing, hm):
+                cache[keys[i]] = h
+        return torch.stack([cache[k] for k in keys])[inv]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_text_cache", None)
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .double() ...: cached outputs would be stale
+        self.__dict__.pop("_text_cache", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def _text_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.text.parameters())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if hasattr(self, "text") and self._text_frozen():
+            self.text.eval()  # a frozen encoder runs without dropout
+        return self
+
     def set_backend(self, backend: Optional[str]):
         """Switch every op of the model to `backend` (None = default dispatch, 'reference', ...)."""
         self.config.kernel_backend = backend
@@ -114,9 +151,11 @@ class FusionModel(nn.Module):
         tokens, lengths = {}, {}
         if "text" in self.modalities:
             am = batch["attention_mask"]
-            frozen = not any(p.requires_grad for p in self.text.parameters())
-            with torch.no_grad() if frozen else contextlib.nullcontext():  # a frozen encoder keeps no graph
-                h = self.text(input_ids=batch["input_ids"], attention_mask=am).last_hidden_state
+            ids = batch["input_ids"]
+            if self._text_frozen():
+                h = self._frozen_text(ids, am)
+            else:
+                h = self.text(input_ids=ids, attention_mask=am).last_hidden_state
             tokens["text"] = self.text_proj(h)
             lengths["text"] = am.sum(1).to(torch.int32)
         if "image" in self.modalities:

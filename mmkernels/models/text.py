@@ -43,7 +43,13 @@ def build_text_encoder(kind: str, hidden: int = 128, layers: int = 2, heads: int
     if bert_config is not None:
         return BertModel(BertConfig.from_dict(bert_config), add_pooling_layer=False)
     if kind == "minilm":
-        return BertModel.from_pretrained(minilm_path(), add_pooling_layer=False)
+        from transformers.utils import logging as hf_logging
+        v = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the checkpoint's unused pooler weights are expected
+        try:
+            return BertModel.from_pretrained(minilm_path(), add_pooling_layer=False)
+        finally:
+            hf_logging.set_verbosity(v)
     if kind == "random":
         vocab = load_tokenizer().vocab_size
         cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,

@@ -63,6 +63,10 @@ class LogMelFrontEnd(nn.Module):
         return lengths // self.hop + 1
 
     def forward(self, wav: torch.Tensor, lengths: torch.Tensor):
+        with torch.autocast(device_type=wav.device.type, enabled=False):  # log-mel in full precision
+            return self._forward(wav, lengths)
+
+    def _forward(self, wav: torch.Tensor, lengths: torch.Tensor):
         wav = wav.to(self.window.dtype) if wav.is_floating_point() else wav.float()
         spec = torch.stft(wav, self.n_fft, self.hop, window=self.window, center=True, return_complex=True)
         power = spec.real ** 2 + spec.imag ** 2                      # (B, F, frames)
