@@ -126,23 +126,41 @@ def bench_shape(name, B, Hq, Hkv, D, Lq, segs, pad, args, gflops_peak):
     return rows
 
 
-def bench_memory(args):
-    """Peak memory beyond inputs and outputs, Lq = 512 over one segment of 16384 keys."""
+MEMORY_VARIANTS = ("mmkernels", "sdpa (views)", "math")
+
+
+def _memory_child(variant, args):
+    """Runs in a fresh process: peak resident memory that one forward call adds."""
     dtype = getattr(torch, args.dtype)
     B, H, D, Lq, Lk = 1, 8, 64, 512, 16384
     q, keys, values, kv_lengths = make_inputs(B, H, H, D, Lq, (Lk,), 0.0, dtype, args.device)
     k, v, mask = concat_with_mask(keys, values, kv_lengths, H)
-    out_bytes = q.numel() * q.element_size()
-    rows = []
+    fn = {
+        "mmkernels": lambda: mmkernels.cross_modal_attention(q, keys, values, kv_lengths=kv_lengths, backend=args.backend),
+        "sdpa (views)": lambda: sdpa(q, k, v, mask, False),
+        "math": lambda: math_path(q, k, v, mask),
+    }[variant]
     with torch.no_grad():
-        for vname, fn in {
-            "mmkernels": lambda: mmkernels.cross_modal_attention(q, keys, values, kv_lengths=kv_lengths, backend=args.backend),
-            "sdpa (views)": lambda: sdpa(q, k, v, mask, False),
-            "math": lambda: math_path(q, k, v, mask),
-        }.items():
-            fn()  # warm up allocator and thread pools
-            peak = peak_cpu_memory_bytes(fn)
-            rows.append(dict(variant=vname, extra_MiB=None if peak is None else max(peak - out_bytes, 0) / 2**20))
+        peak = peak_cpu_memory_bytes(fn)
+    out_bytes = q.numel() * q.element_size()
+    print(-1 if peak is None else max(peak - out_bytes, 0))
+
+
+def bench_memory(args):
+    """Peak memory beyond inputs and outputs, Lq = 512 over one segment of 16384 keys.
+
+    Each variant runs once in its own process: memory freed by an earlier call
+    stays resident and would hide the next call's allocations.
+    """
+    import subprocess
+
+    rows = []
+    for variant in MEMORY_VARIANTS:
+        cmd = [sys.executable, __file__, "--memory-child", variant, "--dtype", args.dtype, "--device", args.device]
+        if args.backend:
+            cmd += ["--backend", args.backend]
+        peak = int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
+        rows.append(dict(variant=variant, extra_MiB=None if peak < 0 else peak / 2**20))
     math_mib = rows[-1]["extra_MiB"]
     for r in rows:
         r["fraction_of_math"] = None if not math_mib or r["extra_MiB"] is None else r["extra_MiB"] / math_mib
@@ -157,7 +175,11 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=15, help="repetitions per median")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the reference (slow to compile)")
     p.add_argument("--quick", action="store_true", help="first shape only, 5 repetitions, no memory case")
+    p.add_argument("--skip-memory", action="store_true", help="no memory case")
+    p.add_argument("--memory-child", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.memory_child:
+        return _memory_child(args.memory_child, args)
     if args.quick:
         args.reps = 5
     torch.manual_seed(0)
@@ -166,6 +188,7 @@ def main(argv=None):
     rows = []
     for shape in QUICK_SHAPES if args.quick else SHAPES:
         rows += bench_shape(*shape, args, gflops_peak)
+
     cols = ["shape", "variant", "fwd_ms", "fwd_bwd_ms", "fwd_gflops", "fwd_bwd_gflops", "fwd_frac_of_matmul",
             "fwd_speedup_vs_best", "fwd_bwd_speedup_vs_best"]
     notes = [f"device {args.device}, {args.dtype}, medians of {args.reps}, {torch.get_num_threads()} threads",
@@ -176,7 +199,7 @@ def main(argv=None):
     print(md.read_text())
     bar_plot("attention_" + args.device, [f"{r['variant']}\n{r['shape'][:18]}" for r in rows],
              [r["fwd_bwd_ms"] for r in rows], "forward+backward ms (median)", "cross_modal_attention")
-    if not args.quick:
+    if not (args.quick or args.skip_memory):
         mem = bench_memory(args)
         md = write_report("attention_memory_" + args.device, mem, ["variant", "extra_MiB", "fraction_of_math"],
                           "Peak memory beyond inputs and outputs (B=1, H=8, D=64, Lq=512, Lk=16384, forward)",

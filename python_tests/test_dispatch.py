@@ -32,3 +32,21 @@ def test_info_prints_every_backend():
     assert "extension mmkernels._C" in out
     for name in backends.BACKENDS:
         assert f"    {name}" in out
+
+
+def test_package_works_without_the_extension():
+    """MMKERNELS_NO_EXT=1 stands for a pure-Python install: imports, dispatches to the reference."""
+    code = (
+        "import torch, mmkernels\n"
+        "from mmkernels import backends\n"
+        "assert backends.extension_error() == 'MMKERNELS_NO_EXT=1 is set'\n"
+        "q = torch.randn(2, 3, 4, 8); k = [torch.randn(2, 5, 2, 8)]; v = [torch.randn(2, 5, 2, 8)]\n"
+        "out = mmkernels.cross_modal_attention(q, k, v, kv_lengths=torch.tensor([[5], [0]]))\n"
+        "assert out.shape == (2, 3, 4, 8) and torch.all(out[1] == 0)\n"
+        "call = backends.Call('cross_modal_attention', 'cpu', torch.float32, 1, 8, 8)\n"
+        "assert backends.select(call) == 'reference'\n"
+        "print('ok')\n"
+    )
+    env = {**__import__("os").environ, "MMKERNELS_NO_EXT": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
