@@ -155,6 +155,14 @@ setup(
     cmdclass=cmdclass,
     options=options,
     include_package_data=True,
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "mmkernels-train = mmkernels.train.cli:train_main",
+            "mmkernels-eval = mmkernels.train.cli:eval_main",
+            "mmkernels-predict = mmkernels.train.cli:predict_main",
+            "mmkernels-build-data = mmkernels.data.build:main",
+            "mmkernels-info = mmkernels.info:main",
+        ]
+    },
     zip_safe=False,
 )
