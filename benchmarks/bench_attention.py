@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mmkernels  # noqa: E402
-from common import bar_plot, matmul_gflops, median_ms, peak_cpu_memory_bytes, write_report  # noqa: E402
+from common import bar_plot, interleaved_median_ms, matmul_gflops, peak_cpu_memory_bytes, write_report  # noqa: E402
 from mmkernels.reference import cross_modal_attention_reference  # noqa: E402
 
 # (name, B, Hq, Hkv, D, Lq, segment lengths, max padding fraction)
@@ -94,27 +94,27 @@ def bench_shape(name, B, Hq, Hkv, D, Lq, segs, pad, args, gflops_peak):
     if args.compile:
         compiled_ref = torch.compile(cross_modal_attention_reference)
         variants["compiled reference"] = lambda q, ks, vs: compiled_ref(q, ks, vs, kv_lengths)
-    rows = []
+    fwd_runs, fwd_bwd_runs = {}, {}
     for vname, fn in variants.items():
         own = vname in ("mmkernels", "compiled reference")
         fwd_args = (q, keys, values) if own else (q, k, v)
-        with torch.no_grad():
-            fwd = median_ms(lambda: fn(*fwd_args), reps=args.reps, device=args.device)
+        fwd_runs[vname] = torch.no_grad()(lambda fn=fn, a=fwd_args: fn(*a))
         # Backward: grads w.r.t. q and the user's own (per-modality) K/V tensors.
         qg = q.detach().requires_grad_()
+        kg = [t.detach().requires_grad_() for t in keys]
+        vg = [t.detach().requires_grad_() for t in values]
         if own:
-            kg = [t.detach().requires_grad_() for t in keys]
-            vg = [t.detach().requires_grad_() for t in values]
-            run = _fwd_bwd(lambda: fn(qg, kg, vg), [qg, *kg, *vg], torch.randn(B, Lq, Hq, D, dtype=dtype))
+            path = lambda fn=fn, qg=qg, kg=kg, vg=vg: fn(qg, kg, vg)  # noqa: E731
         else:
-            kg = [t.detach().requires_grad_() for t in keys]
-            vg = [t.detach().requires_grad_() for t in values]
-
-            def user_path():  # the concatenation is part of what the user pays in training
+            def path(fn=fn, qg=qg, kg=kg, vg=vg):  # the concatenation is part of what the user pays
                 kk, vv, _ = concat_with_mask(kg, vg, kv_lengths, Hq)
                 return fn(qg, kk, vv)
-            run = _fwd_bwd(user_path, [qg, *kg, *vg], torch.randn(B, Lq, Hq, D, dtype=dtype))
-        fwd_bwd = median_ms(run, reps=args.reps, device=args.device)
+        fwd_bwd_runs[vname] = _fwd_bwd(path, [qg, *kg, *vg], torch.randn(B, Lq, Hq, D, dtype=dtype))
+    fwd_ms = interleaved_median_ms(fwd_runs, reps=args.reps, device=args.device)
+    fwd_bwd_ms = interleaved_median_ms(fwd_bwd_runs, reps=args.reps, device=args.device)
+    rows = []
+    for vname in variants:
+        fwd, fwd_bwd = fwd_ms[vname], fwd_bwd_ms[vname]
         rows.append(dict(shape=name, variant=vname, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
                          fwd_gflops=flops / fwd / 1e6, fwd_bwd_gflops=3.5 * flops / fwd_bwd / 1e6,
                          fwd_frac_of_matmul=flops / fwd / 1e6 / gflops_peak))

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mmkernels  # noqa: E402
-from common import bar_plot, median_ms, write_report  # noqa: E402
+from common import bar_plot, interleaved_median_ms, write_report  # noqa: E402
 
 SHAPES = [(3, 32768, 768), (2, 8192, 1024), (4, 4096, 512)]
 
@@ -39,15 +39,19 @@ def bench(M, N, H, args):
     esize = f.element_size()
     fwd_bytes = (2 * M + 1) * N * H * esize
     bwd_bytes = (4 * M + 1) * N * H * esize
-    rows = []
-    for name, fn in {
+    variants = {
         "mmkernels": lambda a, b: mmkernels.gated_fusion(a, b, present, backend=args.backend),
         "eager": lambda a, b: eager(a, b, present),
-    }.items():
-        with torch.no_grad():
-            fwd = median_ms(lambda: fn(f, lg), reps=args.reps, device=args.device)
-        fr, lr = f.detach().requires_grad_(), lg.detach().requires_grad_()
-        both = median_ms(lambda: torch.autograd.grad(fn(fr, lr), [fr, lr], grad), reps=args.reps, device=args.device)
+    }
+    fr, lr = f.detach().requires_grad_(), lg.detach().requires_grad_()
+    fwd_ms = interleaved_median_ms({n: torch.no_grad()(lambda fn=fn: fn(f, lg)) for n, fn in variants.items()},
+                                   reps=args.reps, device=args.device)
+    both_ms = interleaved_median_ms(
+        {n: (lambda fn=fn: torch.autograd.grad(fn(fr, lr), [fr, lr], grad)) for n, fn in variants.items()},
+        reps=args.reps, device=args.device)
+    rows = []
+    for name in variants:
+        fwd, both = fwd_ms[name], both_ms[name]
         rows.append(dict(shape=f"M={M} N={N} H={H}", variant=name, fwd_ms=fwd, fwd_bwd_ms=both,
                          fwd_GBps=fwd_bytes / fwd / 1e6, fwd_bwd_GBps=(fwd_bytes + bwd_bytes) / both / 1e6))
     for r in rows:

@@ -33,6 +33,24 @@ def median_ms(fn: Callable[[], object], reps: int = 15, warmup: int = 3, device:
     return statistics.median(times)
 
 
+def interleaved_median_ms(fns: Dict[str, Callable[[], object]], reps: int = 15, warmup: int = 2,
+                          device: str = "cpu") -> Dict[str, float]:
+    """Median ms of each fn, timed round-robin: the machine's drifts (a noisy VM,
+    clock changes) hit every variant alike, so their ratios stay meaningful."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def matmul_gflops(n: int = 2048, dtype=torch.float32, device: str = "cpu", reps: int = 7) -> float:
     """Rate of a large square matrix product: the machine's yardstick in the same run."""
     a = torch.randn(n, n, dtype=dtype, device=device)
