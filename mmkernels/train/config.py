@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from mmkernels.data.avmnist import AVMNISTConfig
 from mmkernels.models.fusion_model import ModelConfig
 
 
@@ -17,22 +18,11 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class DataConfig:
+class DataConfig(AVMNISTConfig):
+    """The data set's own settings (AVMNISTConfig: sizes, speakers, seed, speech_dir) plus where it lives."""
     dataset: str = "avmnist"
     cache_dir: Optional[str] = None     # default ~/.cache/mmkernels or $MMKERNELS_CACHE
     data_dir: Optional[str] = None      # an already-built data folder ({split}.pt); skips building
-    seed: int = 0
-    n_train: int = 8000
-    n_val: int = 1000
-    n_test: int = 2000
-    speakers_train: int = 120
-    speakers_val: int = 20
-    speakers_test: int = 30
-    images_train: int = 10000
-    images_val: int = 2000
-    images_test: int = 2000
-    max_audio_seconds: float = 1.0
-    speech_dir: Optional[str] = None    # FSDD-format recordings instead of synthetic speech
     max_text_len: int = 24
 
 

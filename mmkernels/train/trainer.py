@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -59,11 +59,7 @@ def is_main():
 
 # ----------------------------------------------------------------------------- data
 def data_config_of(cfg: Config) -> AVMNISTConfig:
-    d = cfg.data
-    return AVMNISTConfig(seed=d.seed, n_train=d.n_train, n_val=d.n_val, n_test=d.n_test,
-                         speakers_train=d.speakers_train, speakers_val=d.speakers_val, speakers_test=d.speakers_test,
-                         images_train=d.images_train, images_val=d.images_val, images_test=d.images_test,
-                         max_audio_seconds=d.max_audio_seconds, speech_dir=d.speech_dir)
+    return AVMNISTConfig(**{f.name: getattr(cfg.data, f.name) for f in fields(AVMNISTConfig)})
 
 
 def prepare_data_dir(cfg: Config, progress: bool = True) -> str:
