@@ -58,16 +58,23 @@ def _gates(L, P, off, e, mask, N, H, HAS_P: tl.constexpr, MP2: tl.constexpr):
     return ex / tl.where(s > 0, s, 1.0)[None, :]
 
 
-@_tuned
 @triton.jit
-def _gf_fwd_kernel(F, L, P, OUT, GATES, N, H, NH,
-                   M: tl.constexpr, MP2: tl.constexpr, HAS_P: tl.constexpr, ACT: tl.constexpr,
-                   RET_G: tl.constexpr, BLOCK: tl.constexpr):
+def _tile(NH, M: tl.constexpr, MP2: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's BLOCK positions of the flattened (N*H) axis, for all M modalities."""
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = tl.arange(0, MP2)
     emask = e < NH
     mask = (m[:, None] < M) & emask[None, :]
     off = m[:, None].to(tl.int64) * NH + e[None, :]
+    return e, emask, mask, off
+
+
+@_tuned
+@triton.jit
+def _gf_fwd_kernel(F, L, P, OUT, GATES, N, H, NH,
+                   M: tl.constexpr, MP2: tl.constexpr, HAS_P: tl.constexpr, ACT: tl.constexpr,
+                   RET_G: tl.constexpr, BLOCK: tl.constexpr):
+    e, emask, mask, off = _tile(NH, M, MP2, BLOCK)
     g = _gates(L, P, off, e, mask, N, H, HAS_P, MP2)
     f = tl.load(F + off, mask=mask, other=0.0).to(tl.float32)
     if ACT == 0:
@@ -83,11 +90,7 @@ def _gf_fwd_kernel(F, L, P, OUT, GATES, N, H, NH,
 def _gf_bwd_kernel(GF, GG, F, L, P, DF, DL, N, H, NH,
                    M: tl.constexpr, MP2: tl.constexpr, HAS_P: tl.constexpr, ACT: tl.constexpr,
                    HAS_GG: tl.constexpr, BLOCK: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = tl.arange(0, MP2)
-    emask = e < NH
-    mask = (m[:, None] < M) & emask[None, :]
-    off = m[:, None].to(tl.int64) * NH + e[None, :]
+    e, emask, mask, off = _tile(NH, M, MP2, BLOCK)
     g = _gates(L, P, off, e, mask, N, H, HAS_P, MP2)
     f = tl.load(F + off, mask=mask, other=0.0).to(tl.float32)
     gf = tl.load(GF + e, mask=emask, other=0.0).to(tl.float32)
