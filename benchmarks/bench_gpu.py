@@ -35,6 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, if not
 
 ROWS = []
 T0 = time.time()
+# --dry-run: every entry on the CPU with tiny shapes (Triton interpreted), to check the
+# script itself on a machine without a GPU. Its numbers mean nothing.
+DEV = "cuda"
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def empty_cache():
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
 
 
 def log(*a):
@@ -42,19 +55,26 @@ def log(*a):
 
 
 def bench_ms(fn, warmup=25, rep=100):
+    if DEV != "cuda":
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[1]
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
 def hbm_bandwidth_gbs() -> float:
-    n = 1 << 30  # 2 GiB of bf16 per buffer
-    x = torch.empty(n, dtype=torch.bfloat16, device="cuda").fill_(1.0)
+    n = 1 << 30 if DEV == "cuda" else 1 << 22  # 2 GiB of bf16 per buffer
+    x = torch.empty(n, dtype=torch.bfloat16, device=DEV).fill_(1.0)
     y = torch.empty_like(x)
     ms = bench_ms(lambda: y.copy_(x), warmup=10, rep=50)
     gbs = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
     del x, y
-    torch.cuda.empty_cache()
+    empty_cache()
     return gbs
 
 
@@ -78,9 +98,9 @@ def record(case, impl, **kw):
 def attention_case(name, B, Hq, Hkv, D, Lq, segs, pad, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     dt = torch.bfloat16
-    q = torch.randn(B, Lq, Hq, D, generator=g).to("cuda", dt)
-    keys = [torch.randn(B, L, Hkv, D, generator=g).to("cuda", dt) for L in segs]
-    values = [torch.randn(B, L, Hkv, D, generator=g).to("cuda", dt) for L in segs]
+    q = torch.randn(B, Lq, Hq, D, generator=g).to(DEV, dt)
+    keys = [torch.randn(B, L, Hkv, D, generator=g).to(DEV, dt) for L in segs]
+    values = [torch.randn(B, L, Hkv, D, generator=g).to(DEV, dt) for L in segs]
     if pad > 0:
         frac = 1.0 - pad * torch.rand(B, len(segs), generator=g)
         kvl = (torch.tensor(segs)[None, :] * frac).round().clamp(min=1).to(torch.int32)
@@ -89,16 +109,19 @@ def attention_case(name, B, Hq, Hkv, D, Lq, segs, pad, seed=0):
     valid_per_b = kvl.sum(1).double()  # (B,)
     flops_fwd = float((4.0 * Hq * Lq * D * valid_per_b).sum())
     kv_bytes = float(kvl.sum()) * Hkv * 2 * D * 2
-    return dict(name=name, q=q, keys=keys, values=values, kvl=kvl.to("cuda") if pad > 0 else None,
+    return dict(name=name, q=q, keys=keys, values=values, kvl=kvl.to(DEV) if pad > 0 else None,
                 kvl_cpu=kvl, flops_fwd=flops_fwd, kv_bytes=kv_bytes, B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, segs=segs)
 
 
-def _timed_fwd_bwd(fwd, inputs):
-    """(fwd ms, fwd+bwd ms, peak MiB of fwd+bwd) of fwd() -> out, grads into `inputs`."""
+def _timed_fwd(fwd):
     with torch.no_grad():
         fwd()  # compile / autotune outside the timing
-        torch.cuda.synchronize()
-        t_f = bench_ms(fwd)
+        sync()
+        return bench_ms(fwd)
+
+
+def _timed_fwd_bwd(fwd, inputs):
+    """(fwd+bwd ms, peak MiB of fwd+bwd) of fwd() -> out, grads into `inputs`."""
     for t in inputs:
         t.requires_grad_(True)
     out = fwd()
@@ -111,17 +134,19 @@ def _timed_fwd_bwd(fwd, inputs):
         o.backward(grad)
 
     step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    t_fb = bench_ms(step)
-    for t in inputs:
-        t.requires_grad_(False)
-        t.grad = None
-    return t_f, t_fb, peak
+    sync()
+    peak = None
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        sync()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return bench_ms(step), peak
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
 def attention_entries(case, hbm, budget, do_bwd=True):
@@ -143,25 +168,30 @@ def attention_entries(case, hbm, budget, do_bwd=True):
             record(case["name"], impl, note="skipped: time budget")
             return
         try:
-            t0 = time.time()
-            fwd = make_fwd()
-            if do_bwd:
-                t_f, t_fb, peak = _timed_fwd_bwd(fwd, inputs)
-            else:
-                with torch.no_grad():
-                    fwd()
-                    t_f = bench_ms(fwd)
-                t_fb = peak = None
-            finish(impl, t_f, t_fb, peak, (note + f" (setup+tune {time.time() - t0:.0f}s)").strip())
-        except Exception as e:  # noqa: BLE001  (one entry's failure must not stop the run)
-            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            record(case["name"], impl, note="FAILED " + msg)
-            traceback.print_exc(limit=3)
+            _run(impl, make_fwd, inputs, note)
         finally:
             for t in inputs:
                 t.requires_grad_(False)
                 t.grad = None
-            torch.cuda.empty_cache()
+            empty_cache()
+
+    def _run(impl, make_fwd, inputs, note):
+        t0 = time.time()
+        try:
+            fwd = make_fwd()
+            t_f = _timed_fwd(fwd)
+        except Exception as e:  # noqa: BLE001  (one entry's failure must not stop the run)
+            record(case["name"], impl, note="FAILED " + _error(e))
+            traceback.print_exc(limit=3)
+            return
+        t_fb = peak = None
+        if do_bwd:  # a backward that fails keeps the forward's numbers
+            try:
+                t_fb, peak = _timed_fwd_bwd(fwd, inputs)
+            except Exception as e:  # noqa: BLE001
+                note = (note + "; backward FAILED " + _error(e)).strip("; ")
+                traceback.print_exc(limit=3)
+        finish(impl, t_f, t_fb, peak, (note + f" (setup+tune {time.time() - t0:.0f}s)").strip())
 
     import mmkernels
 
@@ -180,10 +210,10 @@ def attention_entries(case, hbm, budget, do_bwd=True):
     Lk = k_cat.shape[2]
     mask = None
     if kvl is not None:
-        offs = torch.tensor([0] + list(case["segs"][:-1]), device="cuda").cumsum(0)
-        pos = torch.arange(Lk, device="cuda")
-        seg_id = torch.repeat_interleave(torch.arange(len(case["segs"]), device="cuda"),
-                                         torch.tensor(case["segs"], device="cuda"))
+        offs = torch.tensor([0] + list(case["segs"][:-1]), device=DEV).cumsum(0)
+        pos = torch.arange(Lk, device=DEV)
+        seg_id = torch.repeat_interleave(torch.arange(len(case["segs"]), device=DEV),
+                                         torch.tensor(case["segs"], device=DEV))
         valid = (pos[None, :] - offs[seg_id][None, :]) < kvl.long()[:, seg_id]
         mask = valid[:, None, None, :].expand(B, 1, Lq, Lk)
     gqa = {"enable_gqa": True} if Hq != Hkv else {}
@@ -209,7 +239,7 @@ def attention_entries(case, hbm, budget, do_bwd=True):
             def mask_mod(b, h, q_idx, kv_idx):
                 return vmask[b, kv_idx]
 
-            block_mask = create_block_mask(mask_mod, B, None, Lq, Lk, device="cuda")
+            block_mask = create_block_mask(mask_mod, B, None, Lq, Lk, device=DEV)
         return lambda: flex(q_t, k_cat, v_cat, block_mask=block_mask, enable_gqa=Hq != Hkv)
 
     run("flex-attention", make_flex, [q_t, k_cat, v_cat],
@@ -219,15 +249,15 @@ def attention_entries(case, hbm, budget, do_bwd=True):
 
 # ------------------------------------------------------------------ gated fusion
 def gated_fusion_entries(M, N, H, hbm, budget):
-    name = f"gated-fusion M{M} N{N // 1024}K H{H}"
+    name = f"gated-fusion M{M} N{N // 1024}K H{H}" if N >= 1024 else f"gated-fusion M{M} N{N} H{H}"
     if budget.left() < 20:
         record(name, "all", note="skipped: time budget")
         return
     dt = torch.bfloat16
-    f = torch.randn(M, N, H, device="cuda", dtype=dt)
-    lg = torch.randn(M, N, H, device="cuda", dtype=dt)
-    present = torch.rand(M, N, device="cuda") > 0.1
-    gf = torch.randn(N, H, device="cuda", dtype=dt)
+    f = torch.randn(M, N, H, device=DEV, dtype=dt)
+    lg = torch.randn(M, N, H, device=DEV, dtype=dt)
+    present = torch.rand(M, N, device=DEV) > 0.1
+    gf = torch.randn(N, H, device=DEV, dtype=dt)
     e = 2
     fwd_bytes = 2 * M * N * H * e + N * H * e + M * N
     bwd_bytes = 4 * M * N * H * e + N * H * e + M * N
@@ -252,9 +282,9 @@ def gated_fusion_entries(M, N, H, hbm, budget):
                    bwd_pct_hbm=None if t_b is None else round(100 * bwd_bytes / (t_b * 1e-3) / 1e9 / hbm, 1),
                    note=f"setup+tune {time.time() - t0:.0f}s")
         except Exception as ex:  # noqa: BLE001
-            record(name, impl, note=f"FAILED {type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ''}")
+            record(name, impl, note="FAILED " + _error(ex))
             traceback.print_exc(limit=3)
-        torch.cuda.empty_cache()
+        empty_cache()
 
     try:
         import mmkernels.triton  # noqa: F401
@@ -284,7 +314,7 @@ def gated_fusion_entries(M, N, H, hbm, budget):
         r["fwd_gbs"] = round(b4 / (r["fwd_ms"] * 1e-3) / 1e9, 0)
         r["fwd_pct_hbm"] = round(100 * r["fwd_gbs"] / hbm, 1)
     del f, lg, present, gf
-    torch.cuda.empty_cache()
+    empty_cache()
 
 
 # ------------------------------------------------------------------ report
@@ -360,9 +390,16 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smaller shapes (smoke test)")
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("MMKERNELS_BENCH_BUDGET_S", 300)))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dry-run", action="store_true",
+                    help="run every entry on the CPU with tiny shapes (Triton interpreted) to check this script; "
+                         "the numbers mean nothing")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_gpu.py: no CUDA GPU visible; nothing to benchmark")
+    global DEV
+    if args.dry_run:
+        DEV = "cpu"
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
+    elif not torch.cuda.is_available():
+        print("bench_gpu.py: no CUDA GPU visible; nothing to benchmark (--dry-run checks the script on the CPU)")
         return 0
     if args.out:
         out_dir = Path(args.out)
@@ -372,10 +409,10 @@ def main(argv=None):
         out_dir = Path(__file__).resolve().parent / "results" / "gpu"
     budget = Budget(args.budget_s)
     torch.backends.cuda.matmul.allow_tf32 = True
-    props = torch.cuda.get_device_properties(0)
+    device_name = torch.cuda.get_device_properties(0).name if DEV == "cuda" else "cpu (dry run)"
     import triton
 
-    meta = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
+    meta = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
             "dtype": "bfloat16", "budget_s": args.budget_s}
     hbm = float("nan")
     try:
@@ -383,12 +420,17 @@ def main(argv=None):
     except Exception as e:  # noqa: BLE001
         log("HBM bandwidth measurement failed:", e)
     meta["hbm_copy_gbs"] = round(hbm, 0)
-    log(f"device {props.name}, HBM copy {hbm:.0f} GB/s")
+    log(f"device {device_name}, HBM copy {hbm:.0f} GB/s")
 
     q = args.quick
     cross = ("cross-modal B16 Lq64 3seg", dict(B=16, Hq=16, Hkv=16, D=128, Lq=64, segs=(576, 1500, 3000), pad=0.4))
     one = ("one-seg B4 L4096 H16 D128", dict(B=4 if not q else 1, Hq=16, Hkv=16, D=128, Lq=4096 if not q else 1024,
                                             segs=(4096 if not q else 1024,), pad=0.0))
+    gf_shape = (3, (1 << 20) if not q else (1 << 16), 1024)
+    if args.dry_run:
+        cross = ("cross-modal (dry run)", dict(B=2, Hq=2, Hkv=2, D=16, Lq=8, segs=(24, 40, 56), pad=0.4))
+        one = ("one-seg (dry run)", dict(B=1, Hq=2, Hkv=2, D=16, Lq=64, segs=(64,), pad=0.0))
+        gf_shape = (3, 64, 32)
 
     def run_attention(name, kw):
         if budget.left() < 30:
@@ -401,12 +443,12 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             record(name, "all", note=f"FAILED {type(e).__name__}: {e}")
             traceback.print_exc(limit=3)
-        torch.cuda.empty_cache()
+        empty_cache()
 
     # cheapest-to-tune first, so a tight budget still covers every target
     run_attention(*cross)
     try:
-        gated_fusion_entries(3, (1 << 20) if not q else (1 << 16), 1024, hbm, budget)
+        gated_fusion_entries(*gf_shape, hbm, budget)
     except Exception as e:  # noqa: BLE001
         record("gated-fusion", "all", note=f"FAILED {type(e).__name__}: {e}")
         traceback.print_exc(limit=3)

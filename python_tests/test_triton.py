@@ -361,29 +361,14 @@ def test_gated_fusion_low_precision_within_rule(dtype):
 
 # ---------------------------------------------------------------- compiled for sm_90 without a GPU
 _AOT_SCRIPT = r'''
-import sys, triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
+import sys
 import mmkernels.triton.attention as A
 import mmkernels.triton.gated_fusion as GF
-
-SCALARS = {"G", "N", "H", "NH"}
+from mmkernels.triton._aot import SM90_MAX_SHARED, compile_sm90, resource_usage
 
 def compile_(kernel, consts, ptrs, floats=(), warps=4):
-    jf = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    sig = {}
-    for n in jf.arg_names:
-        if n in consts:
-            sig[n] = "constexpr"
-        elif n in floats:
-            sig[n] = "fp32"
-        elif n.isupper() and not n.startswith("LK") and n not in SCALARS:
-            sig[n] = ptrs.get(n, ptrs["*"])
-        else:
-            sig[n] = "i32"
-    src = ASTSource(fn=jf, signature=sig, constexprs={(jf.arg_names.index(k),): v for k, v in consts.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 2})
-    print("compiled", jf.__name__, flush=True)
+    compile_sm90(kernel, consts, ptrs, floats, num_warps=warps, num_stages=2)
+    print("compiled", kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__, flush=True)
 
 ptr = {"*": "*bf16", "KVLEN": "*i32", "QLEN": "*i64"}
 for n in ["BIAS", "GATE_T", "LSE", "OPART", "LPART", "DLT", "DBIAS", "RD"]:
@@ -399,6 +384,17 @@ compile_(A._cma_bwd_dkdv_kernel, dict(dims, **dict(flags, CAUSAL=True)), ptr, ("
 gptr = {"*": "*bf16", "P": "*u8"}
 compile_(GF._gf_fwd_kernel, dict(M=3, MP2=4, HAS_P=True, ACT=0, RET_G=True, BLOCK=256), gptr)
 compile_(GF._gf_bwd_kernel, dict(M=3, MP2=4, HAS_P=True, ACT=0, HAS_GG=True, BLOCK=256), gptr)
+
+# the no-autotune default of every kernel fits an H200 at the targets' shapes
+sys.path.insert(0, "benchmarks")
+import triton_resources
+for name, kernel, consts, ptrs, floats, configs in triton_resources.cases(128, False):
+    cfg = configs[0]
+    u = resource_usage(compile_sm90(kernel, {**consts, **cfg.kwargs}, ptrs, floats,
+                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    spill = u.get("stack", 0) + u.get("local", 0)
+    print("default", name, u, flush=True)
+    assert u["shared"] <= SM90_MAX_SHARED and spill == 0, (name, cfg, u)
 '''
 
 
@@ -406,7 +402,8 @@ compile_(GF._gf_bwd_kernel, dict(M=3, MP2=4, HAS_P=True, ACT=0, HAS_GG=True, BLO
 @pytest.mark.skipif(os.environ.get("MMKERNELS_SKIP_TRITON_AOT") == "1", reason="MMKERNELS_SKIP_TRITON_AOT=1")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter runs the kernels as Python: this compiles them for real (sm_90, bf16,
-    ptxas included) so that compiled-mode typing errors show up on a machine without a GPU."""
+    ptxas included) so that compiled-mode typing errors show up on a machine without a GPU,
+    and checks that each kernel's no-autotune config neither spills nor overflows shared memory."""
     import subprocess
     import sys
 
@@ -416,9 +413,12 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         pytest.skip("triton's NVIDIA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MMKERNELS_TRITON_AUTOTUNE"] = "0"
-    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=repo)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert r.stdout.count("compiled") == 8
+    assert r.stdout.count("default ") == 6
 
 
 def test_generated_attention_module_is_up_to_date():

@@ -33,6 +33,22 @@ _register()
 _CAPABILITY: dict = {}
 
 
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())
+
+
+def _interpreter_broken() -> str | None:
+    """Triton's interpreter before 3.7 turns 1-element arrays into loop bounds with int(),
+    which NumPy 2.4 refuses: every kernel with a data-dependent loop fails there."""
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"the Triton {triton.__version__} interpreter fails with NumPy {numpy.__version__} "
+                "(needs triton >= 3.7 or numpy < 2.4)")
+    return None
+
+
 def _capability():
     # cached: dispatch runs on every call, also inside torch.compile'd code
     if "cc" not in _CAPABILITY:
@@ -44,6 +60,10 @@ def not_supported_reasons(call) -> List[str]:
     """Limits of the Triton kernels beyond the common GPU ones checked in backends.py
     (device, dtype fp32/fp16/bf16, head dims <= 256)."""
     reasons: List[str] = []
+    if call.device_type == "cpu":
+        broken = _interpreter_broken()
+        if broken:
+            reasons.append(broken)
     if call.device_type == "cuda" and torch.cuda.is_available():
         cc = tuple(_capability())
         if cc < (7, 5):

@@ -78,14 +78,16 @@ AUTOTUNE = os.environ.get("MMKERNELS_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _prune(configs, named_args, **kwargs):
-    """fp32 (exact IEEE dots) and head dims of 256 only try the small tiles: the big
-    ones spill registers and take ptxas minutes to compile."""
+    """The configs worth timing for these arguments: tiles no taller than the query rows
+    (the rest of a taller tile is padding), and for fp32 (exact IEEE dots) or head dims
+    over 128 only the small tiles (the big ones spill registers and take ptxas minutes)."""
     args = dict(named_args, **kwargs)
+    rows = max(int(args.get("lq_bucket", 256)), min(c.kwargs["BLOCK_M"] for c in configs))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= rows]
     small = bool(args.get("IEEE", False)) or max(args.get("BLOCK_D", 0), args.get("BLOCK_DV", 0)) > 128
-    if not small:
-        return configs
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return kept or configs[:1]
+    if small:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or kept[:1]
+    return kept
 
 
 def _tuned(configs, key):
@@ -105,10 +107,20 @@ def _cfg(bm, bn, w, s):
 
 # Hopper (H100/H200) oriented choices; the autotuner drops configs that do not fit.
 # The first entry of each list is the no-autotune default (see AUTOTUNE).
-_FWD_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 128, 4, 3)]
-_DKDV_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(32, 128, 4, 3), _cfg(64, 128, 8, 2)]
-_DQ_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2)]
-_KEY = ["D", "DV", "NUM_SEG", "CAUSAL", "HAS_BIAS", "IEEE"]
+# At head dim 128 in bf16 without bias and gate none of them spills registers or
+# overflows shared memory (python benchmarks/triton_resources.py; a test checks the defaults).
+_FWD_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(64, 64, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3),
+                _cfg(64, 128, 8, 3)]
+_DKDV_CONFIGS = [_cfg(64, 64, 8, 2), _cfg(32, 128, 8, 3), _cfg(32, 64, 8, 3)]
+_DQ_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(64, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 128, 8, 2)]
+# lq_bucket (rows of a (sample, kv head) rounded up to a power of two, at most 256)
+# keeps short-query calls from reusing the tiles tuned for long ones, without a
+# retune for every query length.
+_KEY = ["D", "DV", "NUM_SEG", "CAUSAL", "HAS_BIAS", "IEEE", "lq_bucket"]
+
+
+def _lq_bucket(rows: int) -> int:
+    return min(256, triton.next_power_of_2(max(rows, 16)))
 
 
 def _fixed_blocks():
@@ -252,7 +264,7 @@ def _cma_fwd_kernel(
     K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h, LK7,
     KVLEN, skvb, skvm, QLEN, BIAS, sbh, sbm, GATE_T,
     OUT, OUTU, sob, som, soh, LSE, OPART, LPART,
-    Lq, G, Hkv, num_splits, qk_scale,
+    Lq, G, Hkv, num_splits, qk_scale, lq_bucket,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     NUM_SEG: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_GATE: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
@@ -492,7 +504,7 @@ def _cma_bwd_dq_kernel(
     K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h, LK7,
     KVLEN, skvb, skvm, QLEN, BIAS, sbh, sbm, GATE_T, LSE, DLT,
     DQ, sdqb, sdqm, sdqh, DBIAS,
-    Lq, G, Hkv, qk_scale, scale,
+    Lq, G, Hkv, qk_scale, scale, lq_bucket,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     NUM_SEG: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_GATE: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
@@ -641,7 +653,7 @@ def _cma_bwd_dkdv_kernel(
     K, V, skb, skn, skh, svb, svn, svh, LK, seg,
     KVLEN, skvb, skvm, QLEN, BIAS, sbh, sbm, GATE_T, LSE, DLT,
     DK, sdkb, sdkn, sdkh, DVP, sdvb, sdvn, sdvh,
-    Lq, G, Hkv, qk_scale, scale,
+    Lq, G, Hkv, qk_scale, scale, lq_bucket,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     NUM_SEG: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_GATE: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
@@ -817,7 +829,7 @@ def triton_cma_fwd(
         *_optional_args(q, kv_lengths, q_lengths, modality_bias, gate_t),
         out, out_u if head_gate is not None else dummy, out.stride(0), out.stride(1), out.stride(2),
         lse, opart, lpart,
-        Lq, G, Hkv, ns, float(scale) * LOG2E,
+        Lq, G, Hkv, ns, float(scale) * LOG2E, _lq_bucket(LqG),
         D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, SPLIT=split, **flags, **_fixed_blocks(),
     )
     if split:
@@ -886,7 +898,7 @@ def triton_cma_bwd(
             grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             *_segment_args(keys, values), *opt, lse, dlt,
             dq, dq.stride(0), dq.stride(1), dq.stride(2), dbias,
-            Lq, G, Hkv, float(scale) * LOG2E, float(scale), **common,
+            Lq, G, Hkv, float(scale) * LOG2E, float(scale), _lq_bucket(LqG), **common,
         )
     for m in range(M):
         k, v, dk, dv = keys[m], values[m], dks[m], dvs[m]
@@ -903,7 +915,7 @@ def triton_cma_bwd(
             k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), Lk, m,
             *opt, lse, dlt,
             dk, dk.stride(0), dk.stride(1), dk.stride(2), dv, dv.stride(0), dv.stride(1), dv.stride(2),
-            Lq, G, Hkv, float(scale) * LOG2E, float(scale), **common,
+            Lq, G, Hkv, float(scale) * LOG2E, float(scale), _lq_bucket(LqG), **common,
         )
     if modality_bias is not None:
         grad_bias = dbias.view(B, Hkv, Lq, G, M).sum(dim=(0, 2)).reshape(Hq, M)

@@ -1,0 +1,35 @@
+"""The GPU benchmark script runs end to end on the CPU (--dry-run): a GPU session is
+short, and a script that breaks after the build would waste it."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmkernels import backends
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(backends.triton_error() is not None, reason="triton is not installed")
+def test_bench_gpu_dry_run_writes_every_entry(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--dry-run", "--out", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "=== mmkernels GPU benchmarks" in r.stdout
+    assert r.stdout.count("target:") == 5
+    with open(tmp_path / "bench_gpu.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert (tmp_path / "bench_gpu.md").read_text().count("\n|") == len(rows) + 2  # header, rule, a line a row
+    cases = {row["case"].split(" ")[0] for row in rows}
+    assert cases == {"cross-modal", "gated-fusion", "one-seg"}
+    for case in cases:
+        ours = [row for row in rows if row["case"].startswith(case) and row["impl"] == "mmkernels-triton"]
+        assert len(ours) == 1 and "FAILED" not in ours[0]["note"] and float(ours[0]["fwd_ms"]) > 0, ours
+    # the baselines that exist on the CPU were timed, not just listed
+    for impl in ("sdpa-flash", "flex-attention"):
+        timed = [row for row in rows if row["impl"] == impl and row["fwd_ms"]]
+        assert len(timed) == 2, (impl, rows)
