@@ -26,22 +26,27 @@ PY=${PYTHON:-python3}
 { nvidia-smi || true; $PY -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"; } \
   > "$LOG_DIR/env.txt" 2>&1
 say "environment: $(tail -n 1 "$LOG_DIR/env.txt")"
+# At most 8 files come back from the device machine: env.txt (with mmkernels.info appended),
+# build.log, pytest_triton.log, pytest.log, bench.log, bench/bench_gpu.{csv,md}.
 
 # 1. build (CUDA extension for sm_90)
 say "building: $PY -m pip install --no-build-isolation --no-deps -e . (log: $LOG_DIR/build.log)"
-$PY -m pip install --no-build-isolation --no-deps -e . > "$LOG_DIR/build.log" 2>&1
+BUILD_MAX_S=${BUILD_MAX_S:-240}
+timeout -k 10 "$BUILD_MAX_S" $PY -m pip install --no-build-isolation --no-deps -e . > "$LOG_DIR/build.log" 2>&1
 BUILD_RC=$?
-if [ $BUILD_RC -ne 0 ]; then
-  # pip's editable machinery can be what fails on a foreign image: build in place instead
+if [ $BUILD_RC -ne 0 ] && [ $BUILD_RC -ne 124 ] && ! grep -q "error:" "$LOG_DIR/build.log"; then
+  # pip's editable machinery (not the compiler) can be what fails on a foreign image:
+  # build in place instead; a compile error or a timeout would only repeat.
   say "pip failed (rc=$BUILD_RC); trying setup.py build_ext --inplace"
-  $PY setup.py build_ext --inplace >> "$LOG_DIR/build.log" 2>&1
+  timeout -k 10 "$BUILD_MAX_S" $PY setup.py build_ext --inplace >> "$LOG_DIR/build.log" 2>&1
   BUILD_RC=$?
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 say "build rc=$BUILD_RC"
 [ $BUILD_RC -ne 0 ] && tail -n 30 "$LOG_DIR/build.log"
-$PY -m mmkernels.info > "$LOG_DIR/info.txt" 2>&1 || true
-say "$(sed -n 3,4p "$LOG_DIR/info.txt" | tr '\n' ' ')"
+INFO=$($PY -m mmkernels.info 2>&1)
+printf '\n== python -m mmkernels.info ==\n%s\n' "$INFO" >> "$LOG_DIR/env.txt"
+say "$(echo "$INFO" | sed -n 3,4p | tr '\n' ' ')"
 
 # 2. tests: the Triton tests first (they are this check's point; -x elsewhere must not
 #    hide them), then the rest of the suite (CUDA backend, model layer...) with -x -q.
@@ -57,7 +62,7 @@ XDIST_TRITON=""
 XDIST=""
 if $PY -c "import xdist" 2>/dev/null; then XDIST_TRITON="-n 8"; XDIST="-n 4"; fi
 say "tests 1/2: pytest python_tests/test_triton.py $XDIST_TRITON -q (limit ${T1}s, log: $LOG_DIR/pytest_triton.log)"
-MMKERNELS_TRITON_AUTOTUNE=0 timeout -k 10 "$T1" $PY -m pytest python_tests/test_triton.py $XDIST_TRITON -q -p no:cacheprovider -rs \
+MMKERNELS_TRITON_AUTOTUNE=0 timeout -k 10 "$T1" $PY -m pytest python_tests/test_triton.py $XDIST_TRITON -q -p no:cacheprovider -rfEs --durations=15 \
   > "$LOG_DIR/pytest_triton.log" 2>&1
 TRITON_TEST_RC=$?
 [ $TRITON_TEST_RC -eq 124 ] && echo "(pytest stopped by the ${T1}s limit)" >> "$LOG_DIR/pytest_triton.log"
@@ -68,7 +73,7 @@ GPU_TESTS="python_tests/test_cross_modal_attention.py python_tests/test_gated_fu
   python_tests/test_errors.py python_tests/test_model_fusion.py"
 say "tests 2/2: pytest $XDIST ${PYTEST_ARGS:--x -q} (op tests; limit ${T2}s, log: $LOG_DIR/pytest.log)"
 MMKERNELS_TRITON_AUTOTUNE=0 timeout -k 10 "$T2" $PY -m pytest $GPU_TESTS $XDIST ${PYTEST_ARGS:--x -q} -p no:cacheprovider \
-  > "$LOG_DIR/pytest.log" 2>&1
+  -rfEs --durations=15 > "$LOG_DIR/pytest.log" 2>&1
 TEST_RC=$?
 [ $TEST_RC -eq 124 ] && echo "(pytest stopped by the ${T2}s limit)" >> "$LOG_DIR/pytest.log"
 say "other tests rc=$TEST_RC: $(tail -n 1 "$LOG_DIR/pytest.log")"
@@ -99,3 +104,5 @@ else
   echo "(no benchmark table: last lines of bench.log)"
   tail -n 25 "$LOG_DIR/bench.log"
 fi
+# non-zero when the build or a test failed (the benchmark's own failures are in its table)
+[ $BUILD_RC -eq 0 ] && [ $TRITON_TEST_RC -eq 0 ] && [ $TEST_RC -eq 0 ]

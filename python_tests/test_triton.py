@@ -213,6 +213,27 @@ def test_zero_gate_still_trains_and_bias_grad_deterministic():
     assert runs[0][1][:2].abs().sum() > 0
 
 
+def test_grads_of_a_plain_sum_match_reference():
+    """out.sum() hands the backward an expanded gradient (every stride 0): the kernels index
+    the last dim with stride 1, so the op must not pass such a tensor through as is."""
+    torch.manual_seed(8)
+    q, keys, values, kw = attention_inputs(2, 5, (9, 6), 4, 2, 16, 16, torch.float32, DEVICE,
+                                           bias=True, gate=True, grad=True)
+    out = mmkernels.cross_modal_attention(q, keys, values, **kw, backend="triton")
+    grads = torch.autograd.grad(out.sum(), _diff(q, keys, values, kw))
+    q64, k64, v64, kw64 = _to64(q, keys, values, kw)
+    grads_ref = torch.autograd.grad(cma_reference(q64, k64, v64, **kw64).sum(), _diff(q64, k64, v64, kw64))
+    for i, (a, b) in enumerate(zip(grads, grads_ref)):
+        _close(a, b, 1e-4, 2e-4, f"grad {i}")
+    f = torch.randn(3, 5, 8, device=DEVICE, requires_grad=True)
+    lg = torch.randn(3, 5, 8, device=DEVICE, requires_grad=True)
+    gf = torch.autograd.grad(mmkernels.gated_fusion(f, lg, backend="triton").sum(), [f, lg])
+    f64, lg64 = f.detach().double().requires_grad_(), lg.detach().double().requires_grad_()
+    gf_ref = torch.autograd.grad(gf_reference(f64, lg64).sum(), [f64, lg64])
+    for i, (a, b) in enumerate(zip(gf, gf_ref)):
+        _close(a, b, 1e-5, 1e-5, f"gated fusion grad {i}")
+
+
 def test_not_supported_reasons():
     mt = _tt()
     call = backends.Call("cross_modal_attention", DEVICE, torch.float32, 3, 64, 64)

@@ -731,8 +731,9 @@ def _pow2(x: int) -> int:
 
 
 def _interp_safe(t: torch.Tensor) -> torch.Tensor:
-    """The interpreter misreads tensors with a 0 stride (e.g. the expanded grad of out.sum())."""
-    if INTERPRET and t.numel() > 1 and 0 in t.stride():
+    """The kernels index the last dim with stride 1, which an expanded tensor such as the
+    grad of out.sum() (all strides 0) breaks; the interpreter also misreads any 0 stride."""
+    if t.numel() > 1 and ((t.stride(-1) != 1 and t.shape[-1] > 1) or (INTERPRET and 0 in t.stride())):
         return t.contiguous()
     return t
 
