@@ -1,0 +1,1 @@
+"""Adapters that put the mmkernels ops under other libraries' models (imported on demand)."""

@@ -1,0 +1,137 @@
+"""Hugging Face transformers attention backend: `attn_implementation="mmkernels"`.
+
+    import mmkernels.integrations.transformers as mmhf
+    mmhf.register()                                   # once; idempotent
+    model = AutoModel.from_pretrained(name, attn_implementation="mmkernels")
+    # or, for a model already loaded:  mmhf.use_mmkernels(model)
+
+Attention calls whose mask is "no mask" or "the first n keys of each sample"
+(right padding: encoders, cross-attention over padded encoder states) and
+causal self-attention without padding run on `cross_modal_attention` (one
+segment, `kv_lengths` from the mask). Everything else (left padding, packed
+sequences, sliding windows, dropout while training, soft-capping, attention
+sinks, position biases, float masks) goes to transformers' own SDPA path, and
+`stats()` counts each reason, so a model that never hits the fused path shows it.
+
+A boolean mask is checked against the pattern the kernel will apply before the
+kernel runs: exact results, at the cost of one comparison (and, on a GPU, one
+device sync) per call; `register(check_masks=False)` skips it for inputs known
+to be right-padded.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Dict, Optional, Tuple
+
+import torch
+
+import mmkernels
+
+NAME = "mmkernels"
+_STATS: Counter = Counter()
+_SETTINGS = {"check_masks": True, "backend": None}
+
+# keyword arguments whose presence (with a value) changes the computation beyond what the op does
+_UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "position_bias", "cu_seq_lens_q", "cu_seq_lens_k")
+
+
+def stats() -> Dict[str, int]:
+    """Calls served by mmkernels ("mmkernels") and by the SDPA fallback ("fallback: <why>")."""
+    return dict(_STATS)
+
+
+def reset_stats() -> None:
+    _STATS.clear()
+
+
+def _sdpa_fallback():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def _lengths_from_mask(mask: torch.Tensor, B: int, Lq: int, Lk: int, check: bool) -> Tuple[Optional[torch.Tensor], str]:
+    """kv_lengths (B, 1) if `mask` (bool, broadcastable to (B, H, Lq, Lk), True = attend) lets
+    every query see exactly the first n_b keys of its sample; else (None, why not)."""
+    if mask.dtype != torch.bool:
+        return None, f"{mask.dtype} mask (only boolean masks are mapped)"
+    if mask.dim() != 4 or mask.shape[-1] != Lk or mask.shape[0] not in (1, B):
+        return None, f"mask of shape {tuple(mask.shape)}"
+    first_row = mask[:, 0, 0, :]  # (B or 1, Lk)
+    n = first_row.sum(-1)
+    if check:
+        prefix = torch.arange(Lk, device=mask.device)[None, :] < n[:, None]
+        if not bool((mask == prefix[:, None, None, :]).all()):
+            return None, "mask is not a right-padding (prefix) mask"
+    return n.to(torch.int32).expand(B).reshape(B, 1).contiguous(), ""
+
+
+def mmkernels_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+) -> Tuple[torch.Tensor, None]:
+    """transformers' attention-function contract: query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D);
+    returns (attn_output (B, Lq, Hq, Dv), None)."""
+    why = _why_not(module, query, key, dropout, kwargs)
+    B, Lq, Lk = query.shape[0], query.shape[2], key.shape[2]
+    kv_lengths = None
+    causal = False
+    if not why:
+        if attention_mask is not None:
+            kv_lengths, why = _lengths_from_mask(attention_mask, B, Lq, Lk, _SETTINGS["check_masks"])
+        else:
+            causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and Lq > 1
+            if causal and Lq != Lk:
+                why = f"causal attention with {Lq} queries over {Lk} keys (cache offsets)"
+    if why:
+        _STATS["fallback: " + why] += 1
+        return _sdpa_fallback()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                is_causal=is_causal, **kwargs)
+    _STATS[NAME] += 1
+    # (B, H, L, D) -> (B, L, H, D) views: the op takes any strides with a unit last one.
+    out = mmkernels.cross_modal_attention(
+        query.transpose(1, 2), [key.transpose(1, 2)], [value.transpose(1, 2)], kv_lengths=kv_lengths,
+        scale=scaling, causal=causal, backend=_SETTINGS["backend"],
+    )
+    return out, None
+
+
+def _why_not(module, query, key, dropout, kwargs) -> str:
+    if dropout and module.training:
+        return "attention dropout while training"
+    if kwargs.get("output_attentions"):
+        return "output_attentions=True"
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            return f"{name} is set"
+    if query.shape[1] % key.shape[1]:
+        return f"{query.shape[1]} query heads over {key.shape[1]} kv heads"
+    if query.stride(-1) != 1 or key.stride(-1) != 1:
+        return "head dim not contiguous"
+    return ""
+
+
+def register(check_masks: bool = True, backend: Optional[str] = None) -> str:
+    """Registers the "mmkernels" attention implementation (and its mask format, SDPA's boolean
+    one) with transformers; returns the name. backend forces an mmkernels backend."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    _SETTINGS.update(check_masks=check_masks, backend=backend)
+    AttentionInterface.register(NAME, mmkernels_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+def use_mmkernels(model, **register_kwargs):
+    """Switches a loaded transformers model to the mmkernels attention; returns the model."""
+    register(**register_kwargs)
+    model.set_attn_implementation(NAME)
+    return model
