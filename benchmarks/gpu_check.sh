@@ -49,7 +49,7 @@ printf '\n== python -m mmkernels.info ==\n%s\n' "$INFO" >> "$LOG_DIR/env.txt"
 say "$(echo "$INFO" | sed -n 3,4p | tr '\n' ' ')"
 
 # 2. tests: the Triton tests first (they are this check's point; -x elsewhere must not
-#    hide them), then the rest of the suite (CUDA backend, model layer...) with -x -q.
+#    hide them), then the op tests (CUDA backend, model, transformers backend) with -x -q.
 #    No autotuning in tests: one compilation per kernel variant.
 LEFT=$(( TOTAL_S - $(elapsed) ))
 TEST_MAX_S=${TEST_MAX_S:-260}
@@ -70,7 +70,7 @@ say "triton tests rc=$TRITON_TEST_RC: $(tail -n 1 "$LOG_DIR/pytest_triton.log")"
 T2=$(( TEST_S - T1 ))
 # The data, training and benchmark-script tests need no GPU and run in CI: only the op tests here.
 GPU_TESTS="python_tests/test_cross_modal_attention.py python_tests/test_gated_fusion.py python_tests/test_dispatch.py
-  python_tests/test_errors.py python_tests/test_model_fusion.py"
+  python_tests/test_errors.py python_tests/test_model_fusion.py python_tests/test_integration_transformers.py"
 say "tests 2/2: pytest $XDIST ${PYTEST_ARGS:--x -q} (op tests; limit ${T2}s, log: $LOG_DIR/pytest.log)"
 MMKERNELS_TRITON_AUTOTUNE=0 timeout -k 10 "$T2" $PY -m pytest $GPU_TESTS $XDIST ${PYTEST_ARGS:--x -q} -p no:cacheprovider \
   -rfEs --durations=15 > "$LOG_DIR/pytest.log" 2>&1

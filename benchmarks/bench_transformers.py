@@ -1,0 +1,101 @@
+"""A transformers BERT encoder on attn_implementation="mmkernels" vs "sdpa" vs "eager",
+same weights, right-padded batches, side by side in one run (round-robin medians).
+
+Shapes: the fusion model's text encoder (short questions), and a BERT-base-width
+encoder over long padded inputs (where skipping the padded keys pays).
+
+    python benchmarks/bench_transformers.py [--reps 10] [--quick] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, if not installed
+
+from common import bar_plot, interleaved_median_ms, write_report  # noqa: E402
+
+import mmkernels.integrations.transformers as mmhf  # noqa: E402
+
+# (name, hidden, heads, layers, batch, seq, max padding fraction)
+SHAPES = [
+    ("fusion text encoder", 64, 4, 2, 64, 24, 0.5),
+    ("BERT-base width, long padded inputs", 768, 12, 2, 8, 512, 0.6),
+]
+IMPLS = ("mmkernels", "sdpa", "eager")
+
+
+def make_models(hidden, heads, layers, device):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=1000, hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers,
+                     intermediate_size=4 * hidden, max_position_embeddings=512, attention_probs_dropout_prob=0.0,
+                     hidden_dropout_prob=0.0)
+    torch.manual_seed(0)
+    base = BertModel(copy.deepcopy(cfg), add_pooling_layer=False).to(device)
+    models = {}
+    for impl in IMPLS:
+        m = BertModel(copy.deepcopy(cfg), add_pooling_layer=False).to(device)
+        m.load_state_dict(base.state_dict())
+        m.set_attn_implementation(impl)
+        models[impl] = m
+    return models
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="first shape only, 5 repetitions")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    mmhf.register()
+    reps = 5 if args.quick else args.reps
+    rows = []
+    for name, hidden, heads, layers, B, L, pad in SHAPES[:1] if args.quick else SHAPES:
+        models = make_models(hidden, heads, layers, args.device)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 1000, (B, L), generator=g).to(args.device)
+        lengths = (L * (1 - pad * torch.rand(B, generator=g))).long().clamp(min=1)
+        mask = (torch.arange(L)[None, :] < lengths[:, None]).long().to(args.device)
+
+        def fwd(m):
+            with torch.no_grad():
+                return m(input_ids=ids, attention_mask=mask).last_hidden_state
+
+        def fwd_bwd(m):
+            m.zero_grad(set_to_none=True)
+            m(input_ids=ids, attention_mask=mask).last_hidden_state.square().mean().backward()
+
+        for m in models.values():
+            m.eval()
+        t_f = interleaved_median_ms({k: (lambda m=m: fwd(m)) for k, m in models.items()}, reps=reps,
+                                    device=args.device)
+        t_fb = interleaved_median_ms({k: (lambda m=m: fwd_bwd(m)) for k, m in models.items()}, reps=reps,
+                                     device=args.device)
+        mmhf.reset_stats()
+        fwd(models["mmkernels"])
+        served = mmhf.stats()
+        assert served == {"mmkernels": layers}, served  # every layer ran on the op, none fell back
+        for impl in IMPLS:
+            rows.append({"shape": f"{name}: B{B} L{L} pad<={int(pad * 100)}% h{hidden}/{heads} x{layers}",
+                         "attn_implementation": impl, "fwd_ms": t_f[impl], "fwd_bwd_ms": t_fb[impl],
+                         "fwd_speedup_vs_sdpa": t_f["sdpa"] / t_f[impl],
+                         "fwd_bwd_speedup_vs_sdpa": t_fb["sdpa"] / t_fb[impl]})
+    cols = ["shape", "attn_implementation", "fwd_ms", "fwd_bwd_ms", "fwd_speedup_vs_sdpa", "fwd_bwd_speedup_vs_sdpa"]
+    notes = [f"device {args.device}, fp32, medians of {reps} round-robin repetitions, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+             "whole encoder (embeddings, attention, MLP); padding lengths drawn uniformly up to the fraction shown"]
+    md = write_report("transformers_bert", rows, cols, "BERT encoder: attn_implementation", notes)
+    bar_plot("transformers_bert", [f"{r['shape'][:18]} {r['attn_implementation']}" for r in rows],
+             [r["fwd_bwd_ms"] for r in rows], "forward+backward ms", "BERT encoder by attn_implementation")
+    print(md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
