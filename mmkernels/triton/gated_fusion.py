@@ -29,7 +29,14 @@ _CONFIGS = [
 def _tuned(kernel):
     if INTERPRET:
         return kernel
-    return triton.autotune(configs=_CONFIGS if AUTOTUNE else _CONFIGS[:1], key=["M", "ACT", "HAS_P"])(kernel)
+    return triton.autotune(configs=_CONFIGS if AUTOTUNE else _CONFIGS[:1],
+                           key=["M", "ACT", "HAS_P", "nh_bucket"])(kernel)
+
+
+def _nh_bucket(nh: int) -> int:
+    """Positions per modality rounded up to a power of two, at most 2^20: small calls (where
+    big blocks leave SMs idle) tune apart from large ones without a retune per batch size."""
+    return min(1 << 20, triton.next_power_of_2(max(nh, 1)))
 
 
 def _fixed():
@@ -71,7 +78,7 @@ def _tile(NH, M: tl.constexpr, MP2: tl.constexpr, BLOCK: tl.constexpr):
 
 @_tuned
 @triton.jit
-def _gf_fwd_kernel(F, L, P, OUT, GATES, N, H, NH,
+def _gf_fwd_kernel(F, L, P, OUT, GATES, N, H, NH, nh_bucket,
                    M: tl.constexpr, MP2: tl.constexpr, HAS_P: tl.constexpr, ACT: tl.constexpr,
                    RET_G: tl.constexpr, BLOCK: tl.constexpr):
     e, emask, mask, off = _tile(NH, M, MP2, BLOCK)
@@ -87,7 +94,7 @@ def _gf_fwd_kernel(F, L, P, OUT, GATES, N, H, NH,
 
 @_tuned
 @triton.jit
-def _gf_bwd_kernel(GF, GG, F, L, P, DF, DL, N, H, NH,
+def _gf_bwd_kernel(GF, GG, F, L, P, DF, DL, N, H, NH, nh_bucket,
                    M: tl.constexpr, MP2: tl.constexpr, HAS_P: tl.constexpr, ACT: tl.constexpr,
                    HAS_GG: tl.constexpr, BLOCK: tl.constexpr):
     e, emask, mask, off = _tile(NH, M, MP2, BLOCK)
@@ -134,7 +141,7 @@ def triton_gated_fusion_fwd(
     lg = gate_logits.contiguous()
     p, has_p = _present_arg(present, features)
     wrap_triton(_gf_fwd_kernel)[lambda meta: (triton.cdiv(NH, meta["BLOCK"]),)](
-        f, lg, p, fused, gates if return_gates else features.new_empty((1,)), N, H, NH,
+        f, lg, p, fused, gates if return_gates else features.new_empty((1,)), N, H, NH, _nh_bucket(NH),
         M=M, MP2=triton.next_power_of_2(M), HAS_P=has_p, ACT=int(activation), RET_G=bool(return_gates),
         **_fixed(),
     )
@@ -164,7 +171,7 @@ def triton_gated_fusion_bwd(
     gg = grad_gates.contiguous() if grad_gates is not None else f
     p, has_p = _present_arg(present, features)
     wrap_triton(_gf_bwd_kernel)[lambda meta: (triton.cdiv(NH, meta["BLOCK"]),)](
-        gfu, gg, f, lg, p, df, dl, N, H, NH,
+        gfu, gg, f, lg, p, df, dl, N, H, NH, _nh_bucket(NH),
         M=M, MP2=triton.next_power_of_2(M), HAS_P=has_p, ACT=int(activation), HAS_GG=grad_gates is not None,
         **_fixed(),
     )
