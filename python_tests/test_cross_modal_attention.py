@@ -217,6 +217,12 @@ def test_opcheck(backend, device):
         args = (q, keys, values, kw.get("kv_lengths"), kw.get("q_lengths"), kw.get("modality_bias"),
                 kw.get("head_gate"), 0.3, False)
         torch.library.opcheck(torch.ops.mmkernels.cma_fwd.default, args)
+        out, lse, out_u = torch.ops.mmkernels.cma_fwd(*args)
+        saved_out = out_u if kw.get("head_gate") is not None else out
+        bwd_args = (torch.randn_like(out), torch.randn_like(lse), q.detach(), [k.detach() for k in keys],
+                    [v.detach() for v in values], saved_out.detach(), lse.detach(),
+                    *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[3:]])
+        torch.library.opcheck(torch.ops.mmkernels.cma_bwd.default, bwd_args)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in compiled_backends() if p.values[0] == "cpu"])

@@ -73,6 +73,18 @@ def test_device_mismatch():
     q, k, v = _attn()
     k[0] = k[0].to("meta")
     _raises(ValueError, r"keys\[0\] is on meta", mmkernels.cross_modal_attention, q, k, v)
+    q, k, v = _attn()
+    meta = dict(device="meta")
+    _raises(ValueError, r"kv_lengths is on meta", mmkernels.cross_modal_attention, q, k, v,
+            kv_lengths=torch.zeros(2, 2, dtype=torch.int32, **meta))
+    _raises(ValueError, r"modality_bias is on meta", mmkernels.cross_modal_attention, q, k, v,
+            modality_bias=torch.zeros(4, 2, **meta))
+    _raises(ValueError, r"head_gate is on meta", mmkernels.cross_modal_attention, q, k, v,
+            head_gate=torch.zeros(4, **meta))
+    f = torch.randn(2, 3, 4)
+    _raises(ValueError, r"gate_logits is on meta", mmkernels.gated_fusion, f, f.to("meta"))
+    _raises(ValueError, r"present is on meta", mmkernels.gated_fusion, f, f,
+            present=torch.ones(2, 3, dtype=torch.bool, **meta))
 
 
 def test_last_dim_not_contiguous():
@@ -193,3 +205,79 @@ def test_gf_modalities_and_activation():
     _raises(ValueError, r"between 1 and 8, got 9", mmkernels.gated_fusion, torch.randn(9, 2, 3), torch.randn(9, 2, 3))
     _raises(ValueError, r"activation must be one of \['identity', 'tanh'\], got 'relu'", mmkernels.gated_fusion,
             torch.randn(2, 2, 3), torch.randn(2, 2, 3), activation="relu")
+
+
+# ---------------------------------------------------------------- the remaining messages
+@pytest.mark.parametrize("which", ["q", "keys", "values"])
+def test_not_a_tensor(which):
+    q, k, v = _attn()
+    if which == "q":
+        _raises(TypeError, r"q must be a tensor \(B, Lq, Hq, D\), got list", mmkernels.cross_modal_attention,
+                q.tolist(), k, v)
+    elif which == "keys":
+        k[1] = k[1].tolist()
+        _raises(TypeError, r"keys\[1\] must be a tensor, got list", mmkernels.cross_modal_attention, q, k, v)
+    else:
+        v[0] = 3.0
+        _raises(TypeError, r"values\[0\] must be a tensor, got float", mmkernels.cross_modal_attention, q, k, v)
+
+
+def test_value_dim_mismatch_between_values():
+    q, k, v = _attn()
+    v[1] = torch.randn(2, 6, 2, 4)
+    _raises(ValueError, r"values\[1\] must have value dim Dv=8 like values\[0\], got 4",
+            mmkernels.cross_modal_attention, q, k, v)
+
+
+def test_key_dtype_differs_from_q():
+    q, k, v = _attn()
+    k[0] = k[0].double()
+    _raises(TypeError, r"keys\[0\] must have q's dtype torch.float32, got torch.float64",
+            mmkernels.cross_modal_attention, q, k, v)
+
+
+def test_bias_and_gate_not_tensors_or_wrong_dtype():
+    q, k, v = _attn()
+    _raises(TypeError, r"modality_bias must be a tensor of shape \(Hq, M\) = \(4, 2\), got list",
+            mmkernels.cross_modal_attention, q, k, v, modality_bias=[[0.0, 0.0]] * 4)
+    _raises(TypeError, r"head_gate must be float32 or q's dtype torch.float32, got torch.int64",
+            mmkernels.cross_modal_attention, q, k, v, head_gate=torch.zeros(4, dtype=torch.long))
+    _raises(TypeError, r"modality_bias must be float32 or q's dtype torch.float32, got torch.float16",
+            mmkernels.cross_modal_attention, q, k, v, modality_bias=torch.zeros(4, 2, dtype=torch.half))
+
+
+def test_lengths_not_a_tensor():
+    q, k, v = _attn()
+    _raises(TypeError, r"kv_lengths must be an int32 or int64 tensor of shape \(2, 2\), got list",
+            mmkernels.cross_modal_attention, q, k, v, kv_lengths=[[5, 6], [5, 6]])
+
+
+def test_gf_not_tensors():
+    f = torch.randn(2, 3, 4)
+    _raises(TypeError, r"features must be a tensor \(M, \*, H\), got list", mmkernels.gated_fusion, f.tolist(), f)
+    _raises(TypeError, r"gate_logits must be a tensor \(M, \*, H\), got float", mmkernels.gated_fusion, f, 1.0)
+    _raises(TypeError, r"present must be a bool tensor of shape \(2, 3\), got list", mmkernels.gated_fusion,
+            f, f, present=[[True] * 3] * 2)
+
+
+def test_gf_logits_dtype():
+    f = torch.randn(2, 3, 4)
+    _raises(TypeError, r"gate_logits must have features' dtype torch.float32, got torch.float64",
+            mmkernels.gated_fusion, f, f.double())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_double_backward_is_an_error_not_a_silent_zero(backend):
+    """The fused backward kernels have no derivative: second-order gradients must fail loudly
+    (the reference backend, plain PyTorch, has them)."""
+    q = torch.randn(2, 3, 2, 8, requires_grad=True)
+    k = torch.randn(2, 5, 2, 8, requires_grad=True)
+    f = torch.randn(3, 4, 8, requires_grad=True)
+    for out, x in ((mmkernels.cross_modal_attention(q, [k], [k], backend=backend), q),
+                   (mmkernels.gated_fusion(f, f * 0.5, backend=backend), f)):
+        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        if backend == "reference":
+            (gg,) = torch.autograd.grad(g.sum(), x)
+            assert gg.abs().sum() > 0
+        else:
+            _raises(RuntimeError, r"has no second derivative .* backend='reference'", g.sum().backward)

@@ -116,6 +116,10 @@ def test_opcheck(backend, device):
         for return_gates in (False, True):
             torch.library.opcheck(torch.ops.mmkernels.gated_fusion_fwd.default,
                                   (f, lg, present, 0, return_gates))
+        for activation, grad_gates in ((0, torch.randn_like(f)), (1, None)):
+            torch.library.opcheck(torch.ops.mmkernels.gated_fusion_bwd.default,
+                                  (torch.randn(9, 7, device=device), grad_gates, f.detach(), lg.detach(), present,
+                                   activation))
 
 
 @pytest.mark.parametrize("backend,device", [p for p in compiled_backends() if p.values[0] == "cpu"])

@@ -234,6 +234,15 @@ def test_grads_of_a_plain_sum_match_reference():
         _close(a, b, 1e-5, 1e-5, f"gated fusion grad {i}")
 
 
+def test_double_backward_is_an_error():
+    q = torch.randn(2, 3, 2, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 5, 2, 16, device=DEVICE, requires_grad=True)
+    (g,) = torch.autograd.grad(mmkernels.cross_modal_attention(q, [k], [k], backend="triton").square().sum(), q,
+                               create_graph=True)
+    with pytest.raises(RuntimeError, match="has no second derivative"):
+        g.sum().backward()
+
+
 def test_not_supported_reasons():
     mt = _tt()
     call = backends.Call("cross_modal_attention", DEVICE, torch.float32, 3, 64, 64)
@@ -265,7 +274,8 @@ def test_opcheck_attention(feats):
     out, lse, out_u = torch.ops.mmkernels.triton_cma_fwd(*args)
     bwd_args = (torch.randn_like(out), torch.randn_like(lse), *[a.detach() if isinstance(a, torch.Tensor) else a
                 for a in args[:1]], [k.detach() for k in args[1]], [v.detach() for v in args[2]],
-                (out_u if args[6] is not None else out).detach(), lse.detach(), *args[3:])
+                (out_u if args[6] is not None else out).detach(), lse.detach(),
+                *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[3:]])
     torch.library.opcheck(torch.ops.mmkernels.triton_cma_bwd, bwd_args, **kwargs)
 
 

@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from mmkernels import backends, reference
+from mmkernels.ops._autograd import forbid_double_backward
 from mmkernels.ops._checks import check_dtype, check_lengths, check_same_device
 
 
@@ -146,6 +147,7 @@ def register(fwd_name: str, bwd_name: str) -> None:
     torch.library.register_autograd(
         f"mmkernels::{fwd_name}", make_backward(bwd_op), setup_context=_setup_context
     )
+    forbid_double_backward(bwd_name, "cross_modal_attention")
 
 
 if backends.extension_error() is None:

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from mmkernels import backends, reference
+from mmkernels.ops._autograd import forbid_double_backward
 from mmkernels.ops._checks import check_dtype, check_same_device
 
 ACTIVATIONS = {"tanh": 0, "identity": 1}
@@ -82,6 +83,7 @@ def register(fwd_name: str, bwd_name: str) -> None:
     torch.library.register_autograd(
         f"mmkernels::{fwd_name}", make_backward(bwd_op), setup_context=_setup_context
     )
+    forbid_double_backward(bwd_name, "gated_fusion")
 
 
 if backends.extension_error() is None:
