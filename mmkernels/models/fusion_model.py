@@ -20,6 +20,9 @@ from mmkernels.nn.fusion import GatedMultimodalUnit
 ALL_MODALITIES = ("text", "image", "audio")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# How inputs were prepared in training (text length, audio length and rate): a served model
+# must prepare its inputs the same way.
+PREPROCESSING_NAME = "preprocessing.json"
 
 
 @dataclass
@@ -207,9 +210,17 @@ class FusionModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, path: str):
+    def save_pretrained(self, path: str, preprocessing: Optional[dict] = None, tokenizer=None):
+        """Config JSON + safetensors weights; with `preprocessing` (see PREPROCESSING_NAME) and the
+        `tokenizer`, the folder holds everything a server needs to prepare inputs as in training."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        if preprocessing is not None:
+            with open(os.path.join(path, f".{PREPROCESSING_NAME}.tmp"), "w") as f:
+                json.dump(preprocessing, f, indent=1)
+            os.replace(os.path.join(path, f".{PREPROCESSING_NAME}.tmp"), os.path.join(path, PREPROCESSING_NAME))
         cfg = asdict(self.config)
         if hasattr(self, "text"):
             cfg["bert_config"] = self.text.config.to_dict()
@@ -245,3 +256,12 @@ class FusionModel(nn.Module):
             raise ValueError(f"corrupt weights file {w_path}: {e}") from e
         model.load_state_dict(state)
         return model
+
+
+def load_preprocessing(path: str) -> dict:
+    """The preprocessing settings saved beside a model ({} for a folder saved without them)."""
+    p = os.path.join(path, PREPROCESSING_NAME)
+    if not os.path.exists(p):
+        return {}
+    with open(p) as f:
+        return json.load(f)

@@ -107,7 +107,7 @@ def load_image(path: str) -> torch.Tensor:
 
 def predict_main(argv: Optional[List[str]] = None) -> int:
     from mmkernels.data.speech import load_audio
-    from mmkernels.models.fusion_model import FusionModel
+    from mmkernels.models.fusion_model import FusionModel, load_preprocessing
     from mmkernels.models.text import load_tokenizer
 
     p = argparse.ArgumentParser(prog="mmkernels-predict",
@@ -119,8 +119,10 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--input", "-i", help="JSON lines file with fields image, audio, question (one query a line)")
     p.add_argument("--output", "-o", help="output JSON lines file (default: stdout)")
     p.add_argument("--backend", default="keep")
-    p.add_argument("--max-audio-seconds", type=float, default=1.0)
-    p.add_argument("--max-text-len", type=int, default=24)
+    p.add_argument("--max-audio-seconds", type=float, default=None,
+                   help="audio kept per query (default: the model's training setting, else 1.0)")
+    p.add_argument("--max-text-len", type=int, default=None,
+                   help="question tokens (default: the model's training setting, else 24)")
     p.add_argument("--top-k", type=int, default=3)
     a = p.parse_args(argv)
     queries = []
@@ -139,9 +141,14 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     try:
         backend = {"keep": "keep", "default": None}.get(a.backend, a.backend)
         model = FusionModel.from_pretrained(a.model, kernel_backend=backend).eval()
-        tok = load_tokenizer()
+        prep = load_preprocessing(a.model)
+        # the tokenizer saved with the model, else the package's (models saved before tokenizers were)
+        has_tok = os.path.exists(os.path.join(a.model, "tokenizer_config.json"))
+        tok = load_tokenizer(a.model if has_tok else None)
         labels = model.config.labels or [str(i) for i in range(model.config.num_labels)]
-        max_len = int(a.max_audio_seconds * 8000)
+        max_text_len = a.max_text_len or int(prep.get("max_text_len", 24))
+        seconds = a.max_audio_seconds or float(prep.get("max_audio_seconds", 1.0))
+        max_len = int(seconds * int(prep.get("sample_rate", 8000)))
         out = open(a.output, "w") if a.output else sys.stdout
         for q in queries:
             for k in ("image", "audio", "question"):
@@ -150,7 +157,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
             wav = load_audio(q["audio"])[:max_len]
             audio = torch.zeros(1, max_len)
             audio[0, :len(wav)] = torch.from_numpy(wav)
-            enc = tok([q["question"]], padding="max_length", truncation=True, max_length=a.max_text_len, return_tensors="pt")
+            enc = tok([q["question"]], padding="max_length", truncation=True, max_length=max_text_len, return_tensors="pt")
             batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                      "image": load_image(q["image"])[None], "audio": audio,
                      "audio_lengths": torch.tensor([max(1, len(wav))])}

@@ -284,6 +284,16 @@ class Trainer:
             return allst
         return [st]
 
+    def save_model(self, name: str):
+        """runs/NAME/{best,last}: weights, config, tokenizer and the input preparation of training."""
+        from mmkernels.data.speech import SAMPLE_RATE
+
+        d = self.cfg.data
+        preprocessing = {"max_text_len": d.max_text_len, "max_audio_seconds": d.max_audio_seconds,
+                         "sample_rate": SAMPLE_RATE, "image_size": [28, 28]}
+        self.model.save_pretrained(os.path.join(self.out, name), preprocessing=preprocessing,
+                                   tokenizer=load_tokenizer())
+
     def save_checkpoint(self):
         rngs = self._gather_rng()
         if not self.main:
@@ -370,7 +380,7 @@ class Trainer:
             val = r[t.metric]
             if val > s["best_metric"]:
                 s["best_metric"], s["best_step"], s["bad_evals"] = val, s["global_step"], 0
-                self.model.save_pretrained(os.path.join(self.out, "best"))
+                self.save_model("best")
             else:
                 s["bad_evals"] += 1
             if t.progress:
@@ -448,9 +458,9 @@ class Trainer:
         if self.main:
             self.save_checkpoint()
             self.write_logs()
-            self.model.save_pretrained(os.path.join(self.out, "last"))
+            self.save_model("last")
             if not os.path.exists(os.path.join(self.out, "best", "config.json")):
-                self.model.save_pretrained(os.path.join(self.out, "best"))
+                self.save_model("best")
             with open(os.path.join(self.out, "run_config.json"), "w") as f:
                 json.dump({**self.cfg.to_dict(), "data_dir": self.data_dir}, f, indent=1)
             p = self.plot()
