@@ -174,3 +174,14 @@ def test_frozen_text_encoder_runs_in_eval_mode_and_dedups_exactly():
     torch.testing.assert_close(tokens2["text"], tokens["text"])
     m.load_state_dict(m.state_dict())
     assert not m.__dict__.get("_text_cache")
+
+
+def test_text_model_from_a_local_folder(tmp_path):
+    """model.text_model_path: any local BERT-family folder instead of the package's MiniLM."""
+    from mmkernels.models.text import minilm_path
+
+    cfg = ModelConfig(text_encoder="minilm", text_model_path=minilm_path(), d_model=32, num_heads=2)
+    m = FusionModel(cfg)
+    assert m.text.config.hidden_size == 384 and m.text.config.num_hidden_layers == 6
+    with pytest.raises(FileNotFoundError, match=r"model.text_model_path: no config.json in .*nowhere"):
+        FusionModel(ModelConfig(text_encoder="minilm", text_model_path=str(tmp_path / "nowhere")))

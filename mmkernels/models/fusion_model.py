@@ -34,6 +34,7 @@ class ModelConfig:
     ffn_mult: int = 2
     dropout: float = 0.1
     text_encoder: str = "random"        # random | minilm
+    text_model_path: Optional[str] = None  # a local BERT-family folder (weights + tokenizer) instead of the package's MiniLM
     text_hidden: int = 64               # random encoder only
     text_layers: int = 2
     text_heads: int = 2
@@ -82,7 +83,8 @@ class FusionModel(nn.Module):
         self.modalities = list(c.modalities)
         if "text" in self.modalities:
             self.text = build_text_encoder(c.text_encoder, c.text_hidden, c.text_layers, c.text_heads,
-                                           bert_config=None if load_pretrained_text else c.bert_config)
+                                           bert_config=None if load_pretrained_text else c.bert_config,
+                                           model_path=c.text_model_path)
             apply_finetune_policy(self.text, c.text_finetune, c.text_top_k, c.text_freeze_embeddings)
             self.text_proj = nn.Linear(self.text.config.hidden_size, d)
         if "image" in self.modalities:

@@ -36,8 +36,10 @@ def load_tokenizer(path: Optional[str] = None):
     return _TOKENIZERS[path]
 
 
-def build_text_encoder(kind: str, hidden: int = 128, layers: int = 2, heads: int = 2, bert_config: Optional[dict] = None):
-    """kind: 'minilm' (pretrained weights) | 'random' (small BertModel from a config).
+def build_text_encoder(kind: str, hidden: int = 128, layers: int = 2, heads: int = 2, bert_config: Optional[dict] = None,
+                       model_path: Optional[str] = None):
+    """kind: 'minilm' (pretrained weights: the package's MiniLM-L6, or the BERT-family folder
+    `model_path`) | 'random' (small BertModel from a config, with the vocabulary of that tokenizer).
     With `bert_config` given, builds that architecture without loading weights (from_pretrained path)."""
     from transformers import BertConfig, BertModel
     if bert_config is not None:
@@ -47,11 +49,14 @@ def build_text_encoder(kind: str, hidden: int = 128, layers: int = 2, heads: int
         v = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the checkpoint's unused pooler weights are expected
         try:
-            return BertModel.from_pretrained(minilm_path(), add_pooling_layer=False)
+            path = model_path or minilm_path()
+            if not os.path.exists(os.path.join(path, "config.json")):
+                raise FileNotFoundError(f"model.text_model_path: no config.json in {path} (a BERT-family model folder)")
+            return BertModel.from_pretrained(path, add_pooling_layer=False)
         finally:
             hf_logging.set_verbosity(v)
     if kind == "random":
-        vocab = load_tokenizer().vocab_size
+        vocab = load_tokenizer(model_path).vocab_size
         cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                          intermediate_size=hidden * 2, max_position_embeddings=64, hidden_dropout_prob=0.0,
                          attention_probs_dropout_prob=0.0)

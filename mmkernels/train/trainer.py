@@ -76,8 +76,13 @@ def prepare_data_dir(cfg: Config, progress: bool = True) -> str:
     return out
 
 
-def load_dataset(data_dir: str, split: str, max_text_len: int) -> AVMNISTQA:
-    return AVMNISTQA(os.path.join(data_dir, f"{split}.pt"), load_tokenizer(), max_text_len)
+def load_dataset(data_dir: str, split: str, max_text_len: int, tokenizer=None) -> AVMNISTQA:
+    return AVMNISTQA(os.path.join(data_dir, f"{split}.pt"), tokenizer or load_tokenizer(), max_text_len)
+
+
+def model_tokenizer(model_config):
+    """The tokenizer of the model's text encoder (model.text_model_path, else the package's MiniLM)."""
+    return load_tokenizer(getattr(model_config, "text_model_path", None))
 
 
 def epoch_indices(n: int, epoch: int, seed: int, world: int, rank: int) -> List[int]:
@@ -127,11 +132,12 @@ def evaluation_report(model: FusionModel, data_dir: str, max_text_len: int, batc
     """Accuracy overall and per question type on test, on the held-out phrasings, and on test with
     each modality removed in turn."""
     rep = {}
-    test = load_dataset(data_dir, "test", max_text_len)
+    tok = model_tokenizer(model.config)
+    test = load_dataset(data_dir, "test", max_text_len, tok)
     rep["test"] = evaluate(model, test, batch_size, (), device, amp_dtype, progress, "test")
     held = os.path.join(data_dir, "test_heldout.pt")
     if os.path.exists(held):
-        rep["test_heldout_phrasings"] = evaluate(model, load_dataset(data_dir, "test_heldout", max_text_len),
+        rep["test_heldout_phrasings"] = evaluate(model, load_dataset(data_dir, "test_heldout", max_text_len, tok),
                                                  batch_size, (), device, amp_dtype, progress, "held-out")
     if len(model.modalities) > 1:
         for m in model.modalities:
@@ -221,8 +227,9 @@ class Trainer:
         self.log_rows: List[dict] = []
 
         self.data_dir = prepare_data_dir(cfg, progress=t.progress and self.main)
-        self.train_ds = load_dataset(self.data_dir, "train", cfg.data.max_text_len)
-        self.val_ds = load_dataset(self.data_dir, "val", cfg.data.max_text_len)
+        tok = model_tokenizer(cfg.model)
+        self.train_ds = load_dataset(self.data_dir, "train", cfg.data.max_text_len, tok)
+        self.val_ds = load_dataset(self.data_dir, "val", cfg.data.max_text_len, tok)
 
         seed_everything(t.seed)
         if cfg.model.labels is None:
@@ -292,7 +299,7 @@ class Trainer:
         preprocessing = {"max_text_len": d.max_text_len, "max_audio_seconds": d.max_audio_seconds,
                          "sample_rate": SAMPLE_RATE, "image_size": [28, 28]}
         self.model.save_pretrained(os.path.join(self.out, name), preprocessing=preprocessing,
-                                   tokenizer=load_tokenizer())
+                                   tokenizer=model_tokenizer(self.cfg.model))
 
     def save_checkpoint(self):
         rngs = self._gather_rng()
