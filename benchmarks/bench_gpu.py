@@ -383,6 +383,35 @@ def write_reports(out_dir: Path, meta: dict):
     return out_dir
 
 
+def write_plot(out_dir: Path):
+    """bench_gpu.png: forward ms of every implementation per attention case, GB/s for gated fusion."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    cases = list(dict.fromkeys(r["case"] for r in ROWS))
+    if not cases:
+        return None
+    fig, axes = plt.subplots(len(cases), 1, figsize=(9, 2.2 + 0.35 * len(ROWS)), squeeze=False)
+    for ax, case in zip(axes[:, 0], cases):
+        rows = [r for r in ROWS if r["case"] == case and r.get("fwd_ms") is not None]
+        key = "fwd_gbs" if case.startswith("gated") else "fwd_ms"
+        ax.barh([r["impl"] for r in rows], [r.get(key) or 0 for r in rows],
+                color=["#cc6677" if r["impl"].startswith("mmkernels") else "#4477aa" for r in rows])
+        ax.set_title(case, fontsize=9)
+        ax.set_xlabel("forward GB/s (higher is better)" if key == "fwd_gbs" else "forward ms (lower is better)",
+                      fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    path = out_dir / "bench_gpu.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def fmt(v, w):
     s = "-" if v is None or v == "" else str(v)
     return s[:w].rjust(w)
@@ -516,7 +545,8 @@ def main(argv=None):
     finally:
         meta["targets"] = "; ".join(targets_summary(hbm))
         path = write_reports(out_dir, meta)
-        log(f"wrote {path}/bench_gpu.csv and bench_gpu.md")
+        write_plot(out_dir)
+        log(f"wrote {path}/bench_gpu.csv, bench_gpu.md and bench_gpu.png")
         print_table(hbm)
         for line in targets_summary(hbm):
             print("target:", line)

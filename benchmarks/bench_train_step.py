@@ -101,6 +101,22 @@ def main(argv=None):
     md += [f"| {r['backend']} | {r['median_ms']} | {r['min_ms']} | {r['samples_per_s']} | {r['speedup_vs_reference']}x |" for r in rows]
     with open(os.path.join(a.out, "train_step.md"), "w") as f:
         f.write("\n".join(md) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.boxplot([[1e3 * t for t in times[n]] for n in backends])
+        ax.set_xticks(range(1, len(backends) + 1), list(backends))
+        ax.set_ylabel("training step (ms)")
+        ax.set_title(f"fusion model step, batch {a.batch_size}, {a.device}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(a.out, "train_step.png"), dpi=110)
+        plt.close(fig)
+    except ImportError:
+        pass
     print(f"device={a.device} batch={a.batch_size} steps={a.steps} threads={torch.get_num_threads()}")
     print("\n".join(md))
     return 0

@@ -27,7 +27,7 @@ PY=${PYTHON:-python3}
   > "$LOG_DIR/env.txt" 2>&1
 say "environment: $(tail -n 1 "$LOG_DIR/env.txt")"
 # At most 8 files come back from the device machine: env.txt (with mmkernels.info appended),
-# build.log, pytest_triton.log, pytest.log, bench.log, bench/bench_gpu.{csv,md}.
+# build.log, pytest_triton.log, pytest.log, bench.log, bench/bench_gpu.{csv,md,png}.
 
 # 1. build (CUDA extension for sm_90)
 say "building: $PY -m pip install --no-build-isolation --no-deps -e . (log: $LOG_DIR/build.log)"

@@ -20,6 +20,7 @@ def test_bench_gpu_dry_run_writes_every_entry(tmp_path):
                        env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "=== mmkernels GPU benchmarks" in r.stdout
+    assert (tmp_path / "bench_gpu.png").stat().st_size > 10_000  # the plot
     assert r.stdout.count("target:") == 5
     with open(tmp_path / "bench_gpu.csv") as f:
         rows = list(csv.DictReader(f))
