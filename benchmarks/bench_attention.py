@@ -2,7 +2,9 @@
 
 Baselines: F.scaled_dot_product_attention on the concatenated KV with a boolean
 padding mask (as (B, H, L, D) views of the (B, L, H, D) projections, and made
-contiguous), the eager math path, and optionally torch.compile of the reference.
+contiguous), the eager math path, torch.compile of the reference (--no-compile
+skips it) and FlexAttention with a padding block mask (compiled; forward only
+on the CPU, which has no FlexAttention backward; --no-flex skips it).
 Reports medians, GFLOP/s on valid tokens (forward 4*Lq*Lk*D per head, backward
 2.5x), each as a fraction of a large matrix product's rate measured in the same
 run, the speedup of mmkernels over the best baseline, and peak extra memory.
@@ -29,6 +31,7 @@ SHAPES = [
     ("text64 x img576+aud1500", 4, 8, 8, 64, 64, (576, 1500), 0.4),
     ("text128 x img196+aud1000+aud500", 2, 8, 4, 64, 128, (196, 1000, 500), 0.5),
     ("text32 x img1024", 8, 12, 12, 64, 32, (1024,), 0.3),
+    ("text128 x img1024+aud3000 (D128)", 2, 8, 8, 128, 128, (1024, 3000), 0.5),
 ]
 QUICK_SHAPES = SHAPES[:1]
 
@@ -70,6 +73,27 @@ def math_path(q, k, v, mask):
     return torch.einsum("bhij,bjhd->bihd", p, v)
 
 
+def flex_attention_fn(mask, B, Lq, Lk, device, gqa):
+    """FlexAttention (compiled) with a block mask built once from the padding mask; None where
+    this torch has no FlexAttention."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    valid = mask[:, 0, 0, :].contiguous()  # (B, Lk)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return valid[b, kv_idx]
+
+    block_mask = create_block_mask(mask_mod, B, None, Lq, Lk, device=device)
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def run(q, k, v):
+        out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, enable_gqa=gqa)
+        return out.transpose(1, 2)
+    return run
+
+
 def _fwd_bwd(fn, inputs, grad_out):
     def run():
         out = fn()
@@ -94,6 +118,13 @@ def bench_shape(name, B, Hq, Hkv, D, Lq, segs, pad, args, gflops_peak):
     if args.compile:
         compiled_ref = torch.compile(cross_modal_attention_reference)
         variants["compiled reference"] = lambda q, ks, vs: compiled_ref(q, ks, vs, kv_lengths)
+    no_backward = set()
+    if args.flex:
+        flex = flex_attention_fn(mask, B, Lq, k.shape[1], args.device, gqa=False)
+        if flex is not None:
+            variants["flex attention"] = flex
+            if args.device == "cpu":
+                no_backward.add("flex attention")  # FlexAttention has no CPU backward
     fwd_runs, fwd_bwd_runs = {}, {}
     for vname, fn in variants.items():
         own = vname in ("mmkernels", "compiled reference")
@@ -109,20 +140,22 @@ def bench_shape(name, B, Hq, Hkv, D, Lq, segs, pad, args, gflops_peak):
             def path(fn=fn, qg=qg, kg=kg, vg=vg):  # the concatenation is part of what the user pays
                 kk, vv, _ = concat_with_mask(kg, vg, kv_lengths, Hq)
                 return fn(qg, kk, vv)
-        fwd_bwd_runs[vname] = _fwd_bwd(path, [qg, *kg, *vg], torch.randn(B, Lq, Hq, D, dtype=dtype))
+        if vname not in no_backward:
+            fwd_bwd_runs[vname] = _fwd_bwd(path, [qg, *kg, *vg], torch.randn(B, Lq, Hq, D, dtype=dtype))
     fwd_ms = interleaved_median_ms(fwd_runs, reps=args.reps, device=args.device)
     fwd_bwd_ms = interleaved_median_ms(fwd_bwd_runs, reps=args.reps, device=args.device)
     rows = []
     for vname in variants:
-        fwd, fwd_bwd = fwd_ms[vname], fwd_bwd_ms[vname]
+        fwd, fwd_bwd = fwd_ms[vname], fwd_bwd_ms.get(vname)
         rows.append(dict(shape=name, variant=vname, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
-                         fwd_gflops=flops / fwd / 1e6, fwd_bwd_gflops=3.5 * flops / fwd_bwd / 1e6,
+                         fwd_gflops=flops / fwd / 1e6,
+                         fwd_bwd_gflops=None if fwd_bwd is None else 3.5 * flops / fwd_bwd / 1e6,
                          fwd_frac_of_matmul=flops / fwd / 1e6 / gflops_peak))
     best_fwd = min(r["fwd_ms"] for r in rows if r["variant"] != "mmkernels")
-    best_both = min(r["fwd_bwd_ms"] for r in rows if r["variant"] != "mmkernels")
+    best_both = min(r["fwd_bwd_ms"] for r in rows if r["variant"] != "mmkernels" and r["fwd_bwd_ms"] is not None)
     for r in rows:
         r["fwd_speedup_vs_best"] = best_fwd / r["fwd_ms"]
-        r["fwd_bwd_speedup_vs_best"] = best_both / r["fwd_bwd_ms"]
+        r["fwd_bwd_speedup_vs_best"] = None if r["fwd_bwd_ms"] is None else best_both / r["fwd_bwd_ms"]
     return rows
 
 
@@ -173,7 +206,9 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     p.add_argument("--backend", default=None, help="force an mmkernels backend (default: dispatch)")
     p.add_argument("--reps", type=int, default=15, help="repetitions per median")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of the reference (slow to compile)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip torch.compile of the reference (a minute or two of compiling per shape)")
+    p.add_argument("--no-flex", dest="flex", action="store_false", help="skip FlexAttention (compiled)")
     p.add_argument("--quick", action="store_true", help="first shape only, 5 repetitions, no memory case")
     p.add_argument("--skip-memory", action="store_true", help="no memory case")
     p.add_argument("--memory-child", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
@@ -182,6 +217,7 @@ def main(argv=None):
         return _memory_child(args.memory_child, args)
     if args.quick:
         args.reps = 5
+        args.compile = args.flex = False
     torch.manual_seed(0)
     gflops_peak = matmul_gflops(device=args.device)
     print(f"matrix product (2048^2, fp32): {gflops_peak:.1f} GFLOP/s; threads: {torch.get_num_threads()}")
@@ -194,11 +230,12 @@ def main(argv=None):
     notes = [f"device {args.device}, {args.dtype}, medians of {args.reps}, {torch.get_num_threads()} threads",
              f"matrix product rate in the same run: {gflops_peak:.1f} GFLOP/s",
              "GFLOP/s on valid keys only (forward 4*Lq*Lk*D per head, forward+backward 3.5x that)",
-             "speedup = best baseline's time / this variant's time (baselines: sdpa views/contiguous, math)"]
+             "speedup = best baseline's time / this variant's time (baselines: every other row)",
+             "flex attention: forward only on the CPU (FlexAttention has no CPU backward)"]
     md = write_report("attention_" + args.device, rows, cols, "cross_modal_attention", notes)
     print(md.read_text())
     bar_plot("attention_" + args.device, [f"{r['variant']}\n{r['shape'][:18]}" for r in rows],
-             [r["fwd_bwd_ms"] for r in rows], "forward+backward ms (median)", "cross_modal_attention")
+             [r["fwd_bwd_ms"] or 0 for r in rows], "forward+backward ms (median)", "cross_modal_attention")
     if not (args.quick or args.skip_memory):
         mem = bench_memory(args)
         md = write_report("attention_memory_" + args.device, mem, ["variant", "extra_MiB", "fraction_of_math"],

@@ -1,11 +1,11 @@
-"""gated_fusion vs the same computation in eager PyTorch, side by side in one run.
+"""gated_fusion vs the same computation in eager PyTorch and under torch.compile, side by side in one run.
 
 Reports medians of forward and forward+backward, the effective memory traffic
 (GB/s: forward reads features and logits and writes the output; backward reads
 them again with the output's gradient and writes two gradients) and the speedup.
 
     python benchmarks/bench_gated_fusion.py
-    python benchmarks/bench_gated_fusion.py --quick
+    python benchmarks/bench_gated_fusion.py --quick      # first shape, no torch.compile
 """
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ def bench(M, N, H, args):
         "mmkernels": lambda a, b: mmkernels.gated_fusion(a, b, present, backend=args.backend),
         "eager": lambda a, b: eager(a, b, present),
     }
+    if args.compile:  # inductor fuses the eager graph: the strongest thing a user gets for free
+        compiled = torch.compile(eager, dynamic=False)
+        variants["torch.compile(eager)"] = lambda a, b: compiled(a, b, present)
     fr, lr = f.detach().requires_grad_(), lg.detach().requires_grad_()
     fwd_ms = interleaved_median_ms({n: torch.no_grad()(lambda fn=fn: fn(f, lg)) for n, fn in variants.items()},
                                    reps=args.reps, device=args.device)
@@ -66,10 +69,12 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     p.add_argument("--backend", default=None)
     p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--quick", action="store_true", help="first shape, 5 repetitions")
+    p.add_argument("--quick", action="store_true", help="first shape, 5 repetitions, no torch.compile")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile baseline")
     args = p.parse_args(argv)
     if args.quick:
         args.reps = 5
+        args.compile = False
     rows = []
     for shape in SHAPES[:1] if args.quick else SHAPES:
         rows += bench(*shape, args)

@@ -107,6 +107,8 @@ def write_report(name: str, rows: List[Dict], columns: List[str], title: str, no
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
