@@ -146,3 +146,13 @@ def test_eval_and_predict(full_run, tmp_path, capsys):
     assert predict_main(["--model", os.path.join(out, "best"), "--image", str(tmp_path / "d.png"),
                          "--audio", str(tmp_path / "missing.wav"), "-q", "What?"]) == 2
     assert "missing.wav" in capsys.readouterr().err
+
+
+def test_print_config_shows_every_key_with_overrides(capsys):
+    import yaml
+    from mmkernels.train.cli import train_main
+    assert train_main(["--config", os.path.join(ROOT, "configs", "quick.yaml"), "--print-config",
+                       "train.epochs=2", "model.d_model=32"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["train"]["epochs"] == 2 and cfg["model"]["d_model"] == 32
+    assert {"data", "model", "train"} <= set(cfg) and "max_text_len" in cfg["data"]

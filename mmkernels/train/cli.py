@@ -30,11 +30,18 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from a checkpoint file or run folder (default: the run's own checkpoint)")
     p.add_argument("--output-dir", help="same as train.output_dir=...")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every key, with the overrides applied) as YAML and exit")
+    p.add_argument("overrides", nargs="*", help="section.key=value (see --print-config for the keys)")
     a = p.parse_args(argv)
     try:
         ov = list(a.overrides) + ([f"train.output_dir={a.output_dir}"] if a.output_dir else [])
         cfg = load_config(a.config, ov)
+        if a.print_config:
+            import yaml
+
+            print(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=str)), sort_keys=False), end="")
+            return 0
         resume = a.resume
         if resume == "auto":
             resume = cfg.train.output_dir
