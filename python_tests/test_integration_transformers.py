@@ -103,6 +103,19 @@ def test_unchecked_masks_are_trusted():
     assert mmhf.stats() == {"mmkernels": 2}
 
 
+def test_unchecked_masks_are_never_mapped_on_causal_modules():
+    """With check_masks=False a causal decoder's padded mask would read as a prefix: it must go
+    to the fallback instead (exact results either way)."""
+    mmhf.register(check_masks=False)
+    ref, ours = _llama()
+    ids = torch.randint(0, 101, (2, 9), device=DEVICE)
+    mask = _right_padded_mask([9, 6], 9)
+    a = ref(input_ids=ids, attention_mask=mask).logits
+    b = ours(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(b[mask.bool()], a[mask.bool()], atol=2e-5, rtol=2e-5)
+    assert mmhf.stats() == {"fallback: mask on a causal module with check_masks=False": 2}
+
+
 def test_dropout_while_training_falls_back():
     from transformers import BertConfig, BertModel
 

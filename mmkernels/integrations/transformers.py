@@ -85,7 +85,11 @@ def mmkernels_attention_forward(
     causal = False
     if not why:
         if attention_mask is not None:
-            kv_lengths, why = _lengths_from_mask(attention_mask, B, Lq, Lk, _SETTINGS["check_masks"])
+            if not _SETTINGS["check_masks"] and getattr(module, "is_causal", False):
+                # a causal module's mask is never a plain prefix: only a verified mask may be mapped
+                why = "mask on a causal module with check_masks=False"
+            else:
+                kv_lengths, why = _lengths_from_mask(attention_mask, B, Lq, Lk, _SETTINGS["check_masks"])
         else:
             causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and Lq > 1
             if causal and Lq != Lk:
@@ -120,18 +124,27 @@ def _why_not(module, query, key, dropout, kwargs) -> str:
 
 def register(check_masks: bool = True, backend: Optional[str] = None) -> str:
     """Registers the "mmkernels" attention implementation (and its mask format, SDPA's boolean
-    one) with transformers; returns the name. backend forces an mmkernels backend."""
+    one) with transformers and sets its options; returns the name. backend forces an mmkernels
+    backend."""
+    _SETTINGS.update(check_masks=check_masks, backend=backend)
+    return _ensure_registered()
+
+
+def _ensure_registered() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    _SETTINGS.update(check_masks=check_masks, backend=backend)
     AttentionInterface.register(NAME, mmkernels_attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME
 
 
 def use_mmkernels(model, **register_kwargs):
-    """Switches a loaded transformers model to the mmkernels attention; returns the model."""
-    register(**register_kwargs)
+    """Switches a loaded transformers model to the mmkernels attention; returns the model.
+    register_kwargs, if given, set the options as register() does; else they stay as they are."""
+    if register_kwargs:
+        register(**register_kwargs)
+    else:
+        _ensure_registered()
     model.set_attn_implementation(NAME)
     return model
