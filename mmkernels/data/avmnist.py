@@ -294,6 +294,8 @@ class AVMNISTQA(torch.utils.data.Dataset):
     """One split. Items: dict of tensors with fixed shapes (fixed padding, so batches are
     identical whatever the batch composition — needed for exact resume / DDP checks)."""
 
+    question_types = QUESTION_TYPES  # names of the `qtype` ids: the report's per-type accuracy
+
     def __init__(self, path: str, tokenizer, max_text_len: int = 32):
         self.path = path
         b = load_split(path)

@@ -7,7 +7,6 @@ import os
 import sys
 from typing import List, Optional
 
-import numpy as np
 import torch
 
 EPILOG = "overrides: section.key=value, e.g. train.epochs=3 model.d_model=128 data.speech_dir=/path/to/fsdd"
@@ -86,7 +85,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
         cfg = load_config(a.config, list(a.overrides) + ([f"data.data_dir={a.data_dir}"] if a.data_dir else []), base=base)
         data_dir = prepare_data_dir(cfg)
         rep = evaluation_report(model, data_dir, cfg.data.max_text_len, a.batch_size, device,
-                                torch.bfloat16 if device == "cuda" else None, progress=True)
+                                torch.bfloat16 if device == "cuda" else None, progress=True, cfg=cfg)
     except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as e:
         return _fail(str(e))
     print(format_report(rep))
@@ -96,23 +95,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def load_image(path: str) -> torch.Tensor:
-    """Image file -> uint8 (28, 28), white digit on black like MNIST (dark-on-light input is inverted)."""
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise ImportError("reading image files needs Pillow: pip install pillow") from e
-    try:
-        im = Image.open(path).convert("L").resize((28, 28), Image.BILINEAR)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image file {path}: {e}") from e
-    x = np.asarray(im, dtype=np.uint8)
-    if x.mean() > 127:
-        x = 255 - x
-    return torch.from_numpy(x.copy())
-
-
 def predict_main(argv: Optional[List[str]] = None) -> int:
+    from mmkernels.data.images import load_image
     from mmkernels.data.speech import load_audio
     from mmkernels.models.fusion_model import FusionModel, load_preprocessing
     from mmkernels.models.text import load_tokenizer
@@ -148,6 +132,9 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     try:
         backend = {"keep": "keep", "default": None}.get(a.backend, a.backend)
         model = FusionModel.from_pretrained(a.model, kernel_backend=backend).eval()
+        if model.config.task == "token_classification":
+            raise ValueError("mmkernels-predict answers with one label per query; this model tags tokens "
+                             "(model.task token_classification): evaluate it with mmkernels-eval")
         prep = load_preprocessing(a.model)
         # the tokenizer saved with the model, else the package's (models saved before tokenizers were)
         has_tok = os.path.exists(os.path.join(a.model, "tokenizer_config.json"))

@@ -20,7 +20,10 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig(AVMNISTConfig):
     """The data set's own settings (AVMNISTConfig: sizes, speakers, seed, speech_dir) plus where it lives."""
-    dataset: str = "avmnist"
+    dataset: str = "avmnist"            # avmnist | jsonl (your own data: mmkernels/data/jsonl.py)
+    train_file: Optional[str] = None    # jsonl: JSON lines files of the splits
+    val_file: Optional[str] = None
+    test_file: Optional[str] = None
     cache_dir: Optional[str] = None     # default ~/.cache/mmkernels or $MMKERNELS_CACHE
     data_dir: Optional[str] = None      # an already-built data folder ({split}.pt); skips building
     max_text_len: int = 24
@@ -43,7 +46,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 0                 # steps; 0: at the end of every epoch
     early_stopping_patience: int = 3    # evaluations without improvement of `metric`
-    metric: str = "accuracy"            # accuracy | macro_f1
+    metric: str = "accuracy"            # accuracy | macro_f1 | entity_f1 (token classification)
     ckpt_every: int = 200               # steps; checkpoints are also written at the end of each epoch
     log_every: int = 20
     amp: str = "auto"                   # auto (bf16 autocast on GPU) | bf16 | none

@@ -23,7 +23,7 @@ from mmkernels.data.avmnist import (ANSWERS, QUESTION_TYPES, AVMNISTConfig, AVMN
 from mmkernels.models.fusion_model import FusionModel
 from mmkernels.models.text import load_tokenizer
 from mmkernels.train import metrics as M
-from mmkernels.train.config import Config
+from mmkernels.train.config import Config, ConfigError
 
 CKPT_NAME = "checkpoint.pt"
 CKPT_FORMAT = 1
@@ -62,11 +62,14 @@ def data_config_of(cfg: Config) -> AVMNISTConfig:
     return AVMNISTConfig(**{f.name: getattr(cfg.data, f.name) for f in fields(AVMNISTConfig)})
 
 
-def prepare_data_dir(cfg: Config, progress: bool = True) -> str:
+def prepare_data_dir(cfg: Config, progress: bool = True) -> Optional[str]:
+    """The built AV-MNIST folder (None for data.dataset=jsonl, which reads its files directly)."""
+    if cfg.data.dataset == "jsonl":
+        return None
     if cfg.data.data_dir:
         return cfg.data.data_dir
     if cfg.data.dataset != "avmnist":
-        raise ValueError(f"data.dataset must be 'avmnist', got {cfg.data.dataset!r}")
+        raise ValueError(f"data.dataset must be 'avmnist' or 'jsonl', got {cfg.data.dataset!r}")
     out = None
     if is_main():
         out = build_avmnist(data_config_of(cfg), cache_dir=cfg.data.cache_dir, progress=progress)
@@ -78,6 +81,14 @@ def prepare_data_dir(cfg: Config, progress: bool = True) -> str:
 
 def load_dataset(data_dir: str, split: str, max_text_len: int, tokenizer=None) -> AVMNISTQA:
     return AVMNISTQA(os.path.join(data_dir, f"{split}.pt"), tokenizer or load_tokenizer(), max_text_len)
+
+
+def jsonl_dataset(cfg: Config, model_config, split: str, tokenizer):
+    """One split of data.dataset=jsonl, prepared for the model (its task, modalities and labels)."""
+    from mmkernels.data.jsonl import JsonlDataset
+
+    return JsonlDataset(getattr(cfg.data, f"{split}_file"), tokenizer, model_config.labels, model_config.task,
+                        model_config.modalities, cfg.data.max_text_len, cfg.data.max_audio_seconds)
 
 
 def model_tokenizer(model_config):
@@ -110,6 +121,7 @@ def evaluate(model: FusionModel, ds: AVMNISTQA, batch_size: int = 256, drop: Seq
     was = model.training
     model.eval()
     preds, golds, qts, losses = [], [], [], []
+    tagging = model.config.task == "token_classification"
     n = len(ds)
     for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         b = to_device(ds.__getitems__(list(range(i, min(n, i + batch_size)))), device)
@@ -122,17 +134,35 @@ def evaluate(model: FusionModel, ds: AVMNISTQA, batch_size: int = 256, drop: Seq
         qts.append(b["qtype"].cpu())
     model.train(was)
     p, g, q = torch.cat(preds).numpy(), torch.cat(golds).numpy(), torch.cat(qts).numpy()
+    num_labels = model.config.num_labels
+    if tagging:  # per token, on the words' first sub-tokens (the rest are -100), plus entity-level F1
+        names = model.config.labels or [str(i) for i in range(num_labels)]
+        keep = g != -100
+        seqs = [([names[t] for t in pr[k]], [names[t] for t in go[k]]) for pr, go, k in zip(p, g, keep)]
+        ent = M.entity_f1([s[0] for s in seqs], [s[1] for s in seqs])
+        return {"loss": sum(losses) / max(1, n), "accuracy": M.accuracy(p[keep], g[keep]),
+                "macro_f1": M.macro_f1(p[keep], g[keep], num_labels), "entity_f1": ent["f1"], "n": int(n),
+                "per_type": {}}
+    types = getattr(ds, "question_types", None)
     return {"loss": sum(losses) / max(1, n), "accuracy": M.accuracy(p, g),
-            "macro_f1": M.macro_f1(p, g, len(ANSWERS)), "n": int(n),
-            "per_type": M.grouped_accuracy(p, g, q, QUESTION_TYPES)}
+            "macro_f1": M.macro_f1(p, g, num_labels), "n": int(n),
+            "per_type": M.grouped_accuracy(p, g, q, types) if types else {}}
 
 
-def evaluation_report(model: FusionModel, data_dir: str, max_text_len: int, batch_size: int = 256,
-                      device="cpu", amp_dtype=None, progress: bool = False) -> Dict:
+def evaluation_report(model: FusionModel, data_dir: Optional[str], max_text_len: int, batch_size: int = 256,
+                      device="cpu", amp_dtype=None, progress: bool = False, cfg: Optional[Config] = None) -> Dict:
     """Accuracy overall and per question type on test, on the held-out phrasings, and on test with
-    each modality removed in turn."""
+    each modality removed in turn (data.dataset=jsonl: its test file, given through cfg)."""
     rep = {}
     tok = model_tokenizer(model.config)
+    if data_dir is None:
+        test = jsonl_dataset(cfg, model.config, "test", tok)
+        rep["test"] = evaluate(model, test, batch_size, (), device, amp_dtype, progress, "test")
+        if len(model.modalities) > 1:
+            for m in model.modalities:
+                rep[f"test_without_{m}"] = evaluate(model, test, batch_size, (m,), device, amp_dtype, progress,
+                                                    f"-{m}")
+        return rep
     test = load_dataset(data_dir, "test", max_text_len, tok)
     rep["test"] = evaluate(model, test, batch_size, (), device, amp_dtype, progress, "test")
     held = os.path.join(data_dir, "test_heldout.pt")
@@ -146,11 +176,14 @@ def evaluation_report(model: FusionModel, data_dir: str, max_text_len: int, batc
 
 
 def format_report(rep: Dict) -> str:
-    cols = QUESTION_TYPES
-    lines = [f"{'split':<26} {'acc':>6} {'mF1':>6} " + " ".join(f"{c:>7}" for c in cols),
-             "-" * (40 + 8 * len(cols))]
+    """One line per split: accuracy, macro-F1, entity F1 (tagging) and accuracy per question type."""
+    cols = list(dict.fromkeys(c for r in rep.values() for c in r.get("per_type", {})))
+    ent = any("entity_f1" in r for r in rep.values())
+    head = f"{'split':<26} {'acc':>6} {'mF1':>6} " + (f"{'entF1':>6} " if ent else "")
+    lines = [head + " ".join(f"{c:>7}" for c in cols), "-" * (len(head) + 8 * len(cols))]
     for k, r in rep.items():
         lines.append(f"{k:<26} {100 * r['accuracy']:6.2f} {100 * r['macro_f1']:6.2f} "
+                     + (f"{100 * r.get('entity_f1', float('nan')):6.2f} " if ent else "")
                      + " ".join(f"{100 * r['per_type'].get(c, float('nan')):7.2f}" for c in cols))
     return "\n".join(lines)
 
@@ -209,6 +242,10 @@ class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None):
         self.cfg = cfg
         t = cfg.train
+        if t.metric not in ("accuracy", "macro_f1", "entity_f1") or \
+                (t.metric == "entity_f1" and cfg.model.task != "token_classification"):
+            raise ConfigError(f"train.metric must be accuracy | macro_f1 (| entity_f1 for token_classification), "
+                              f"got {t.metric!r}")
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         dev = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -228,8 +265,18 @@ class Trainer:
 
         self.data_dir = prepare_data_dir(cfg, progress=t.progress and self.main)
         tok = model_tokenizer(cfg.model)
-        self.train_ds = load_dataset(self.data_dir, "train", cfg.data.max_text_len, tok)
-        self.val_ds = load_dataset(self.data_dir, "val", cfg.data.max_text_len, tok)
+        if cfg.data.dataset == "jsonl":
+            from mmkernels.data.jsonl import label_names, read_jsonl
+
+            if cfg.model.labels is None:  # the train file's labels (kept with the saved model)
+                cfg.model.labels = label_names(read_jsonl(cfg.data.train_file, cfg.model.task, cfg.model.modalities),
+                                               cfg.model.task)
+            cfg.model.num_labels = len(cfg.model.labels)
+            self.train_ds = jsonl_dataset(cfg, cfg.model, "train", tok)
+            self.val_ds = jsonl_dataset(cfg, cfg.model, "val", tok)
+        else:
+            self.train_ds = load_dataset(self.data_dir, "train", cfg.data.max_text_len, tok)
+            self.val_ds = load_dataset(self.data_dir, "val", cfg.data.max_text_len, tok)
 
         seed_everything(t.seed)
         if cfg.model.labels is None:
@@ -478,7 +525,7 @@ class Trainer:
         if self.main and t.final_eval:
             best = FusionModel.from_pretrained(os.path.join(self.out, "best")).to(self.device)
             rep = evaluation_report(best, self.data_dir, self.cfg.data.max_text_len, t.eval_batch_size,
-                                    self.device, self.amp_dtype, progress=t.progress)
+                                    self.device, self.amp_dtype, progress=t.progress, cfg=self.cfg)
             result["report"] = rep
             with open(os.path.join(self.out, "report.json"), "w") as f:
                 json.dump({"train": {k: v for k, v in result.items() if k != "report"}, **rep}, f, indent=1)

@@ -1,0 +1,107 @@
+"""Training on your own data (data.dataset=jsonl): classification and token classification from
+JSON lines of text + image file + WAV file, the report (entity F1 for tagging), eval and predict."""
+import json
+import os
+import wave
+
+import numpy as np
+import pytest
+
+pytest.importorskip("espeakng_loader")
+pytest.importorskip("mnist")
+pytest.importorskip("transformers")
+
+from mmkernels.train.testing import TINY_MODEL  # noqa: E402
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """64/16/16 records: an MNIST image, a spoken digit, a sentence naming both digits."""
+    from PIL import Image
+    from mmkernels.data.avmnist import load_mnist
+    from mmkernels.data.speech import EspeakSynth, Speaker
+
+    d = tmp_path_factory.mktemp("jsonl")
+    (x, y), _, _ = load_mnist()
+    synth, speaker = EspeakSynth(), Speaker("en", "m3", 150, 50, 50)
+    rng = np.random.default_rng(0)
+    clips = {}
+    for w in range(10):
+        clips[w] = f"audio/{WORDS[w]}.wav"
+        os.makedirs(d / "audio", exist_ok=True)
+        with wave.open(str(d / clips[w]), "wb") as f:
+            f.setnchannels(1), f.setsampwidth(2), f.setframerate(8000)
+            f.writeframes((synth.synth(WORDS[w], speaker) * 32767).astype(np.int16).tobytes())
+    os.makedirs(d / "img", exist_ok=True)
+    out = {}
+    for split, n, start in (("train", 64, 0), ("val", 16, 64), ("test", 16, 80)):
+        cls, tag = [], []
+        for i in range(start, start + n):
+            Image.fromarray(x[i]).save(d / "img" / f"{i}.png")
+            heard = int(rng.integers(10))
+            tokens = ["i", "see", WORDS[int(y[i])], "and", "hear", WORDS[heard]]
+            common = {"image": f"img/{i}.png", "audio": clips[heard]}
+            cls.append({**common, "text": "is the written digit bigger?",
+                        "label": "yes" if int(y[i]) > heard else "no"})
+            tag.append({**common, "tokens": tokens, "tags": ["O", "O", "B-SEEN", "O", "O", "B-HEARD"]})
+        for name, recs in (("cls", cls), ("tag", tag)):
+            (d / f"{name}_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+            out[f"{name}_{split}"] = str(d / f"{name}_{split}.jsonl")
+    return out
+
+
+def _overrides(files, kind, task, out_dir, **extra):
+    train = {"batch_size": 16, "epochs": 2, "lr": 1e-3, "warmup_steps": 2, "progress": False, "plot": False,
+             "num_threads": 1, "eval_batch_size": 32, "output_dir": out_dir, **extra}
+    return ["data.dataset=jsonl", f"data.train_file={files[kind + '_train']}",
+            f"data.val_file={files[kind + '_val']}", f"data.test_file={files[kind + '_test']}",
+            f"model.task={task}", "model.aux_digit_loss=0.0"] + \
+        [o for o in TINY_MODEL if not o.startswith("model.aux")] + [f"train.{k}={v}" for k, v in train.items()]
+
+
+def test_classification_trains_reports_evaluates_and_predicts(files, tmp_path, capsys):
+    from mmkernels.train.cli import eval_main, predict_main, train_main
+
+    out = str(tmp_path / "cls")
+    assert train_main(_overrides(files, "cls", "classification", out)) == 0
+    rep = json.load(open(os.path.join(out, "report.json")))
+    assert set(rep) >= {"train", "test", "test_without_text", "test_without_image", "test_without_audio"}
+    assert 0.0 <= rep["test"]["accuracy"] <= 1.0 and rep["test"]["n"] == 16 and rep["test"]["per_type"] == {}
+    saved = json.load(open(os.path.join(out, "best", "config.json")))
+    assert saved["labels"] == ["no", "yes"] and saved["num_labels"] == 2
+    capsys.readouterr()
+    assert eval_main(["--model", os.path.join(out, "best")]) == 0  # data settings from run_config.json
+    assert "test_without_audio" in capsys.readouterr().out
+    q = tmp_path / "q.jsonl"
+    base = os.path.dirname(files["cls_test"])
+    q.write_text(json.dumps({"image": os.path.join(base, "img/80.png"), "audio": os.path.join(base, "audio/five.wav"),
+                             "question": "is the written digit bigger?"}) + "\n")
+    assert predict_main(["--model", os.path.join(out, "best"), "--input", str(q), "-o", str(tmp_path / "p.jsonl")]) == 0
+    assert json.loads(open(tmp_path / "p.jsonl").readline())["answer"] in ("yes", "no")
+
+
+def test_token_classification_reports_entity_f1(files, tmp_path):
+    from mmkernels.train.cli import train_main
+
+    out = str(tmp_path / "tag")
+    assert train_main(_overrides(files, "tag", "token_classification", out, metric="entity_f1", epochs=4)) == 0
+    rep = json.load(open(os.path.join(out, "report.json")))
+    assert 0.0 <= rep["test"]["entity_f1"] <= 1.0 and 0.0 <= rep["test"]["accuracy"] <= 1.0
+    saved = json.load(open(os.path.join(out, "best", "config.json")))
+    assert saved["labels"] == ["O", "B-HEARD", "B-SEEN"]
+
+
+def test_bad_files_name_the_line_and_field(files, tmp_path, capsys):
+    from mmkernels.train.cli import train_main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "x", "image": "a.png", "label": "yes"}) + "\n")  # no audio
+    ov = _overrides(files, "cls", "classification", str(tmp_path / "o"))
+    ov = [o if not o.startswith("data.train_file=") else f"data.train_file={bad}" for o in ov]
+    assert train_main(ov) == 2
+    assert "bad.jsonl:1: missing field(s) ['audio']" in capsys.readouterr().err
+    ov = _overrides(files, "cls", "classification", str(tmp_path / "o"), metric="entity_f1")
+    assert train_main(ov) == 2
+    assert "train.metric" in capsys.readouterr().err
