@@ -68,7 +68,7 @@ class JsonlDataset(torch.utils.data.Dataset):
     """One split, loaded and preprocessed once (fixed padding, like the AV-MNIST splits)."""
 
     def __init__(self, path: str, tokenizer, labels: List[str], task: str, modalities: Sequence[str],
-                 max_text_len: int = 24, max_audio_seconds: float = 1.0):
+                 max_text_len: int = 24, max_audio_seconds: float = 1.0, progress: bool = False):
         if task not in TASKS:
             raise JsonlFormatError(f"data.dataset=jsonl trains model.task {TASKS}, got {task!r}")
         records = read_jsonl(path, task, modalities)
@@ -99,7 +99,10 @@ class JsonlDataset(torch.utils.data.Dataset):
         max_len = int(max_audio_seconds * SAMPLE_RATE)
         self.audio = torch.zeros(n, max_len)
         self.audio_lengths = torch.ones(n, dtype=torch.long)
-        for i, r in enumerate(records):
+        from tqdm.auto import tqdm
+
+        for i, r in enumerate(tqdm(records, desc=f"reading {os.path.basename(path)}", disable=not progress,
+                                   leave=False)):
             if "image" in modalities:
                 self.images[i] = load_image(resolve(r["image"]))
             if "audio" in modalities:

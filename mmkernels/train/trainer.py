@@ -83,12 +83,12 @@ def load_dataset(data_dir: str, split: str, max_text_len: int, tokenizer=None) -
     return AVMNISTQA(os.path.join(data_dir, f"{split}.pt"), tokenizer or load_tokenizer(), max_text_len)
 
 
-def jsonl_dataset(cfg: Config, model_config, split: str, tokenizer):
+def jsonl_dataset(cfg: Config, model_config, split: str, tokenizer, progress: bool = False):
     """One split of data.dataset=jsonl, prepared for the model (its task, modalities and labels)."""
     from mmkernels.data.jsonl import JsonlDataset
 
     return JsonlDataset(getattr(cfg.data, f"{split}_file"), tokenizer, model_config.labels, model_config.task,
-                        model_config.modalities, cfg.data.max_text_len, cfg.data.max_audio_seconds)
+                        model_config.modalities, cfg.data.max_text_len, cfg.data.max_audio_seconds, progress)
 
 
 def model_tokenizer(model_config):
@@ -272,8 +272,8 @@ class Trainer:
                 cfg.model.labels = label_names(read_jsonl(cfg.data.train_file, cfg.model.task, cfg.model.modalities),
                                                cfg.model.task)
             cfg.model.num_labels = len(cfg.model.labels)
-            self.train_ds = jsonl_dataset(cfg, cfg.model, "train", tok)
-            self.val_ds = jsonl_dataset(cfg, cfg.model, "val", tok)
+            self.train_ds = jsonl_dataset(cfg, cfg.model, "train", tok, t.progress and self.main)
+            self.val_ds = jsonl_dataset(cfg, cfg.model, "val", tok, t.progress and self.main)
         else:
             self.train_ds = load_dataset(self.data_dir, "train", cfg.data.max_text_len, tok)
             self.val_ds = load_dataset(self.data_dir, "val", cfg.data.max_text_len, tok)
