@@ -72,14 +72,25 @@ def test_classification_trains_reports_evaluates_and_predicts(files, tmp_path, c
     saved = json.load(open(os.path.join(out, "best", "config.json")))
     assert saved["labels"] == ["no", "yes"] and saved["num_labels"] == 2
     capsys.readouterr()
-    assert eval_main(["--model", os.path.join(out, "best")]) == 0  # data settings from run_config.json
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cwd = os.getcwd()
+    os.chdir(elsewhere)  # run_config.json holds absolute data paths: eval works from any folder
+    try:
+        assert eval_main(["--model", os.path.join(out, "best")]) == 0
+    finally:
+        os.chdir(cwd)
     assert "test_without_audio" in capsys.readouterr().out
-    q = tmp_path / "q.jsonl"
-    base = os.path.dirname(files["cls_test"])
-    q.write_text(json.dumps({"image": os.path.join(base, "img/80.png"), "audio": os.path.join(base, "audio/five.wav"),
-                             "question": "is the written digit bigger?"}) + "\n")
-    assert predict_main(["--model", os.path.join(out, "best"), "--input", str(q), "-o", str(tmp_path / "p.jsonl")]) == 0
-    assert json.loads(open(tmp_path / "p.jsonl").readline())["answer"] in ("yes", "no")
+    # predict takes the training files' own lines: "text" field, paths relative to the file
+    assert predict_main(["--model", os.path.join(out, "best"), "--input", files["cls_test"],
+                         "-o", str(tmp_path / "p.jsonl")]) == 0
+    preds = [json.loads(line) for line in open(tmp_path / "p.jsonl")]
+    assert len(preds) == 16 and all(p["answer"] in ("yes", "no") for p in preds)
+    # scored against AV-MNIST answers (no run_config.json next to the copied folder): refused up front
+    import shutil
+    shutil.copytree(os.path.join(out, "best"), tmp_path / "copied")
+    assert eval_main(["--model", str(tmp_path / "copied")]) == 2
+    assert "not the AV-MNIST answers" in capsys.readouterr().err
 
 
 def test_token_classification_reports_entity_f1(files, tmp_path):
@@ -91,6 +102,31 @@ def test_token_classification_reports_entity_f1(files, tmp_path):
     assert 0.0 <= rep["test"]["entity_f1"] <= 1.0 and 0.0 <= rep["test"]["accuracy"] <= 1.0
     saved = json.load(open(os.path.join(out, "best", "config.json")))
     assert saved["labels"] == ["O", "B-HEARD", "B-SEEN"]
+    logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in logged)  # per scored word, not per sentence
+    assert all("entity_f1" in r for r in logged if r.get("split") == "val")
+
+
+def test_tags_bio_strings_and_truncation_is_reported(tmp_path):
+    from mmkernels.data.jsonl import JsonlDataset, JsonlFormatError, label_names, read_jsonl
+    from mmkernels.models.text import load_tokenizer
+
+    f = tmp_path / "t.jsonl"
+    long_tokens = ["w"] * 30 + ["paris"]
+    f.write_text(json.dumps({"tokens": ["a", "b"], "tags": ["O", "B-X"]}) + "\n"
+                 + json.dumps({"tokens": long_tokens, "tags": ["O"] * 30 + ["B-LOC"]}) + "\n")
+    recs = read_jsonl(str(f), "token_classification", ["text"])
+    labels = label_names(recs, "token_classification")
+    assert labels == ["O", "B-LOC", "B-X"]
+    with pytest.warns(UserWarning, match=r"21 words \(1 entities\) lie past data.max_text_len=12"):
+        ds = JsonlDataset(str(f), load_tokenizer(), labels, "token_classification", ["text"], max_text_len=12)
+    assert ds.truncated_entities == 1 and int((ds.labels[1] != -100).sum()) == 10
+    f.write_text(json.dumps({"tokens": ["a"], "tags": ["PER"]}) + "\n")
+    with pytest.raises(JsonlFormatError, match=r"t.jsonl:1: tags must be BIO"):
+        read_jsonl(str(f), "token_classification", ["text"])
+    f.write_text(json.dumps({"tokens": ["a", "b"], "tags": [0, 1]}) + "\n")
+    with pytest.raises(JsonlFormatError, match=r"tags must be BIO .*'0'"):  # ints become strings first
+        read_jsonl(str(f), "token_classification", ["text"])
 
 
 def test_bad_files_name_the_line_and_field(files, tmp_path, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -49,8 +50,15 @@ def read_jsonl(path: str, task: str, modalities: Sequence[str]) -> List[dict]:
             if missing:
                 raise JsonlFormatError(f"{path}:{ln}: missing field(s) {missing} (task {task}, modalities "
                                        f"{list(modalities)})")
-            if task == "token_classification" and len(rec["tokens"]) != len(rec["tags"]):
-                raise JsonlFormatError(f"{path}:{ln}: {len(rec['tokens'])} tokens but {len(rec['tags'])} tags")
+            if task == "token_classification":
+                if len(rec["tokens"]) != len(rec["tags"]):
+                    raise JsonlFormatError(f"{path}:{ln}: {len(rec['tokens'])} tokens but {len(rec['tags'])} tags")
+                rec["tags"] = [str(t) for t in rec["tags"]]
+                bad = [t for t in rec["tags"] if t != "O" and not t.startswith(("B-", "I-"))]
+                if bad:  # entity-level F1 reads spans from BIO tags: any other tag would never count
+                    raise JsonlFormatError(f"{path}:{ln}: tags must be BIO (O, B-TYPE, I-TYPE), got {bad[:3]}")
+            else:
+                rec["label"] = str(rec["label"])
             out.append(rec)
     if not out:
         raise JsonlFormatError(f"{path}: no records")
@@ -61,7 +69,7 @@ def label_names(records: List[dict], task: str) -> List[str]:
     if task == "token_classification":
         tags = sorted({t for r in records for t in r["tags"]} - {"O"})
         return ["O"] + tags
-    return sorted({str(r["label"]) for r in records})
+    return sorted({r["label"] for r in records})
 
 
 class JsonlDataset(torch.utils.data.Dataset):
@@ -83,17 +91,27 @@ class JsonlDataset(torch.utils.data.Dataset):
             enc = tokenizer([r.get("tokens", []) for r in records], is_split_into_words=True, padding="max_length",
                             truncation=True, max_length=max_text_len, return_tensors="pt")
             y = torch.full((n, max_text_len), -100, dtype=torch.long)
+            cut_words = cut_entities = 0
             for i, r in enumerate(records):
+                for tag in r["tags"]:
+                    self._label(index, tag, path)  # every tag known, truncated or not
                 seen = set()
                 for pos, w in enumerate(enc.word_ids(i)):
                     if w is None or w in seen:
                         continue
                     seen.add(w)
-                    y[i, pos] = self._label(index, r["tags"][w], path)
+                    y[i, pos] = index[r["tags"][w]]
+                cut_words += len(r["tags"]) - len(seen)
+                cut_entities += sum(t.startswith("B-") for t in r["tags"][len(seen):])
+            if cut_words:
+                warnings.warn(f"{path}: {cut_words} words ({cut_entities} entities) lie past data.max_text_len="
+                              f"{max_text_len} tokens: they are neither trained nor scored; raise data.max_text_len",
+                              stacklevel=2)
+            self.truncated_words, self.truncated_entities = cut_words, cut_entities
         else:
             enc = tokenizer([str(r.get("text", "")) for r in records], padding="max_length", truncation=True,
                             max_length=max_text_len, return_tensors="pt")
-            y = torch.tensor([self._label(index, str(r["label"]), path) for r in records], dtype=torch.long)
+            y = torch.tensor([self._label(index, r["label"], path) for r in records], dtype=torch.long)
         self.input_ids, self.attention_mask, self.labels = enc["input_ids"], enc["attention_mask"], y
         self.images = torch.zeros(n, 28, 28, dtype=torch.uint8)
         max_len = int(max_audio_seconds * SAMPLE_RATE)

@@ -59,7 +59,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     from mmkernels.data.avmnist import DataFormatError
     from mmkernels.models.fusion_model import FusionModel
     from mmkernels.train.config import ConfigError, load_config
-    from mmkernels.train.trainer import evaluation_report, format_report, prepare_data_dir
+    from mmkernels.train.trainer import check_labels_fit, evaluation_report, format_report, prepare_data_dir
 
     p = argparse.ArgumentParser(prog="mmkernels-eval", description="Evaluation report of a saved model: accuracy "
                                 "overall and per question type, held-out phrasings, each modality removed.",
@@ -83,9 +83,14 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
             with open(rc) as f:
                 base = {k: v for k, v in json.load(f).items() if k == "data"}
         cfg = load_config(a.config, list(a.overrides) + ([f"data.data_dir={a.data_dir}"] if a.data_dir else []), base=base)
+        check_labels_fit(model.config, cfg.data.dataset)  # before any data is built
         data_dir = prepare_data_dir(cfg)
+        from mmkernels.models.text import load_tokenizer
+
+        saved_tok = os.path.exists(os.path.join(a.model, "tokenizer_config.json"))
         rep = evaluation_report(model, data_dir, cfg.data.max_text_len, a.batch_size, device,
-                                torch.bfloat16 if device == "cuda" else None, progress=True, cfg=cfg)
+                                torch.bfloat16 if device == "cuda" else None, progress=True, cfg=cfg,
+                                tokenizer=load_tokenizer(a.model) if saved_tok else None)
     except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as e:
         return _fail(str(e))
     print(format_report(rep))
@@ -116,8 +121,9 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
                    help="question tokens (default: the model's training setting, else 24)")
     p.add_argument("--top-k", type=int, default=3)
     a = p.parse_args(argv)
-    queries = []
+    queries, base = [], os.getcwd()
     if a.input:
+        base = os.path.dirname(os.path.abspath(a.input))  # relative paths: from the queries file, as in training
         with open(a.input) as f:
             for ln, line in enumerate(f, 1):
                 if line.strip():
@@ -125,10 +131,10 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
                         queries.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         return _fail(f"{a.input}:{ln}: not valid JSON: {e}")
-    elif a.image and a.audio and a.question:
-        queries.append({"image": a.image, "audio": a.audio, "question": a.question})
+    elif a.image or a.audio or a.question:
+        queries.append({k: v for k, v in (("image", a.image), ("audio", a.audio), ("question", a.question)) if v})
     else:
-        return _fail("give --image, --audio and --question, or --input queries.jsonl")
+        return _fail("give --image, --audio and --question (those the model uses), or --input queries.jsonl")
     try:
         backend = {"keep": "keep", "default": None}.get(a.backend, a.backend)
         model = FusionModel.from_pretrained(a.model, kernel_backend=backend).eval()
@@ -143,26 +149,40 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
         max_text_len = a.max_text_len or int(prep.get("max_text_len", 24))
         seconds = a.max_audio_seconds or float(prep.get("max_audio_seconds", 1.0))
         max_len = int(seconds * int(prep.get("sample_rate", 8000)))
-        out = open(a.output, "w") if a.output else sys.stdout
+        # what each modality reads; "text" is the field name of the training JSON lines
+        fields = {"image": ("image",), "audio": ("audio",), "text": ("question", "text")}
+        mods = model.modalities
+
+        def path_of(p):
+            return p if os.path.isabs(p) else os.path.join(base, p)
+
+        results = []
         for q in queries:
-            for k in ("image", "audio", "question"):
-                if k not in q:
-                    raise ValueError(f"query {q} lacks the field '{k}'")
-            wav = load_audio(q["audio"])[:max_len]
-            audio = torch.zeros(1, max_len)
-            audio[0, :len(wav)] = torch.from_numpy(wav)
-            enc = tok([q["question"]], padding="max_length", truncation=True, max_length=max_text_len, return_tensors="pt")
+            for m in mods:
+                if not any(k in q for k in fields[m]):
+                    raise ValueError(f"query {q} lacks the field '{fields[m][0]}' (the model uses {m})")
+            audio, lengths = torch.zeros(1, max_len), torch.tensor([1])
+            if "audio" in mods:
+                wav = load_audio(path_of(q["audio"]))[:max_len]
+                audio[0, :len(wav)] = torch.from_numpy(wav)
+                lengths = torch.tensor([max(1, len(wav))])
+            text = str(q.get("question", q.get("text", "")))
+            enc = tok([text], padding="max_length", truncation=True, max_length=max_text_len, return_tensors="pt")
+            image = load_image(path_of(q["image"]))[None] if "image" in mods else torch.zeros(1, 28, 28, dtype=torch.uint8)
             batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                     "image": load_image(q["image"])[None], "audio": audio,
-                     "audio_lengths": torch.tensor([max(1, len(wav))])}
+                     "image": image, "audio": audio, "audio_lengths": lengths}
             with torch.no_grad():
                 probs = model(batch)["logits"].float().softmax(-1)[0]
             top = probs.topk(min(a.top_k, len(labels)))
-            rec = {**q, "answer": labels[int(top.indices[0])], "score": round(float(top.values[0]), 4),
-                   "top": [{"answer": labels[int(i)], "score": round(float(v), 4)} for v, i in zip(top.values, top.indices)]}
-            out.write(json.dumps(rec) + "\n")
+            results.append({**q, "answer": labels[int(top.indices[0])], "score": round(float(top.values[0]), 4),
+                            "top": [{"answer": labels[int(i)], "score": round(float(v), 4)}
+                                    for v, i in zip(top.values, top.indices)]})
+        lines = "".join(json.dumps(r) + "\n" for r in results)  # written once all queries succeeded
         if a.output:
-            out.close()
+            with open(a.output, "w") as f:
+                f.write(lines)
+        else:
+            sys.stdout.write(lines)
     except (FileNotFoundError, ValueError, ImportError) as e:
         return _fail(str(e))
     return 0

@@ -149,13 +149,24 @@ def evaluate(model: FusionModel, ds: AVMNISTQA, batch_size: int = 256, drop: Seq
             "per_type": M.grouped_accuracy(p, g, q, types) if types else {}}
 
 
+def check_labels_fit(model_config, dataset: str) -> None:
+    """A model trained on its own labels cannot be scored on the AV-MNIST answers (and back)."""
+    own = model_config.labels is not None and list(model_config.labels) != list(ANSWERS)
+    if dataset == "avmnist" and own:
+        raise ValueError(f"this model's labels {list(model_config.labels)[:5]} are not the AV-MNIST answers: "
+                         "evaluate it on its own data (a config with data.dataset=jsonl and data.test_file)")
+
+
 def evaluation_report(model: FusionModel, data_dir: Optional[str], max_text_len: int, batch_size: int = 256,
-                      device="cpu", amp_dtype=None, progress: bool = False, cfg: Optional[Config] = None) -> Dict:
+                      device="cpu", amp_dtype=None, progress: bool = False, cfg: Optional[Config] = None,
+                      tokenizer=None) -> Dict:
     """Accuracy overall and per question type on test, on the held-out phrasings, and on test with
     each modality removed in turn (data.dataset=jsonl: its test file, given through cfg)."""
     rep = {}
-    tok = model_tokenizer(model.config)
+    tok = tokenizer or model_tokenizer(model.config)
     if data_dir is None:
+        if cfg is None or cfg.data.dataset != "jsonl":
+            raise ValueError("evaluation_report: no data folder and no data.dataset=jsonl config")
         test = jsonl_dataset(cfg, model.config, "test", tok)
         rep["test"] = evaluate(model, test, batch_size, (), device, amp_dtype, progress, "test")
         if len(model.modalities) > 1:
@@ -163,6 +174,7 @@ def evaluation_report(model: FusionModel, data_dir: Optional[str], max_text_len:
                 rep[f"test_without_{m}"] = evaluate(model, test, batch_size, (m,), device, amp_dtype, progress,
                                                     f"-{m}")
         return rep
+    check_labels_fit(model.config, "avmnist")
     test = load_dataset(data_dir, "test", max_text_len, tok)
     rep["test"] = evaluate(model, test, batch_size, (), device, amp_dtype, progress, "test")
     held = os.path.join(data_dir, "test_heldout.pt")
@@ -268,12 +280,21 @@ class Trainer:
         if cfg.data.dataset == "jsonl":
             from mmkernels.data.jsonl import label_names, read_jsonl
 
+            for split in ("train", "val", "test"):  # run_config.json must work from any folder
+                f = getattr(cfg.data, f"{split}_file")
+                setattr(cfg.data, f"{split}_file", os.path.abspath(f) if f else f)
             if cfg.model.labels is None:  # the train file's labels (kept with the saved model)
                 cfg.model.labels = label_names(read_jsonl(cfg.data.train_file, cfg.model.task, cfg.model.modalities),
                                                cfg.model.task)
             cfg.model.num_labels = len(cfg.model.labels)
             self.train_ds = jsonl_dataset(cfg, cfg.model, "train", tok, t.progress and self.main)
             self.val_ds = jsonl_dataset(cfg, cfg.model, "val", tok, t.progress and self.main)
+            if t.final_eval:  # a bad test file must fail now, not after the training
+                test_labels = label_names(read_jsonl(cfg.data.test_file, cfg.model.task, cfg.model.modalities),
+                                          cfg.model.task)
+                unknown = sorted(set(test_labels) - set(cfg.model.labels))
+                if unknown:
+                    raise ConfigError(f"{cfg.data.test_file}: labels {unknown} are not in the train file's")
         else:
             self.train_ds = load_dataset(self.data_dir, "train", cfg.data.max_text_len, tok)
             self.val_ds = load_dataset(self.data_dir, "val", cfg.data.max_text_len, tok)
@@ -362,6 +383,10 @@ class Trainer:
         if os.path.isdir(path):
             path = os.path.join(path, CKPT_NAME)
         ck = load_checkpoint(path)
+        ck_labels = ck["config"].get("model", {}).get("labels")
+        if ck_labels is not None and list(ck_labels) != list(self.cfg.model.labels):
+            raise CheckpointError(f"checkpoint {path} was trained with labels {ck_labels}, this run has "
+                                  f"{self.cfg.model.labels} (did the train file change?)")
         try:
             self.model.load_state_dict(ck["model"])
         except RuntimeError as e:
@@ -430,7 +455,8 @@ class Trainer:
             r = evaluate(self.model, self.val_ds, t.eval_batch_size, (), self.device, self.amp_dtype)
             s = self.state
             self.log({"split": "val", "step": s["global_step"], "epoch": s["epoch"], "loss": r["loss"],
-                      "accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "per_type": r["per_type"]})
+                      "accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "per_type": r["per_type"],
+                      **({"entity_f1": r["entity_f1"]} if "entity_f1" in r else {})})
             val = r[t.metric]
             if val > s["best_metric"]:
                 s["best_metric"], s["best_step"], s["bad_evals"] = val, s["global_step"], 0
@@ -478,8 +504,9 @@ class Trainer:
                 s["step_in_epoch"] += 1
                 s["global_step"] += 1
                 run_loss += float(loss.detach()) * len(batch["labels"])
-                run_correct += int((out["logits"].argmax(-1) == batch["labels"]).sum())
-                run_n += len(batch["labels"])
+                scored = batch["labels"] != -100  # token classification: words' first sub-tokens only
+                run_correct += int(((out["logits"].argmax(-1) == batch["labels"]) & scored).sum())
+                run_n += int(scored.sum())
                 bar.update(1)
                 if t.log_every and s["global_step"] % t.log_every == 0:
                     row = {"split": "train", "step": s["global_step"], "epoch": s["epoch"], "loss": run_loss / run_n,
