@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import signal
 import sys
@@ -72,12 +71,14 @@ def bench_ms(fn, warmup=25, rep=100):
 
 
 def hbm_bandwidth_gbs() -> float:
-    n = 1 << 30 if DEV == "cuda" else 1 << 22  # 2 GiB of bf16 per buffer
-    x = torch.empty(n, dtype=torch.bfloat16, device=DEV).fill_(1.0)
-    y = torch.empty_like(x)
-    ms = bench_ms(lambda: y.copy_(x), warmup=10, rep=50)
-    gbs = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
-    del x, y
+    def measure():  # the 4 GiB of buffers are freed when it returns
+        n = 1 << 30 if DEV == "cuda" else 1 << 22  # 2 GiB of bf16 per buffer
+        x = torch.empty(n, dtype=torch.bfloat16, device=DEV).fill_(1.0)
+        y = torch.empty_like(x)
+        ms = bench_ms(lambda: y.copy_(x), warmup=10, rep=50)
+        return 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
+
+    gbs = measure()
     empty_cache()
     return gbs
 
@@ -289,7 +290,6 @@ def attention_entries(case, hbm, budget, do_bwd=True):
 
     run("flex-attention", make_flex, [q_t, k_cat, v_cat],
         note="compiled" + (", padding block mask" if kvl is not None else ""))
-    del k_cat, v_cat
 
 
 # ------------------------------------------------------------------ gated fusion
@@ -358,7 +358,6 @@ def gated_fusion_entries(M, N, H, hbm, budget):
         b4 = 2 * M * n4 * H * e + n4 * H * e + M * n4
         r["fwd_gbs"] = round(b4 / (r["fwd_ms"] * 1e-3) / 1e9, 0)
         r["fwd_pct_hbm"] = round(100 * r["fwd_gbs"] / hbm, 1)
-    del f, lg, present, gf
     empty_cache()
 
 

@@ -38,8 +38,20 @@ def test_ddp_two_processes_match_single(tmp_path):
     a = load_file(os.path.join(single, "last", "model.safetensors"))
     b = load_file(os.path.join(multi, "last", "model.safetensors"))
     assert a.keys() == b.keys()
-    moved = 0
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=k)
+    # ...and the runs did train: rebuild the initial weights as the trainer does (same seed), check
+    # that the frozen word embeddings kept them (the rebuild is exact) and that most others moved.
+    from mmkernels.data.avmnist import ANSWERS
+    from mmkernels.models import FusionModel
+    from mmkernels.train.trainer import seed_everything
+    cfg = load_config(None, tiny_overrides(cache, single) + extra)
+    cfg.model.labels = list(ANSWERS)
+    seed_everything(cfg.train.seed)
+    init = FusionModel(cfg.model).state_dict()
+    frozen = "text.embeddings.word_embeddings.weight"
+    assert torch.equal(init[frozen], a[frozen])
+    moved = [k for k in a if k != frozen and a[k].is_floating_point() and not torch.equal(init[k], a[k])]
+    assert len(moved) > len(a) // 2, moved
     ck = torch.load(os.path.join(multi, "checkpoint.pt"), weights_only=False)
     assert ck["world_size"] == 2 and ck["state"]["global_step"] == 4 and len(ck["rng"]) == 2

@@ -12,14 +12,14 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from mmkernels.data.avmnist import (ANSWERS, QUESTION_TYPES, AVMNISTConfig, AVMNISTQA, build_avmnist)
+from mmkernels.data.avmnist import ANSWERS, AVMNISTConfig, AVMNISTQA, build_avmnist
 from mmkernels.models.fusion_model import FusionModel
 from mmkernels.models.text import load_tokenizer
 from mmkernels.train import metrics as M
@@ -164,23 +164,20 @@ def evaluation_report(model: FusionModel, data_dir: Optional[str], max_text_len:
     each modality removed in turn (data.dataset=jsonl: its test file, given through cfg)."""
     rep = {}
     tok = tokenizer or model_tokenizer(model.config)
+    heldout = None
     if data_dir is None:
         if cfg is None or cfg.data.dataset != "jsonl":
             raise ValueError("evaluation_report: no data folder and no data.dataset=jsonl config")
         test = jsonl_dataset(cfg, model.config, "test", tok)
-        rep["test"] = evaluate(model, test, batch_size, (), device, amp_dtype, progress, "test")
-        if len(model.modalities) > 1:
-            for m in model.modalities:
-                rep[f"test_without_{m}"] = evaluate(model, test, batch_size, (m,), device, amp_dtype, progress,
-                                                    f"-{m}")
-        return rep
-    check_labels_fit(model.config, "avmnist")
-    test = load_dataset(data_dir, "test", max_text_len, tok)
+    else:
+        check_labels_fit(model.config, "avmnist")
+        test = load_dataset(data_dir, "test", max_text_len, tok)
+        if os.path.exists(os.path.join(data_dir, "test_heldout.pt")):
+            heldout = load_dataset(data_dir, "test_heldout", max_text_len, tok)
     rep["test"] = evaluate(model, test, batch_size, (), device, amp_dtype, progress, "test")
-    held = os.path.join(data_dir, "test_heldout.pt")
-    if os.path.exists(held):
-        rep["test_heldout_phrasings"] = evaluate(model, load_dataset(data_dir, "test_heldout", max_text_len, tok),
-                                                 batch_size, (), device, amp_dtype, progress, "held-out")
+    if heldout is not None:
+        rep["test_heldout_phrasings"] = evaluate(model, heldout, batch_size, (), device, amp_dtype, progress,
+                                                 "held-out")
     if len(model.modalities) > 1:
         for m in model.modalities:
             rep[f"test_without_{m}"] = evaluate(model, test, batch_size, (m,), device, amp_dtype, progress, f"-{m}")
@@ -505,8 +502,10 @@ class Trainer:
                 s["global_step"] += 1
                 run_loss += float(loss.detach()) * len(batch["labels"])
                 scored = batch["labels"] != -100  # token classification: words' first sub-tokens only
-                run_correct += int(((out["logits"].argmax(-1) == batch["labels"]) & scored).sum())
-                run_n += int(scored.sum())
+                hits = (out["logits"].argmax(-1) == batch["labels"]) & scored
+                correct, counted = torch.stack([hits.sum(), scored.sum()]).tolist()  # one device sync
+                run_correct += correct
+                run_n += counted
                 bar.update(1)
                 if t.log_every and s["global_step"] % t.log_every == 0:
                     row = {"split": "train", "step": s["global_step"], "epoch": s["epoch"], "loss": run_loss / run_n,
