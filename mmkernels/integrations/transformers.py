@@ -50,7 +50,7 @@ def _sdpa_fallback():
     return sdpa_attention_forward
 
 
-def _lengths_from_mask(mask: torch.Tensor, B: int, Lq: int, Lk: int, check: bool) -> Tuple[Optional[torch.Tensor], str]:
+def _lengths_from_mask(mask: torch.Tensor, B: int, Lk: int, check: bool) -> Tuple[Optional[torch.Tensor], str]:
     """kv_lengths (B, 1) if `mask` (bool, broadcastable to (B, H, Lq, Lk), True = attend) lets
     every query see exactly the first n_b keys of its sample; else (None, why not)."""
     if mask.dtype != torch.bool:
@@ -79,7 +79,7 @@ def mmkernels_attention_forward(
 ) -> Tuple[torch.Tensor, None]:
     """transformers' attention-function contract: query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D);
     returns (attn_output (B, Lq, Hq, Dv), None)."""
-    why = _why_not(module, query, key, dropout, kwargs)
+    why = _why_not(module, query, key, value, dropout, kwargs)
     B, Lq, Lk = query.shape[0], query.shape[2], key.shape[2]
     kv_lengths = None
     causal = False
@@ -89,7 +89,7 @@ def mmkernels_attention_forward(
                 # a causal module's mask is never a plain prefix: only a verified mask may be mapped
                 why = "mask on a causal module with check_masks=False"
             else:
-                kv_lengths, why = _lengths_from_mask(attention_mask, B, Lq, Lk, _SETTINGS["check_masks"])
+                kv_lengths, why = _lengths_from_mask(attention_mask, B, Lk, _SETTINGS["check_masks"])
         else:
             causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and Lq > 1
             if causal and Lq != Lk:
@@ -107,7 +107,7 @@ def mmkernels_attention_forward(
     return out, None
 
 
-def _why_not(module, query, key, dropout, kwargs) -> str:
+def _why_not(module, query, key, value, dropout, kwargs) -> str:
     if dropout and module.training:
         return "attention dropout while training"
     if kwargs.get("output_attentions"):
@@ -117,7 +117,7 @@ def _why_not(module, query, key, dropout, kwargs) -> str:
             return f"{name} is set"
     if query.shape[1] % key.shape[1]:
         return f"{query.shape[1]} query heads over {key.shape[1]} kv heads"
-    if query.stride(-1) != 1 or key.stride(-1) != 1:
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
         return "head dim not contiguous"
     return ""
 

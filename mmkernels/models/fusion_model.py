@@ -220,9 +220,7 @@ class FusionModel(nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         if preprocessing is not None:
-            with open(os.path.join(path, f".{PREPROCESSING_NAME}.tmp"), "w") as f:
-                json.dump(preprocessing, f, indent=1)
-            os.replace(os.path.join(path, f".{PREPROCESSING_NAME}.tmp"), os.path.join(path, PREPROCESSING_NAME))
+            _write_json(os.path.join(path, PREPROCESSING_NAME), preprocessing)
         cfg = asdict(self.config)
         if hasattr(self, "text"):
             cfg["bert_config"] = self.text.config.to_dict()
@@ -230,9 +228,7 @@ class FusionModel(nn.Module):
         tmp = os.path.join(path, f".{WEIGHTS_NAME}.tmp")
         save_file(state, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(path, WEIGHTS_NAME))
-        with open(os.path.join(path, f".{CONFIG_NAME}.tmp"), "w") as f:
-            json.dump({"model_type": "mmkernels-fusion", **cfg}, f, indent=1, default=str)
-        os.replace(os.path.join(path, f".{CONFIG_NAME}.tmp"), os.path.join(path, CONFIG_NAME))
+        _write_json(os.path.join(path, CONFIG_NAME), {"model_type": "mmkernels-fusion", **cfg})
 
     @classmethod
     def from_pretrained(cls, path: str, kernel_backend: Optional[str] = "keep", map_location="cpu") -> "FusionModel":
@@ -258,6 +254,14 @@ class FusionModel(nn.Module):
             raise ValueError(f"corrupt weights file {w_path}: {e}") from e
         model.load_state_dict(state)
         return model
+
+
+def _write_json(path: str, obj: dict) -> None:
+    """Atomic: a reader sees the old file or the new one, never half of one."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def load_preprocessing(path: str) -> dict:

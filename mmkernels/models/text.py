@@ -36,6 +36,13 @@ def load_tokenizer(path: Optional[str] = None):
     return _TOKENIZERS[path]
 
 
+def saved_tokenizer(model_dir: str, fallback_path: Optional[str] = None):
+    """The tokenizer saved beside a model by save_pretrained; for folders saved without one,
+    that of `fallback_path` (the model's text_model_path) or the package's MiniLM."""
+    has = os.path.exists(os.path.join(model_dir, "tokenizer_config.json"))
+    return load_tokenizer(model_dir if has else fallback_path)
+
+
 def build_text_encoder(kind: str, hidden: int = 128, layers: int = 2, heads: int = 2, bert_config: Optional[dict] = None,
                        model_path: Optional[str] = None):
     """kind: 'minilm' (pretrained weights: the package's MiniLM-L6, or the BERT-family folder

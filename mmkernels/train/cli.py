@@ -58,6 +58,7 @@ def train_main(argv: Optional[List[str]] = None) -> int:
 def eval_main(argv: Optional[List[str]] = None) -> int:
     from mmkernels.data.avmnist import DataFormatError
     from mmkernels.models.fusion_model import FusionModel
+    from mmkernels.models.text import saved_tokenizer
     from mmkernels.train.config import ConfigError, load_config
     from mmkernels.train.trainer import check_labels_fit, evaluation_report, format_report, prepare_data_dir
 
@@ -85,12 +86,9 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
         cfg = load_config(a.config, list(a.overrides) + ([f"data.data_dir={a.data_dir}"] if a.data_dir else []), base=base)
         check_labels_fit(model.config, cfg.data.dataset)  # before any data is built
         data_dir = prepare_data_dir(cfg)
-        from mmkernels.models.text import load_tokenizer
-
-        saved_tok = os.path.exists(os.path.join(a.model, "tokenizer_config.json"))
         rep = evaluation_report(model, data_dir, cfg.data.max_text_len, a.batch_size, device,
                                 torch.bfloat16 if device == "cuda" else None, progress=True, cfg=cfg,
-                                tokenizer=load_tokenizer(a.model) if saved_tok else None)
+                                tokenizer=saved_tokenizer(a.model, model.config.text_model_path))
     except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as e:
         return _fail(str(e))
     print(format_report(rep))
@@ -104,7 +102,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     from mmkernels.data.images import load_image
     from mmkernels.data.speech import load_audio
     from mmkernels.models.fusion_model import FusionModel, load_preprocessing
-    from mmkernels.models.text import load_tokenizer
+    from mmkernels.models.text import saved_tokenizer
 
     p = argparse.ArgumentParser(prog="mmkernels-predict",
                                 description="Answer questions about an image + a spoken WAV; JSON lines out.")
@@ -142,9 +140,7 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
             raise ValueError("mmkernels-predict answers with one label per query; this model tags tokens "
                              "(model.task token_classification): evaluate it with mmkernels-eval")
         prep = load_preprocessing(a.model)
-        # the tokenizer saved with the model, else the package's (models saved before tokenizers were)
-        has_tok = os.path.exists(os.path.join(a.model, "tokenizer_config.json"))
-        tok = load_tokenizer(a.model if has_tok else None)
+        tok = saved_tokenizer(a.model, model.config.text_model_path)
         labels = model.config.labels or [str(i) for i in range(model.config.num_labels)]
         max_text_len = a.max_text_len or int(prep.get("max_text_len", 24))
         seconds = a.max_audio_seconds or float(prep.get("max_audio_seconds", 1.0))

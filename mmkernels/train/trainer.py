@@ -280,18 +280,20 @@ class Trainer:
             for split in ("train", "val", "test"):  # run_config.json must work from any folder
                 f = getattr(cfg.data, f"{split}_file")
                 setattr(cfg.data, f"{split}_file", os.path.abspath(f) if f else f)
+
+            def labels_of(split):  # the JSON alone: cheap next to the images and audio loaded below
+                return label_names(read_jsonl(getattr(cfg.data, f"{split}_file"), cfg.model.task,
+                                              cfg.model.modalities), cfg.model.task)
+
             if cfg.model.labels is None:  # the train file's labels (kept with the saved model)
-                cfg.model.labels = label_names(read_jsonl(cfg.data.train_file, cfg.model.task, cfg.model.modalities),
-                                               cfg.model.task)
+                cfg.model.labels = labels_of("train")
             cfg.model.num_labels = len(cfg.model.labels)
-            self.train_ds = jsonl_dataset(cfg, cfg.model, "train", tok, t.progress and self.main)
-            self.val_ds = jsonl_dataset(cfg, cfg.model, "val", tok, t.progress and self.main)
             if t.final_eval:  # a bad test file must fail now, not after the training
-                test_labels = label_names(read_jsonl(cfg.data.test_file, cfg.model.task, cfg.model.modalities),
-                                          cfg.model.task)
-                unknown = sorted(set(test_labels) - set(cfg.model.labels))
+                unknown = sorted(set(labels_of("test")) - set(cfg.model.labels))
                 if unknown:
                     raise ConfigError(f"{cfg.data.test_file}: labels {unknown} are not in the train file's")
+            self.train_ds = jsonl_dataset(cfg, cfg.model, "train", tok, t.progress and self.main)
+            self.val_ds = jsonl_dataset(cfg, cfg.model, "val", tok, t.progress and self.main)
         else:
             self.train_ds = load_dataset(self.data_dir, "train", cfg.data.max_text_len, tok)
             self.val_ds = load_dataset(self.data_dir, "val", cfg.data.max_text_len, tok)
@@ -362,7 +364,7 @@ class Trainer:
 
         d = self.cfg.data
         preprocessing = {"max_text_len": d.max_text_len, "max_audio_seconds": d.max_audio_seconds,
-                         "sample_rate": SAMPLE_RATE, "image_size": [28, 28]}
+                         "sample_rate": SAMPLE_RATE}
         self.model.save_pretrained(os.path.join(self.out, name), preprocessing=preprocessing,
                                    tokenizer=model_tokenizer(self.cfg.model))
 
@@ -451,9 +453,8 @@ class Trainer:
         if self.main:
             r = evaluate(self.model, self.val_ds, t.eval_batch_size, (), self.device, self.amp_dtype)
             s = self.state
-            self.log({"split": "val", "step": s["global_step"], "epoch": s["epoch"], "loss": r["loss"],
-                      "accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "per_type": r["per_type"],
-                      **({"entity_f1": r["entity_f1"]} if "entity_f1" in r else {})})
+            self.log({"split": "val", "step": s["global_step"], "epoch": s["epoch"],
+                      **{k: v for k, v in r.items() if k != "n"}})
             val = r[t.metric]
             if val > s["best_metric"]:
                 s["best_metric"], s["best_step"], s["bad_evals"] = val, s["global_step"], 0

@@ -8,6 +8,7 @@ TRITON_INTERPRET=1, which must be set before triton is first imported.
 """
 from __future__ import annotations
 
+import functools
 from typing import List
 
 import torch
@@ -37,6 +38,7 @@ def _version(text: str) -> tuple:
     return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())
 
 
+@functools.lru_cache(maxsize=None)  # dispatch asks on every call: the versions don't change
 def _interpreter_broken() -> str | None:
     """Triton's interpreter before 3.7 turns 1-element arrays into loop bounds with int(),
     which NumPy 2.4 refuses: every kernel with a data-dependent loop fails there."""

@@ -730,7 +730,7 @@ def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(max(int(x), 1)))
 
 
-def _interp_safe(t: torch.Tensor) -> torch.Tensor:
+def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
     """The kernels index the last dim with stride 1, which an expanded tensor such as the
     grad of out.sum() (all strides 0) breaks; the interpreter also misreads any 0 stride."""
     if t.numel() > 1 and ((t.stride(-1) != 1 and t.shape[-1] > 1) or (INTERPRET and 0 in t.stride())):
@@ -799,7 +799,7 @@ def triton_cma_fwd(
     B, Lq, Hq, D = q.shape
     Hkv, Dv = keys[0].shape[2], values[0].shape[3]
     G = Hq // Hkv
-    q, keys, values = _interp_safe(q), [_interp_safe(k) for k in keys], [_interp_safe(v) for v in values]
+    q, keys, values = _kernel_layout(q), [_kernel_layout(k) for k in keys], [_kernel_layout(v) for v in values]
     out = q.new_empty((B, Lq, Hq, Dv))
     lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
     out_u = q.new_empty((B, Lq, Hq, Dv)) if head_gate is not None else q.new_empty((0,))
@@ -868,8 +868,8 @@ def triton_cma_bwd(
     dvs = [torch.empty_like(v) for v in values]
     if B * Hkv == 0 or (Lq == 0 and sum(int(k.shape[1]) for k in keys) == 0):
         return dq, dks, dvs, q.new_zeros((Hq, M), dtype=torch.float32), q.new_zeros((Hq,), dtype=torch.float32)
-    q, keys, values = _interp_safe(q), [_interp_safe(k) for k in keys], [_interp_safe(v) for v in values]
-    grad_out, out_ungated = _interp_safe(grad_out), _interp_safe(out_ungated)
+    q, keys, values = _kernel_layout(q), [_kernel_layout(k) for k in keys], [_kernel_layout(v) for v in values]
+    grad_out, out_ungated = _kernel_layout(grad_out), _kernel_layout(out_ungated)
     gate_t = torch.tanh(head_gate.float()).contiguous() if head_gate is not None else None
     lse = lse.float().contiguous()
     BD, BDV = _pow2(D), _pow2(Dv)

@@ -36,7 +36,7 @@ def _tuned(kernel):
 def _nh_bucket(nh: int) -> int:
     """Positions per modality rounded up to a power of two, at most 2^20: small calls (where
     big blocks leave SMs idle) tune apart from large ones without a retune per batch size."""
-    return min(1 << 20, triton.next_power_of_2(max(nh, 1)))
+    return min(1 << 20, triton.next_power_of_2(max(nh, 16)))  # >= 16: no value specialisation
 
 
 def _fixed():
