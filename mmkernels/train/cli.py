@@ -37,9 +37,9 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         ov = list(a.overrides) + ([f"train.output_dir={a.output_dir}"] if a.output_dir else [])
         cfg = load_config(a.config, ov)
         if a.print_config:
-            import yaml
+            from mmkernels.train.config import yaml_dump
 
-            print(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=str)), sort_keys=False), end="")
+            print(yaml_dump(json.loads(json.dumps(cfg.to_dict(), default=str))), end="")
             return 0
         resume = a.resume
         if resume == "auto":

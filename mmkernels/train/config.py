@@ -1,11 +1,15 @@
 """Run configuration: YAML file with sections data / model / train, plus `section.key=value` overrides.
-Unknown keys are errors that name the key (with a suggestion)."""
+Unknown keys are errors that name the key (with a suggestion). Every value, from the file or an
+override, is typed from its dataclass field: `1e-3`, `1.0e-3`, `3` and `"3"` are all numbers for a
+float, `"3"` is an int for an int, `yes`/`no`/`on`/`off`/`true`/`false` are booleans for a bool and
+strings for a string (YAML 1.2 reading: `[yes, no]` labels stay strings)."""
 from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -15,6 +19,16 @@ from mmkernels.models.fusion_model import ModelConfig
 
 class ConfigError(ValueError):
     """Bad configuration (unknown key, wrong type, unreadable file)."""
+
+
+def _one_of(name: str, value, options) -> None:
+    if value not in options:
+        raise ConfigError(f"{name} must be one of {list(options)}, got {value!r}")
+
+
+def _at_least(name: str, value, low) -> None:
+    if value < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value!r}")
 
 
 @dataclass
@@ -27,6 +41,10 @@ class DataConfig(AVMNISTConfig):
     cache_dir: Optional[str] = None     # default ~/.cache/mmkernels or $MMKERNELS_CACHE
     data_dir: Optional[str] = None      # an already-built data folder ({split}.pt); skips building
     max_text_len: int = 24
+
+    def __post_init__(self):
+        _one_of("data.dataset", self.dataset, ("avmnist", "jsonl"))
+        _at_least("data.max_text_len", self.max_text_len, 1)
 
 
 @dataclass
@@ -56,6 +74,16 @@ class TrainConfig:
     final_eval: bool = True             # report on test / held-out phrasings / modality removal at the end
     plot: bool = True
 
+    def __post_init__(self):
+        for k in ("batch_size", "eval_batch_size"):
+            _at_least(f"train.{k}", getattr(self, k), 1)
+        for k in ("epochs", "max_steps", "max_minutes", "warmup_steps", "eval_every", "early_stopping_patience",
+                  "ckpt_every", "log_every", "num_threads", "grad_clip", "weight_decay"):
+            _at_least(f"train.{k}", getattr(self, k), 0)
+        _one_of("train.metric", self.metric, ("accuracy", "macro_f1", "entity_f1"))
+        _one_of("train.amp", self.amp, ("auto", "bf16", "none"))
+        _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
+
 
 @dataclass
 class Config:
@@ -68,6 +96,128 @@ class Config:
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+# ----------------------------------------------------------------------------- YAML 1.2 scalars
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 core-schema scalars: booleans are only true/false (`yes`, `no`, `on`,
+    `off` stay strings), `1e-3` is a float (YAML 1.1 needs a dot), ints are decimal (`010` is 10)."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes every string that either YAML 1.1 or _Loader would read as something else."""
+
+
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {c: [(t, r) for t, r in rs if t not in (_BOOL, _INT, _FLOAT)]
+                                   for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_RESOLVERS = [
+    (_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")),
+    (_INT, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789")),
+    (_FLOAT, re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"
+                        r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"), list("-+0123456789.")),
+]
+for _tag, _rx, _first in _RESOLVERS:
+    _Loader.add_implicit_resolver(_tag, _rx, _first)
+    _Dumper.add_implicit_resolver(_tag, _rx, _first)
+_Loader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node)))
+
+
+def yaml_load(text_or_file):
+    return yaml.load(text_or_file, Loader=_Loader)
+
+
+def yaml_dump(obj) -> str:
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- typing
+_NULLS = ("null", "none", "~")
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_TYPE_NAMES = {int: "an int", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+
+
+class _WrongType(Exception):
+    pass
+
+
+def _type_name(tp) -> str:
+    if get_origin(tp) is Union:
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return f"{_type_name(inner[0])} or null"
+    if get_origin(tp) is list:
+        return f"a list of {_type_name(get_args(tp)[0])[2:]}s" if get_args(tp) else "a list"
+    return _TYPE_NAMES.get(get_origin(tp) or tp, getattr(tp, "__name__", str(tp)))
+
+
+def _typed(v, tp, raw: Optional[str] = None):
+    """`v` as type `tp` (raw: the override's text, kept as-is for strings); _WrongType if it is not one."""
+    if tp is Any:
+        return v
+    if get_origin(tp) is Union:
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        if v is None or (isinstance(v, str) and v.strip().lower() in _NULLS):
+            return None
+        return _typed(v, inner[0], raw)
+    if tp is bool:
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, int) and v in (0, 1):
+            return bool(v)
+        if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+            return v.strip().lower() in _TRUE
+        raise _WrongType
+    if tp is int:
+        if isinstance(v, str):
+            try:
+                v = float(v.strip()) if not re.fullmatch(r"[-+]?[0-9_]+", v.strip()) else int(v.strip())
+            except ValueError:
+                raise _WrongType from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _WrongType
+        if isinstance(v, float) and not v.is_integer():
+            raise _WrongType
+        return int(v)
+    if tp is float:
+        if isinstance(v, str):
+            try:
+                return float(v.strip())
+            except ValueError:
+                raise _WrongType from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _WrongType
+        return float(v)
+    if tp is str:
+        if isinstance(v, str):
+            return v
+        if raw is not None and v is not None and not isinstance(v, (list, dict)):
+            return raw  # an override's text as typed (`train.output_dir=2024`, `...=1e3`)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return str(v)
+        raise _WrongType
+    if get_origin(tp) is list:
+        if not isinstance(v, (list, tuple)):
+            raise _WrongType
+        (item,) = get_args(tp) or (Any,)
+        return [_typed(x, item) for x in v]
+    if tp is dict or get_origin(tp) is dict:
+        if not isinstance(v, dict):
+            raise _WrongType
+        return v
+    return v
+
+
+def _typed_section(sec: str, values: dict, where: Dict[str, str], raw: Dict[str, str]) -> dict:
+    hints = get_type_hints(_SECTIONS[sec])
+    out = {}
+    for k, v in values.items():
+        try:
+            out[k] = _typed(v, hints[k], raw.get(k))
+        except _WrongType:
+            src = where.get(k)
+            raise ConfigError(f"{sec}.{k} expects {_type_name(hints[k])}, got {v!r}"
+                              + (f" (in {src})" if src else "")) from None
+    return out
 
 
 def _suggest(name: str, options) -> str:
@@ -98,34 +248,42 @@ def parse_override(s: str):
         raise ConfigError(f"override key {key!r} must be section.key (sections: {list(_SECTIONS)})")
     sec, k = key.split(".", 1)
     try:
-        v = yaml.safe_load(val) if val != "" else None
+        v = yaml_load(val) if val != "" else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {s!r}: cannot parse value: {e}") from e
+        raise ConfigError(f"override {s!r}: cannot parse value: {' '.join(str(e).split())}") from e
     return sec, k, v
 
 
 def load_config(path: Optional[str] = None, overrides=(), base: Optional[dict] = None) -> Config:
     d: Dict[str, Dict[str, Any]] = {k: dict(v) for k, v in (base or {}).items()}
+    where: Dict[str, Dict[str, str]] = {}   # section -> key -> the file a value came from
+    raw: Dict[str, Dict[str, str]] = {}     # section -> key -> an override's text
     if path:
         if not os.path.exists(path):
             raise ConfigError(f"config file not found: {path}")
         try:
             with open(path) as f:
-                y = yaml.safe_load(f) or {}
+                y = yaml_load(f) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from e
         if not isinstance(y, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(y).__name__}")
         _check_keys(y, path)
         for sec, val in y.items():
             d.setdefault(sec, {}).update(val or {})
+            where.setdefault(sec, {}).update({k: path for k in (val or {})})
     for o in overrides:
         sec, k, v = parse_override(o)
         _check_keys({sec: {k: v}}, f"override {o!r}")
         d.setdefault(sec, {})[k] = v
+        where.get(sec, {}).pop(k, None)
+        raw.setdefault(sec, {})[k] = o.split("=", 1)[1]
     _check_keys(d, "config")
+    typed = {sec: _typed_section(sec, vals or {}, where.get(sec, {}), raw.get(sec, {})) for sec, vals in d.items()}
     try:
-        return Config(data=DataConfig(**d.get("data", {})), model=ModelConfig(**d.get("model", {})),
-                      train=TrainConfig(**d.get("train", {})))
+        return Config(data=DataConfig(**typed.get("data", {})), model=ModelConfig(**typed.get("model", {})),
+                      train=TrainConfig(**typed.get("train", {})))
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid config: {e}") from e

@@ -1,0 +1,88 @@
+"""Run configuration: values typed from the config dataclasses, whatever their YAML / CLI spelling,
+from the file and from overrides alike; a wrong type is one `error:` line and exit code 2."""
+import pytest
+
+from mmkernels.train.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("spelling, value", [("1e-3", 1e-3), ("1.0e-3", 1e-3), ("3", 3.0), ('"3"', 3.0),
+                                             ("0.5", 0.5), ("-2E+1", -20.0)])
+def test_float_in_any_spelling(spelling, value, tmp_path):
+    cfg = load_config(None, [f"train.lr={spelling}"])
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(value)
+    f = tmp_path / "c.yaml"
+    f.write_text(f"train:\n  lr: {spelling}\n  text_lr: {spelling}\n")
+    cfg = load_config(str(f))
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(value)
+    assert isinstance(cfg.train.text_lr, float) and cfg.train.text_lr == pytest.approx(value)
+
+
+def test_ints_bools_lists_and_optionals(tmp_path):
+    cfg = load_config(None, ['train.epochs="3"', "train.max_steps=1e3", "train.progress=false", "train.plot=no",
+                             "model.modalities=[image, audio]", "model.labels=[yes, no]", "train.text_lr=null",
+                             "train.output_dir=2024", "train.amp=none", "data.cache_dir=~/c"])
+    t = cfg.train
+    assert t.epochs == 3 and isinstance(t.epochs, int) and t.max_steps == 1000 and isinstance(t.max_steps, int)
+    assert t.progress is False and t.plot is False and t.text_lr is None
+    assert cfg.model.modalities == ["image", "audio"]
+    assert cfg.model.labels == ["yes", "no"]  # strings, not YAML 1.1 booleans
+    assert t.output_dir == "2024" and t.amp == "none" and cfg.data.cache_dir == "~/c"
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: '4'\n  progress: off\n  final_eval: True\n  max_minutes: 1\n"
+                 "model:\n  labels: [on, off, 3]\n  dropout: 1e-1\n")
+    cfg = load_config(str(f))
+    assert cfg.train.epochs == 4 and cfg.train.progress is False and cfg.train.final_eval is True
+    assert isinstance(cfg.train.max_minutes, float) and cfg.model.dropout == pytest.approx(0.1)
+    assert cfg.model.labels == ["on", "off", "3"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=abc", "train.epochs expects an int, got 'abc'"),
+    ("train.epochs=2.5", "train.epochs expects an int, got 2.5"),
+    ("train.epochs=true", "train.epochs expects an int, got True"),
+    ("train.lr=fast", "train.lr expects a number, got 'fast'"),
+    ("train.progress=maybe", "train.progress expects true or false, got 'maybe'"),
+    ("model.modalities=image", "model.modalities expects a list of strings, got 'image'"),
+    ("train.text_lr=[1]", "train.text_lr expects a number or null, got [1]"),
+    ("train.metric=[a]", "train.metric expects a string, got ['a']"),
+])
+def test_wrong_type_names_key_type_and_value(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == message
+
+
+def test_wrong_type_in_the_file_names_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  epochs: abc\n")
+    with pytest.raises(ConfigError, match=r"^train.epochs expects an int, got 'abc' \(in .*bad.yaml\)$"):
+        load_config(str(f))
+
+
+def test_cli_wrong_type_is_one_error_line_and_exit_2(capsys):
+    from mmkernels.train.cli import train_main
+    assert train_main(["train.epochs=abc", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: train.epochs expects an int, got 'abc'\n"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+    ("train.amp=fp8", "train.amp must be one of ['auto', 'bf16', 'none'], got 'fp8'"),
+    ("train.device=tpu", "train.device must be one of ['auto', 'cpu', 'cuda'], got 'tpu'"),
+    ("data.dataset=imagenet", "data.dataset must be one of ['avmnist', 'jsonl'], got 'imagenet'"),
+])
+def test_bad_values_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[").replace("]", r"\]") + "$"):
+        load_config(None, [override])
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    """--print-config output read back as a config file gives the same config (strings stay strings)."""
+    from mmkernels.train.cli import train_main
+    ov = ["model.labels=[yes, no, '1e3']", "train.lr=1e-4", "train.amp=none"]
+    assert train_main(ov + ["--print-config"]) == 0
+    f = tmp_path / "printed.yaml"
+    f.write_text(capsys.readouterr().out)
+    assert load_config(str(f)).to_dict() == load_config(None, ov).to_dict()
+    assert load_config(str(f)).model.labels == ["yes", "no", "1e3"]
