@@ -73,23 +73,25 @@ def cross_modal_attention_reference(
     valid = valid & q_valid[:, None, :, None]
     if causal:
         # Bottom-right aligned on the valid lengths: query i sees key j iff
-        # j <= i + (kv_len - q_len).
+        # j <= i + (kv_len - q_len). Lengths are clamped into [0, L] first, as the
+        # kernels do where they cannot check them (GPU, torch.compile).
         kv_len = (
-            kv_lengths[:, 0].to(device)
+            kv_lengths[:, 0].to(device).clamp(0, keys[0].shape[1])
             if kv_lengths is not None
             else torch.full((B,), keys[0].shape[1], device=device)
         )
-        q_len = q_lengths.to(device) if q_lengths is not None else torch.full((B,), Lq, device=device)
+        q_len = q_lengths.to(device).clamp(0, Lq) if q_lengths is not None else torch.full((B,), Lq, device=device)
         i = torch.arange(Lq, device=device)[None, :, None]
         j = torch.arange(k.shape[1], device=device)[None, None, :]
         allowed = j <= i + (kv_len - q_len)[:, None, None]
         valid = valid & allowed[:, None, :, :]
 
     valid = valid.expand(B, Hq, Lq, k.shape[1])
-    row_has_key = valid.any(dim=-1)  # (B, Hq, Lq)
-    # Rows with no valid key would give lse = -inf and NaN gradients through
-    # logsumexp: compute them on zeros and zero their probabilities instead.
     logits = logits.masked_fill(~valid, float("-inf"))
+    # A row with no valid key, or whose logits are all -inf (a -inf modality_bias on
+    # every modality it sees), gives lse = -inf and NaN through logsumexp: compute
+    # such rows on zeros and zero their probabilities instead (output 0, zero grads).
+    row_has_key = (~torch.isneginf(logits)).any(dim=-1)  # (B, Hq, Lq)
     logits = torch.where(row_has_key[..., None], logits, torch.zeros_like(logits))
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse[..., None]) * row_has_key[..., None]
@@ -119,11 +121,16 @@ def gated_fusion_reference(
     logits = gate_logits.to(acc)
     if present is not None:
         logits = logits.masked_fill(~present[..., None].bool(), float("-inf"))
-    any_present = torch.isfinite(logits).any(dim=0, keepdim=True)
-    # A position with no modality present softmaxes over all -inf: replace by
+    # A modality takes part at a unit where it is present and its logit is not -inf.
+    takes_part = ~torch.isneginf(logits)
+    any_present = takes_part.any(dim=0, keepdim=True)
+    # A position with no modality taking part softmaxes over all -inf: replace by
     # zeros there and zero the gates afterwards, so it yields 0 and no NaN.
     gates = F.softmax(torch.where(any_present, logits, torch.zeros_like(logits)), dim=0)
     gates = gates * any_present
+    # The features of a modality that takes no part never reach the result (nor its
+    # gradients): a NaN there must not become 0 * NaN.
+    f = torch.where(takes_part, f, torch.zeros_like(f))
     act = torch.tanh(f) if activation == "tanh" else f
     fused = (gates * act).sum(dim=0).to(features.dtype)
     if return_gates:

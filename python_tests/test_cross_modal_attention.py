@@ -12,7 +12,9 @@ from utils import (
     attention_inputs,
     close,
     compiled_backends,
+    exact_dtype,
     require_backend,
+    stable_seed,
 )
 
 # (B, Lq, Lks, Hq, Hkv, D, Dv): odd sizes, Lq != Lk, M = 1..4, GQA and MQA.
@@ -99,7 +101,7 @@ def test_matches_reference(backend, device, dtype, features, shape):
     require_backend(backend, device, dtype)
     if dtype == torch.float64 and device == "cuda":
         pytest.skip("fp64 runs on cpu and reference only")
-    torch.manual_seed(hash((shape, tuple(features))) % 2**31)
+    torch.manual_seed(stable_seed(shape, sorted(features)))
     B, Lq, Lks, Hq, Hkv, D, Dv = shape
     q, keys, values, kw = attention_inputs(B, Lq, Lks, Hq, Hkv, D, Dv, dtype, device, grad=True, **features)
     out, lse = mmkernels.cross_modal_attention(q, keys, values, **kw, return_lse=True, backend=backend)
@@ -142,15 +144,16 @@ def test_causal(backend, device, causal_shape):
     require_backend(backend, device)
     torch.manual_seed(2)
     B, Lq, Lk, Hq, Hkv = causal_shape
-    q, keys, values, kw = attention_inputs(B, Lq, (Lk,), Hq, Hkv, 16, 16, torch.float64, device,
+    dtype = exact_dtype(device)
+    q, keys, values, kw = attention_inputs(B, Lq, (Lk,), Hq, Hkv, 16, 16, dtype, device,
                                            q_pad=True, grad=True)
     out = mmkernels.cross_modal_attention(q, keys, values, **kw, causal=True, backend=backend)
     ref = reference(q, keys, values, **kw, causal=True)
-    close(out, ref, torch.float64)
+    close(out, ref, dtype)
     g, _ = _grads(out, [q, *keys, *values])
     gr, _ = _grads(ref, [q, *keys, *values])
     for a, b in zip(g, gr):
-        close(a, b, torch.float64)
+        close(a, b, dtype)
 
 
 @pytest.mark.parametrize("backend,device", compiled_backends())
@@ -183,9 +186,10 @@ def test_empty_batch_and_empty_segments(backend, device):
     out.sum().backward()
     assert q.grad.shape == q.shape
     # A segment of length 0 beside a non-empty one.
-    q, keys, values, kw = attention_inputs(2, 5, (0, 6), 4, 2, 8, 8, torch.float64, device)
+    dtype = exact_dtype(device)
+    q, keys, values, kw = attention_inputs(2, 5, (0, 6), 4, 2, 8, 8, dtype, device)
     close(mmkernels.cross_modal_attention(q, keys, values, **kw, backend=backend),
-          reference(q, keys, values, **kw), torch.float64)
+          reference(q, keys, values, **kw), dtype)
 
 
 @pytest.mark.parametrize("backend,device", compiled_backends())
@@ -193,7 +197,8 @@ def test_grad_of_lse_and_zero_gate(backend, device):
     """lse has a gradient, and a gate at 0 (its init in the model) still trains."""
     require_backend(backend, device)
     torch.manual_seed(4)
-    q, keys, values, kw = attention_inputs(2, 5, (9, 6), 4, 2, 8, 8, torch.float64, device,
+    dtype = exact_dtype(device)
+    q, keys, values, kw = attention_inputs(2, 5, (9, 6), 4, 2, 8, 8, dtype, device,
                                            bias=True, gate=True, grad=True)
     with torch.no_grad():
         kw["head_gate"][:2] = 0
@@ -204,7 +209,7 @@ def test_grad_of_lse_and_zero_gate(backend, device):
     loss_ref = (ref * 1.5).sum() + torch.where(lse_ref.isfinite(), lse_ref, 0).sum()
     grads = torch.autograd.grad(loss, inputs)
     for a, b in zip(grads, torch.autograd.grad(loss_ref, inputs)):
-        close(a, b, torch.float64)
+        close(a, b, dtype)
     assert grads[-1][:2].abs().min() > 0  # the zero gates get a gradient
 
 

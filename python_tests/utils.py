@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -29,12 +30,40 @@ def compiled_backends():
     return [pytest.param(b, d, id=b) for b, d in pairs]
 
 
+def must_have(backend: str) -> bool:
+    """Whether MMKERNELS_REQUIRE_EXT=1 makes `backend` mandatory here: the CPU kernels always,
+    the CUDA kernels and Triton on a machine with a GPU (a GPU run must never skip them)."""
+    if os.environ.get("MMKERNELS_REQUIRE_EXT") != "1":
+        return False
+    return backend == "cpu" or (backend in ("cuda", "triton") and torch.cuda.is_available())
+
+
 def require_backend(backend: str, device: str, dtype=torch.float32, op="cross_modal_attention"):
     reasons = backends.not_supported_reasons(backend, backends.Call(op, device, dtype, 1, 64, 64))
     if reasons:
-        if os.environ.get("MMKERNELS_REQUIRE_EXT") == "1" and backend in ("cpu",):
-            pytest.fail(f"backend {backend} must be available on CI: {reasons}")
+        if must_have(backend) and dtype != torch.float64:
+            pytest.fail(f"backend {backend} must be available here (MMKERNELS_REQUIRE_EXT=1): {reasons}")
         pytest.skip(f"backend {backend} unavailable: {'; '.join(reasons)}")
+
+
+def every_backend():
+    """(backend, device) pairs of every backend that can run here, the reference included;
+    Triton runs on CPU tensors under its interpreter where there is no GPU."""
+    gpu = torch.cuda.is_available()
+    pairs = [("reference", "cpu"), ("cpu", "cpu"), ("triton", "cuda" if gpu else "cpu")]
+    if gpu:
+        pairs.append(("cuda", "cuda"))
+    return [pytest.param(b, d, id=b) for b, d in pairs]
+
+
+def exact_dtype(device: str) -> torch.dtype:
+    """The most exact dtype every compiled backend on `device` runs: fp64 on CPU, fp32 on GPUs."""
+    return torch.float64 if device == "cpu" else torch.float32
+
+
+def stable_seed(*parts) -> int:
+    """A seed from test parameters that is the same in every process (hash() of a str is not)."""
+    return zlib.crc32(repr(parts).encode()) % 2**31
 
 
 def rand(*shape, dtype, device, noncontig=False, seed_gen=None):

@@ -42,7 +42,9 @@ inline const acc_t* to_acc(const scalar_t* src, acc_t* buf, int64_t H) {
 }
 
 // Computes the gates of position n into g (M x H rows; absent modalities get 0 rows).
-// Returns false when no modality is present (then g is all 0).
+// Returns false when no modality is present (then g is all 0). A gate of exactly 0 marks a
+// modality that takes no part at that unit: the kernels select it out rather than multiply,
+// so that its features, NaN or inf, never reach the result or the gradients (0 * NaN).
 template <typename scalar_t, typename acc_t>
 inline bool gates_row(const scalar_t* lp, int64_t sM, int64_t M, int64_t H, const bool* pres,
                       int64_t n, int64_t sPm, acc_t* g, acc_t* tmp, acc_t* mx, acc_t* den) {
@@ -71,14 +73,15 @@ inline bool gates_row(const scalar_t* lp, int64_t sM, int64_t M, int64_t H, cons
       for (int64_t h = 0; h < H; ++h) gm[h] = 0;
       continue;
     }
+    // A -inf logit takes no part, also where every logit of the unit is -inf (mx = -inf).
 #pragma omp simd
     for (int64_t h = 0; h < H; ++h) {
-      const acc_t e = fast_exp(gm[h] - mx[h]);
+      const acc_t e = gm[h] == ninf ? acc_t(0) : fast_exp(gm[h] - mx[h]);
       gm[h] = e;
       den[h] += e;
     }
   }
-  for (int64_t h = 0; h < H; ++h) den[h] = acc_t(1) / den[h];
+  for (int64_t h = 0; h < H; ++h) den[h] = den[h] > acc_t(0) ? acc_t(1) / den[h] : acc_t(0);
   for (int64_t m = 0; m < M; ++m) {
     acc_t* gm = g + m * H;
 #pragma omp simd
@@ -110,7 +113,7 @@ void gf_fwd_impl(const at::Tensor& f, const at::Tensor& l, const bool* pres, int
           act_row<acc_t>(fr, a.data(), H, activation);
           const acc_t* gm = g.data() + m * H;
 #pragma omp simd
-          for (int64_t h = 0; h < H; ++h) acc[h] += gm[h] * a[h];
+          for (int64_t h = 0; h < H; ++h) acc[h] += gm[h] != acc_t(0) ? gm[h] * a[h] : acc_t(0);
         }
       }
       scalar_t* o = op + n * H;
@@ -168,7 +171,7 @@ void gf_bwd_impl(const at::Tensor& gf, const at::Tensor* gg, const at::Tensor& f
           for (int64_t h = 0; h < H; ++h) dgm[h] += ggr[h];
         }
 #pragma omp simd
-        for (int64_t h = 0; h < H; ++h) s[h] += gm[h] * dgm[h];
+        for (int64_t h = 0; h < H; ++h) s[h] += gm[h] != acc_t(0) ? gm[h] * dgm[h] : acc_t(0);
       }
       for (int64_t m = 0; m < M; ++m) {
         const acc_t* am = a.data() + m * H;
@@ -179,14 +182,16 @@ void gf_bwd_impl(const at::Tensor& gf, const at::Tensor* gg, const at::Tensor& f
         if (activation == kActTanh) {
 #pragma omp simd
           for (int64_t h = 0; h < H; ++h) {
-            d1[h] = static_cast<scalar_t>(go[h] * gm[h] * (acc_t(1) - am[h] * am[h]));
-            d2[h] = static_cast<scalar_t>(gm[h] * (dgm[h] - s[h]));
+            const bool part = gm[h] != acc_t(0);
+            d1[h] = static_cast<scalar_t>(part ? go[h] * gm[h] * (acc_t(1) - am[h] * am[h]) : acc_t(0));
+            d2[h] = static_cast<scalar_t>(part ? gm[h] * (dgm[h] - s[h]) : acc_t(0));
           }
         } else {
 #pragma omp simd
           for (int64_t h = 0; h < H; ++h) {
-            d1[h] = static_cast<scalar_t>(go[h] * gm[h]);
-            d2[h] = static_cast<scalar_t>(gm[h] * (dgm[h] - s[h]));
+            const bool part = gm[h] != acc_t(0);
+            d1[h] = static_cast<scalar_t>(part ? go[h] * gm[h] : acc_t(0));
+            d2[h] = static_cast<scalar_t>(part ? gm[h] * (dgm[h] - s[h]) : acc_t(0));
           }
         }
       }

@@ -68,7 +68,8 @@ __global__ void __launch_bounds__(kGfThreads)
 #pragma unroll
           for (int v = 0; v < V; ++v) {
             if (!pres) l[m][v] = NEG_INF;
-            a[m][v] = gf_act_f(fv[v], act);
+            // A -inf logit takes no part: select its features out (0 * NaN would be NaN).
+            a[m][v] = l[m][v] == NEG_INF ? 0.f : gf_act_f(fv[v], act);
             mx[v] = fmaxf(mx[v], l[m][v]);
           }
         }
@@ -173,8 +174,9 @@ __global__ void __launch_bounds__(kGfThreads)
 #pragma unroll
           for (int v = 0; v < V; ++v) {
             if (!pres) l[m][v] = NEG_INF;
-            a[m][v] = gf_act_f(fv[v], act);
-            dg[m][v] = go[v] * a[m][v] + (ggates ? gg[v] : 0.f);
+            const bool part = l[m][v] != NEG_INF;  // else selected out, see the forward
+            a[m][v] = part ? gf_act_f(fv[v], act) : 0.f;
+            dg[m][v] = part ? go[v] * a[m][v] + (ggates ? gg[v] : 0.f) : 0.f;
             mx[v] = fmaxf(mx[v], l[m][v]);
           }
         }
@@ -246,9 +248,10 @@ __global__ void __launch_bounds__(kGfThreads)
           float dfv[V], dlv[V];
 #pragma unroll
           for (int v = 0; v < V; ++v) {
-            const float g = (pres && l[v] != NEG_INF) ? expf(l[v] - mx[v]) * inv[v] : 0.f;
-            const float a = gf_act_f(fv[v], act);
-            const float dg = go[v] * a + (ggates ? gg[v] : 0.f);
+            const bool part = pres && l[v] != NEG_INF;
+            const float g = part ? expf(l[v] - mx[v]) * inv[v] : 0.f;
+            const float a = part ? gf_act_f(fv[v], act) : 0.f;
+            const float dg = part ? go[v] * a + (ggates ? gg[v] : 0.f) : 0.f;
             if (pass == 0) {
               S[v] += g * dg;
             } else {

@@ -274,7 +274,7 @@ def _cma_fwd_kernel(
     bh = tl.program_id(1)
     split = tl.program_id(2)
     b = (bh // Hkv).to(tl.int64)
-    hkv = bh % Hkv
+    hkv = (bh % Hkv).to(tl.int64)  # int64: head offsets (hkv * skh) pass 2**31 on (B, H, L, D) views
     Hq = Hkv * G
     LqG = Lq * G
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -415,7 +415,7 @@ def _cma_merge_kernel(OPART, LPART, OUT, OUTU, sob, som, soh, LSE, GATE_T, Lq, G
     r = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
-    hkv = bh % Hkv
+    hkv = (bh % Hkv).to(tl.int64)  # int64: head offsets (hkv * skh) pass 2**31 on (B, H, L, D) views
     Hq = Hkv * G
     LqG = Lq * G
     s = tl.arange(0, NS_P2)
@@ -513,7 +513,7 @@ def _cma_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
-    hkv = bh % Hkv
+    hkv = (bh % Hkv).to(tl.int64)  # int64: head offsets (hkv * skh) pass 2**31 on (B, H, L, D) views
     Hq = Hkv * G
     LqG = Lq * G
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -662,7 +662,7 @@ def _cma_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
-    hkv = bh % Hkv
+    hkv = (bh % Hkv).to(tl.int64)  # int64: head offsets (hkv * skh) pass 2**31 on (B, H, L, D) views
     Hq = Hkv * G
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)

@@ -399,8 +399,11 @@ static void run_case(const Case& c, double tol) {
 
 // ---------------------------------------------------------------- gated fusion
 template <typename T, int V, int MC>
-static void run_gf(int M, int N, int H, bool use_present, int act, bool grad_gates) {
-  std::printf("gated fusion M=%d N=%d H=%d V=%d MC=%d present=%d act=%d\n", M, N, H, V, MC, use_present, act);
+// edges: positions whose present logits are all -inf at some units, and NaN features of
+// absent modalities and of -inf logits; neither may reach the results (gives 0, never NaN).
+static void run_gf(int M, int N, int H, bool use_present, int act, bool grad_gates, bool edges = false) {
+  std::printf("gated fusion M=%d N=%d H=%d V=%d MC=%d present=%d act=%d edges=%d\n", M, N, H, V, MC, use_present, act,
+              edges);
   const size_t E = (size_t)M * N * H;
   std::vector<T> f(E), l(E), gg(E), gfz((size_t)N * H);
   std::vector<double> fd(E), ld(E), ggd(E), gfd((size_t)N * H);
@@ -411,6 +414,16 @@ static void run_gf(int M, int N, int H, bool use_present, int act, bool grad_gat
   bool pres_b[4096];
   for (size_t i = 0; i < pres_u.size(); ++i) pres_b[i] = pres_u[i];
   const bool* pres = use_present ? pres_b : nullptr;
+  if (edges) {
+    for (int n = 0; n < N; ++n)
+      for (int m = 0; m < M; ++m)
+        for (int h = 0; h < H; ++h) {
+          const size_t i = ((size_t)m * N + n) * H + h;
+          const bool absent = pres && !pres[(size_t)m * N + n];
+          if ((n % 3 == 1 && h < 2) || (m == 1 && h == H - 1)) { l[i] = cast_to<T>(-INFINITY); ld[i] = -INFINITY; }
+          if (absent || ld[i] == -INFINITY) { f[i] = cast_to<T>(NAN); fd[i] = NAN; }
+        }
+  }
   std::vector<T> fused((size_t)N * H), gates(E), df(E), dl(E);
   const int64_t chunks = (int64_t)N * H / V;
   dim3 grid((unsigned)std::max<int64_t>(1, std::min<int64_t>(3, (chunks + kGfThreads - 1) / kGfThreads)));
@@ -425,13 +438,15 @@ static void run_gf(int M, int N, int H, bool use_present, int act, bool grad_gat
     for (int h = 0; h < H; ++h) {
       double mx = -INFINITY;
       for (int m = 0; m < M; ++m) if (!pres || pres[(size_t)m * N + n]) mx = std::max(mx, ld[((size_t)m * N + n) * H + h]);
-      std::vector<double> g(M, 0.0), a(M), dg(M);
+      std::vector<double> g(M, 0.0), a(M, 0.0), dg(M, 0.0);
       double sum = 0;
       for (int m = 0; m < M; ++m) {
         const size_t i = ((size_t)m * N + n) * H + h;
+        if ((pres && !pres[(size_t)m * N + n]) || ld[i] == -INFINITY) continue;  // takes no part
         a[m] = act == 0 ? std::tanh(fd[i]) : fd[i];
         dg[m] = gfd[(size_t)n * H + h] * a[m] + (grad_gates ? ggd[i] : 0.0);
-        if (!pres || pres[(size_t)m * N + n]) { g[m] = std::exp(ld[i] - mx); sum += g[m]; }
+        g[m] = std::exp(ld[i] - mx);
+        sum += g[m];
       }
       double out = 0, S = 0;
       for (int m = 0; m < M; ++m) { g[m] = sum > 0 ? g[m] / sum : 0.0; out += g[m] * a[m]; S += g[m] * dg[m]; }
@@ -460,12 +475,23 @@ int main(int argc, char** argv) {
     run_case<__nv_bfloat16, 64>({"bf16 causal tc", 2, 70, 2, 1, 64, 48, {100}, true, true, true, false, true, true, 0}, 8e-3);
     run_case<__half, 128>({"half D128 M3 tc", 2, 65, 2, 2, 128, 128, {40, 3, 33}, true, true, true, true, false, false, 0}, 1e-3);
     run_case<float, 64>({"Lq0-ish rows", 2, 1, 1, 1, 8, 8, {1, 0}, true, true, true, true, false, false, 0}, 1e-4);
+    // every segment slot up to MAX_SEGMENTS
+    run_case<float, 64>({"M5 GQA", 2, 9, 4, 2, 16, 16, {3, 11, 1, 7, 20}, true, true, true, true, false, false, 0}, 1e-4);
+    run_case<float, 64>({"M6", 2, 5, 2, 1, 16, 8, {4, 2, 9, 1, 6, 3}, true, true, true, false, false, true, 2}, 1e-4);
+    run_case<float, 64>({"M7", 2, 4, 2, 2, 8, 8, {2, 5, 1, 3, 8, 2, 6}, true, false, true, true, false, false, 0}, 1e-4);
+    run_case<float, 64>({"M8", 2, 6, 2, 1, 16, 16, {5, 1, 4, 9, 2, 7, 3, 12}, true, true, true, true, false, false, 0}, 1e-4);
+    run_case<__nv_bfloat16, 64>({"bf16 M8 tc", 2, 33, 2, 1, 64, 64, {5, 17, 4, 9, 2, 30, 3, 12}, true, true, true, true,
+                                 false, false, 0}, 8e-3);
   }
   run_gf<float, 4, kGfCache>(3, 10, 8, true, 0, true);
   run_gf<float, 1, kGfCache>(2, 7, 5, false, 1, false);
   run_gf<float, 4, 0>(6, 9, 12, true, 0, true);
   run_gf<float, 1, 0>(5, 6, 3, true, 1, true);
   run_gf<__half, 4, kGfCache>(2, 5, 8, true, 0, true);
+  for (int act = 0; act < 2; ++act) {
+    run_gf<float, 4, kGfCache>(3, 10, 8, true, act, true, true);
+    run_gf<float, 1, 0>(6, 9, 5, true, act, true, true);
+  }
   std::printf(failures ? "FAILED: %d mismatches\n" : "ALL OK\n", failures);
   return failures ? 1 : 0;
 }
