@@ -1,6 +1,10 @@
 """Tiny configurations for fast tests (tiny data set, tiny model, CPU)."""
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import sys
 from typing import List
 
 TINY_DATA = ["data.n_train=64", "data.n_val=32", "data.n_test=32", "data.speakers_train=3", "data.speakers_val=2",
@@ -16,3 +20,81 @@ def tiny_overrides(cache_dir: str, output_dir: str, **train) -> List[str]:
          "output_dir": output_dir}
     t.update(train)
     return TINY_DATA + TINY_MODEL + [f"data.cache_dir={cache_dir}"] + [f"train.{k}={v}" for k, v in t.items()]
+
+
+READ_METHODS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINER_AND_MODEL = (os.path.join(_PKG, "train") + os.sep, os.path.join(_PKG, "models") + os.sep)
+
+
+@contextlib.contextmanager
+def count_host_reads(where=TRAINER_AND_MODEL):
+    """Every read of a tensor's values back to the host (`.item()`, `.tolist()`, `.cpu()`, `.numpy()`,
+    `float(t)`, `int(t)`, `bool(t)`, ...) made from Python inside the block by code in the folders
+    `where` (default: the trainer and the model; None: anywhere): on an accelerator each is a device
+    sync. Yields a list of (method, caller file:line). Reads inside C++ ops are not seen."""
+    import torch
+
+    reads = []
+    saved = {m: getattr(torch.Tensor, m) for m in READ_METHODS}
+
+    def wrap(name, fn):
+        def read(self, *a, **k):
+            f = sys._getframe(1)
+            if where is None or f.f_code.co_filename.startswith(tuple(where)):
+                reads.append((name, f"{f.f_code.co_filename}:{f.f_lineno}"))
+            return fn(self, *a, **k)
+        return read
+
+    for m, fn in saved.items():
+        setattr(torch.Tensor, m, wrap(m, fn))
+    try:
+        yield reads
+    finally:
+        for m, fn in saved.items():
+            setattr(torch.Tensor, m, fn)
+
+
+def write_digit_jsonl(folder: str, n_train: int = 128, n_val: int = 32, n_test: int = 64,
+                      digits=(0, 1), seed: int = 0) -> dict:
+    """An easy data set as JSON lines (data.dataset=jsonl): an MNIST image of one of `digits`, a fixed
+    question, a short noise WAV; the label is the written digit's word. Returns split -> file path."""
+    import wave
+
+    import numpy as np
+    from PIL import Image
+
+    from mmkernels.data.avmnist import load_mnist
+
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    (x, y), _, _ = load_mnist()
+    rng = np.random.default_rng(seed)
+    pool = rng.permutation(np.flatnonzero(np.isin(y, digits)))
+    os.makedirs(os.path.join(folder, "img"), exist_ok=True)
+    with wave.open(os.path.join(folder, "noise.wav"), "wb") as f:
+        f.setnchannels(1), f.setsampwidth(2), f.setframerate(8000)
+        f.writeframes((rng.uniform(-0.1, 0.1, 4000) * 32767).astype(np.int16).tobytes())
+    files, start = {}, 0
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        lines = []
+        for i in pool[start:start + n]:
+            Image.fromarray(x[i]).save(os.path.join(folder, "img", f"{i}.png"))
+            lines.append(json.dumps({"text": "which digit is written?", "image": f"img/{i}.png",
+                                     "audio": "noise.wav", "label": words[int(y[i])]}) + "\n")
+        start += n
+        files[split] = os.path.join(folder, f"{split}.jsonl")
+        with open(files[split], "w") as f:
+            f.write("".join(lines))
+    return files
+
+
+def jsonl_overrides(files: dict, output_dir: str, **train) -> List[str]:
+    """Tiny model and CPU settings on the JSON lines files of write_digit_jsonl."""
+    t = {"batch_size": 16, "epochs": 2, "lr": 1e-3, "warmup_steps": 2, "log_every": 2, "progress": False,
+         "plot": False, "final_eval": False, "num_threads": 1, "eval_batch_size": 64, "output_dir": output_dir}
+    t.update(train)
+    return ["data.dataset=jsonl", "model.task=classification", "model.aux_digit_loss=0.0"] + \
+        [f"data.{s}_file={p}" for s, p in files.items()] + \
+        [o for o in TINY_MODEL if not o.startswith("model.aux")] + [f"train.{k}={v}" for k, v in t.items()]
