@@ -230,6 +230,25 @@ def test_opcheck(backend, device):
         torch.library.opcheck(torch.ops.mmkernels.cma_bwd.default, bwd_args)
 
 
+@pytest.mark.parametrize("backend,device", compiled_backends())
+def test_opcheck_causal_and_bf16(backend, device):
+    require_backend(backend, device, torch.bfloat16)
+    torch.manual_seed(8)
+    for Lks, dtype, causal in (((9,), torch.float32, True), ((7, 3), torch.bfloat16, False),
+                               ((6,), torch.bfloat16, True)):
+        q, keys, values, kw = attention_inputs(2, 5, Lks, 4, 2, 16, 16, dtype, device, q_pad=True, bias=True,
+                                               gate=True, grad=True)
+        kw["modality_bias"] = kw["modality_bias"].detach().to(dtype).requires_grad_(True)
+        args = (q, keys, values, kw["kv_lengths"], kw["q_lengths"], kw["modality_bias"], kw["head_gate"], 0.25,
+                causal)
+        torch.library.opcheck(torch.ops.mmkernels.cma_fwd.default, args)
+        out, lse, out_u = torch.ops.mmkernels.cma_fwd(*args)
+        bwd_args = (torch.randn_like(out), torch.randn_like(lse), q.detach(), [k.detach() for k in keys],
+                    [v.detach() for v in values], out_u.detach(), lse.detach(),
+                    *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[3:]])
+        torch.library.opcheck(torch.ops.mmkernels.cma_bwd.default, bwd_args)
+
+
 @pytest.mark.parametrize("backend,device", [p for p in compiled_backends() if p.values[0] == "cpu"])
 def test_gradcheck_fp64(backend, device):
     require_backend(backend, device, torch.float64)
@@ -260,8 +279,8 @@ def test_compile_fullgraph_no_recompile_on_new_lengths(backend, device):
     q, keys, values, kw = attention_inputs(2, 5, (7, 6), 4, 2, 8, 8, torch.float32, device,
                                            bias=True, gate=True, grad=True)
 
-    def step(q, k0, k1, v0, v1, kv_lengths, bias, gate):
-        out = mmkernels.cross_modal_attention(q, [k0, k1], [v0, v1], kv_lengths=kv_lengths,
+    def step(q, k0, k1, v0, v1, kv_lengths, q_lengths, bias, gate):
+        out = mmkernels.cross_modal_attention(q, [k0, k1], [v0, v1], kv_lengths=kv_lengths, q_lengths=q_lengths,
                                               modality_bias=bias, head_gate=gate, backend=backend)
         return (out * out).sum()
 
@@ -270,7 +289,8 @@ def test_compile_fullgraph_no_recompile_on_new_lengths(backend, device):
     counters.clear()
     for trial in range(3):
         lengths = torch.stack([torch.randint(0, 8, (2,)), torch.randint(0, 7, (2,))], 1).to(device)
-        args = (q, *keys, *values, lengths, kw["modality_bias"], kw["head_gate"])
+        q_lengths = torch.tensor([[5, 2], [0, 5], [3, 4]][trial], device=device)
+        args = (q, *keys, *values, lengths, q_lengths, kw["modality_bias"], kw["head_gate"])
         loss = compiled(*args)
         grads = torch.autograd.grad(loss, [q, *keys, *values, kw["modality_bias"], kw["head_gate"]])
         expect = step(*args)

@@ -50,3 +50,28 @@ def test_package_works_without_the_extension():
     env = {**__import__("os").environ, "MMKERNELS_NO_EXT": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_require_ext_fails_missing_gpu_backends_on_a_gpu_machine(monkeypatch):
+    """MMKERNELS_REQUIRE_EXT=1 on a machine with a GPU: a CUDA or Triton backend that cannot
+    run fails its tests instead of skipping them; without a GPU only the CPU kernels are required."""
+    import pytest
+
+    import utils
+
+    monkeypatch.setenv("MMKERNELS_REQUIRE_EXT", "1")
+    unable = lambda name, call: [f"{name} cannot run (test)"]  # noqa: E731
+    monkeypatch.setattr(backends, "not_supported_reasons", unable)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("cuda", "triton", "cpu"):
+        with pytest.raises(pytest.fail.Exception, match="must be available"):
+            utils.require_backend(name, "cuda" if name != "cpu" else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("cuda", "triton"):
+        with pytest.raises(pytest.skip.Exception):
+            utils.require_backend(name, "cuda")
+    with pytest.raises(pytest.fail.Exception):
+        utils.require_backend("cpu", "cpu")
+    monkeypatch.delenv("MMKERNELS_REQUIRE_EXT")
+    with pytest.raises(pytest.skip.Exception):
+        utils.require_backend("cpu", "cpu")
