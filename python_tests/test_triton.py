@@ -486,7 +486,7 @@ import torch
 import mmkernels
 from mmkernels.reference import cross_modal_attention_reference as ref
 
-device, real = sys.argv[1], sys.argv[2] == "real"
+device, real, backend = sys.argv[1], sys.argv[2] == "real", sys.argv[3]
 torch.manual_seed(0)
 H, D, Lq, Lk = 3, 16, 2, 5
 
@@ -513,7 +513,7 @@ if real:  # what the transformers backend passes: a (B, H, L, D) tensor of > 2**
 else:
     q, k, v = big_head_stride(Lq), big_head_stride(Lk), big_head_stride(Lk)
 q.requires_grad_(True)
-out = mmkernels.cross_modal_attention(q, [k], [v], backend="triton")
+out = mmkernels.cross_modal_attention(q, [k], [v], backend=backend)
 go = torch.randn_like(out)
 (dq,) = torch.autograd.grad(out, [q], go)
 rows = slice(None) if not real else slice(Lq - 64, Lq)  # the reference materialises scores: the last rows
@@ -526,14 +526,15 @@ print("ok")
 '''
 
 
-@pytest.mark.parametrize("kind", ["strided", pytest.param("real", marks=needs_cuda)])
-def test_offsets_past_2_31_elements(kind):
-    """Head and batch offsets are int64 in every Triton kernel. In a subprocess: a wrapped
-    offset reads out of bounds, which may kill the process rather than raise."""
+@pytest.mark.parametrize("kind,backend", [("strided", "triton"), pytest.param("real", "triton", marks=needs_cuda),
+                                          pytest.param("real", "cuda", marks=needs_cuda)])
+def test_offsets_past_2_31_elements(kind, backend):
+    """Head and batch offsets are int64 in every Triton kernel (and the CUDA ones). In a
+    subprocess: a wrapped offset reads out of bounds, which may kill the process rather than raise."""
     import subprocess
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", _BIG_OFFSETS_SCRIPT, DEVICE, kind], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _BIG_OFFSETS_SCRIPT, DEVICE, kind, backend], capture_output=True, text=True,
                        timeout=600, cwd=repo, env=dict(os.environ))
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
