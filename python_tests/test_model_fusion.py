@@ -1,5 +1,7 @@
 """Fusion model: shapes, mmkernels ops vs reference ops with the same weights, zero-init gates,
 modality removal, heads, save_pretrained / from_pretrained, metrics."""
+import os
+
 import pytest
 import torch
 
@@ -167,13 +169,37 @@ def test_frozen_text_encoder_runs_in_eval_mode_and_dedups_exactly():
     b = make_batch()
     b["input_ids"][2] = b["input_ids"][0]
     b["attention_mask"][2] = b["attention_mask"][0]
-    tokens, _ = m.encode(b)
     h = m.text(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    tokens, _ = m.encode(b)  # no keys: the encoder runs on the batch
     torch.testing.assert_close(tokens["text"], m.text_proj(h))
-    tokens2, _ = m.encode(b)  # second call: served from the frozen-encoder cache
+    pb = m.prepare_batch(b, "cpu")
+    assert len(set(pb["text_keys"])) == 2  # rows 0 and 2 are the same question
+    tokens, _ = m.encode(pb)
+    torch.testing.assert_close(tokens["text"], m.text_proj(h))
+    assert len(m.__dict__["_text_cache"]) == 2
+    calls = []
+    m.text.register_forward_hook(lambda mod, args, kwargs, out: calls.append(1), with_kwargs=True)
+    tokens2, _ = m.encode(pb)  # second call: served from the frozen-encoder cache
+    assert calls == []
     torch.testing.assert_close(tokens2["text"], tokens["text"])
     m.load_state_dict(m.state_dict())
     assert not m.__dict__.get("_text_cache")
+
+
+def test_frozen_text_encoder_forward_reads_nothing_back_from_the_device():
+    """On a GPU each `.tolist()` / `.item()` / `.cpu()` is a device sync: the cache keys are read from the
+    host batch by prepare_batch, before it is moved; the forward itself reads nothing back."""
+    from mmkernels.train.testing import count_host_reads
+
+    torch.manual_seed(0)
+    m = FusionModel(ModelConfig(**TINY, text_finetune="frozen")).train()
+    pb = m.prepare_batch(make_batch(), "cpu")
+    for _ in range(2):  # fills the cache, then reads from it
+        with count_host_reads() as reads:
+            m(pb)["loss"].backward()
+        assert reads == []
+    unfrozen = FusionModel(ModelConfig(**TINY))
+    assert "text_keys" not in unfrozen.prepare_batch(make_batch(), "cpu")
 
 
 def test_text_model_from_a_local_folder(tmp_path):
@@ -185,3 +211,36 @@ def test_text_model_from_a_local_folder(tmp_path):
     assert m.text.config.hidden_size == 384 and m.text.config.num_hidden_layers == 6
     with pytest.raises(FileNotFoundError, match=r"model.text_model_path: no config.json in .*nowhere"):
         FusionModel(ModelConfig(text_encoder="minilm", text_model_path=str(tmp_path / "nowhere")))
+
+
+def test_save_pretrained_replaces_the_folder_whole(tmp_path, monkeypatch):
+    """Written to a temporary folder, then swapped in: a save that fails midway leaves the previous model
+    whole (weights and config of the same model), and a finished save leaves no file of the old one."""
+    from mmkernels.models import fusion_model
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    old = FusionModel(ModelConfig(**TINY))
+    path = tmp_path / "best"
+    old.save_pretrained(str(path), preprocessing={"max_text_len": 16})
+    (path / "stale.txt").write_text("from an older save")
+    new = FusionModel(ModelConfig(**dict(TINY, d_model=16)))
+    real = fusion_model.write_json
+
+    def fail_on_config(p, obj):
+        if p.endswith("config.json"):
+            raise OSError("disk full")
+        return real(p, obj)
+
+    monkeypatch.setattr(fusion_model, "write_json", fail_on_config)
+    with pytest.raises(OSError, match="disk full"):
+        new.save_pretrained(str(path), preprocessing={"max_text_len": 32})
+    assert sorted(os.listdir(tmp_path)) == ["best"]  # the failed save's temporary folder is gone
+    monkeypatch.setattr(fusion_model, "write_json", real)
+    w = load_file(str(path / "model.safetensors"))
+    assert all(torch.equal(w[k], v) for k, v in old.state_dict().items())
+    assert fusion_model.load_preprocessing(str(path)) == {"max_text_len": 16}
+    new.save_pretrained(str(path), preprocessing={"max_text_len": 32})
+    assert FusionModel.from_pretrained(str(path)).config.d_model == 16
+    assert not (path / "stale.txt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["best"]  # no temporary or displaced folder left

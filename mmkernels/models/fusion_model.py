@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Sequence
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmkernels.models.atomic import fsync_tree, replace_dir, temp_path, write_json
 from mmkernels.models.encoders import AudioEncoder, ImageEncoder
 from mmkernels.models.text import apply_finetune_policy, build_text_encoder
 from mmkernels.nn.attention import CrossModalBlock
@@ -108,24 +110,41 @@ class FusionModel(nn.Module):
 
     TEXT_CACHE_SIZE = 4096
 
+    def prepare_batch(self, batch: Dict[str, torch.Tensor], device) -> Dict:
+        """`batch` moved to `device`; with a frozen text encoder and the batch still on the host, plus
+        `text_keys` (one key per row, read here from host memory): the frozen-encoder cache then needs
+        no read back from the device in the forward."""
+        out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        ids, am = batch.get("input_ids"), batch.get("attention_mask")
+        if hasattr(self, "text") and self._text_frozen() and ids is not None and ids.device.type == "cpu" \
+                and am.device.type == "cpu":
+            rows = torch.cat([ids, am.to(ids.dtype)], 1).contiguous().numpy()
+            out["text_keys"] = [r.tobytes() for r in rows]
+        return out
+
     @torch.no_grad()
-    def _frozen_text(self, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
-        """Frozen encoder (eval mode, no graph): each distinct question is encoded once per batch, and its
-        output is kept in a bounded cache (cleared whenever weights are loaded): exact, not an approximation."""
-        key_rows = torch.cat([ids, am], 1)
-        uniq, inv = torch.unique(key_rows, dim=0, return_inverse=True)
-        keys = [tuple(r) for r in uniq.cpu().tolist()]
+    def _frozen_text(self, ids: torch.Tensor, am: torch.Tensor, keys: Optional[List[bytes]]) -> torch.Tensor:
+        """Frozen encoder (eval mode, no graph). With the rows' `keys` (prepare_batch), each distinct
+        question is encoded once and its output kept in a bounded cache (cleared whenever weights are
+        loaded): exact, not an approximation. Reads nothing back from the device."""
+        if keys is None or len(keys) != ids.shape[0]:
+            return self.text(input_ids=ids, attention_mask=am).last_hidden_state
         cache = self.__dict__.setdefault("_text_cache", {})
-        missing = [i for i, k in enumerate(keys) if k not in cache]
+        first: Dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        missing = [k for k in first if k not in cache]
+        if len(cache) + len(missing) > self.TEXT_CACHE_SIZE:
+            cache.clear()
+            missing = list(first)
         if missing:
-            L = ids.shape[1]
-            sel = uniq[missing]
-            hm = self.text(input_ids=sel[:, :L], attention_mask=sel[:, L:]).last_hidden_state
-            if len(cache) + len(missing) > self.TEXT_CACHE_SIZE:
-                cache.clear()
-            for i, h in zip(missing, hm):
-                cache[keys[i]] = h
-        return torch.stack([cache[k] for k in keys])[inv]
+            rows = [first[k] for k in missing]  # host ints: row slices, no index tensor to copy over
+            sel_ids = torch.cat([ids[i:i + 1] for i in rows])
+            sel_am = torch.cat([am[i:i + 1] for i in rows])
+            hm = self.text(input_ids=sel_ids, attention_mask=sel_am).last_hidden_state
+            for k, h in zip(missing, hm):
+                cache[k] = h
+        return torch.stack([cache[k] for k in keys])
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.__dict__.pop("_text_cache", None)
@@ -158,7 +177,7 @@ class FusionModel(nn.Module):
             am = batch["attention_mask"]
             ids = batch["input_ids"]
             if self._text_frozen():
-                h = self._frozen_text(ids, am)
+                h = self._frozen_text(ids, am, batch.get("text_keys"))
             else:
                 h = self.text(input_ids=ids, attention_mask=am).last_hidden_state
             tokens["text"] = self.text_proj(h)
@@ -214,21 +233,31 @@ class FusionModel(nn.Module):
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, path: str, preprocessing: Optional[dict] = None, tokenizer=None):
         """Config JSON + safetensors weights; with `preprocessing` (see PREPROCESSING_NAME) and the
-        `tokenizer`, the folder holds everything a server needs to prepare inputs as in training."""
-        from safetensors.torch import save_file
-        os.makedirs(path, exist_ok=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-        if preprocessing is not None:
-            _write_json(os.path.join(path, PREPROCESSING_NAME), preprocessing)
-        cfg = asdict(self.config)
-        if hasattr(self, "text"):
-            cfg["bert_config"] = self.text.config.to_dict()
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = os.path.join(path, f".{WEIGHTS_NAME}.tmp")
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(path, WEIGHTS_NAME))
-        _write_json(os.path.join(path, CONFIG_NAME), {"model_type": "mmkernels-fusion", **cfg})
+        `tokenizer`, the folder holds everything a server needs to prepare inputs as in training.
+        Written to a temporary folder beside `path`, then swapped in whole (atomic.replace_dir)."""
+        from safetensors.torch import save as to_bytes
+        path = os.path.abspath(path)
+        tmp = temp_path(path)
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+        try:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if preprocessing is not None:
+                write_json(os.path.join(tmp, PREPROCESSING_NAME), preprocessing)
+            cfg = asdict(self.config)
+            if hasattr(self, "text"):
+                cfg["bert_config"] = self.text.config.to_dict()
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            with open(os.path.join(tmp, WEIGHTS_NAME), "wb") as f:  # the folder is swapped in whole
+                f.write(to_bytes(state, metadata={"format": "pt"}))
+            write_json(os.path.join(tmp, CONFIG_NAME), {"model_type": "mmkernels-fusion", **cfg})
+            fsync_tree(tmp)
+            replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     @classmethod
     def from_pretrained(cls, path: str, kernel_backend: Optional[str] = "keep", map_location="cpu") -> "FusionModel":
@@ -254,14 +283,6 @@ class FusionModel(nn.Module):
             raise ValueError(f"corrupt weights file {w_path}: {e}") from e
         model.load_state_dict(state)
         return model
-
-
-def _write_json(path: str, obj: dict) -> None:
-    """Atomic: a reader sees the old file or the new one, never half of one."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
 
 
 def load_preprocessing(path: str) -> dict:
