@@ -44,7 +44,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_run(cache, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runA"))
-    r = run_cli(tiny_overrides(cache, out, final_eval=True, plot=True))
+    r = run_cli(tiny_overrides(cache, out, final_eval=True, plot=True, log_every=1))
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 
@@ -60,24 +60,64 @@ def test_uninterrupted_run_outputs(full_run):
     assert "test_without_audio" in r.stdout and rep["train"]["steps"] == 8
 
 
+def logged(run_dir):
+    """The metrics log without its wall-clock times, from both files."""
+    import csv
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    return [{k: v for k, v in r.items() if k != "time"} for r in rows], \
+        [(r["split"], int(r["step"])) for r in csv_rows]
+
+
 def test_kill_mid_epoch_then_resume_is_exact(cache, full_run, tmp_path):
     out_a, _ = full_run
     out = str(tmp_path / "runB")
-    # 4 steps an epoch, checkpoints at steps 3, 4 (epoch end), 6; SIGKILL right after step 7 (mid-epoch 1)
-    r = run_cli(tiny_overrides(cache, out), env={"MMKERNELS_KILL_AT_STEP": "7"})
+    # 4 steps an epoch, checkpoints at steps 3, 4 (epoch end), 6; SIGKILL right after step 7 (mid-epoch 1),
+    # whose metrics row was already written: the resumed run must not log it twice
+    r = run_cli(tiny_overrides(cache, out, log_every=1), env={"MMKERNELS_KILL_AT_STEP": "7"})
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
-    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)  # plain data only
     assert ck["state"]["global_step"] == 6 and ck["state"]["step_in_epoch"] == 2
-    assert not [f for f in os.listdir(out) if ".tmp" in f]  # atomic writes leave no temp files
-    r = run_cli(tiny_overrides(cache, out) + ["--resume"])
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))][-1] == 7
+    r = run_cli(tiny_overrides(cache, out, log_every=1) + ["--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
     wa, wb = weights(out_a), weights(out)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    steps = [json.loads(l)["step"] for l in open(os.path.join(out, "metrics.jsonl")) if '"train"' in l]
-    assert steps[-1] == 8
+    rows_a, csv_a = logged(out_a)
+    rows_b, csv_b = logged(out)
+    assert rows_b == rows_a and csv_b == csv_a  # each step once, with the same values
+    assert [r["step"] for r in rows_b if r["split"] == "train"] == list(range(1, 9))
+
+
+def test_kill_during_checkpoint_save_keeps_the_previous_one(cache, full_run, tmp_path):
+    """SIGKILL inside the atomic writer, between the temp file and the rename, at the step-6 checkpoint:
+    the step-4 checkpoint stays whole, and the next start removes the temp file and resumes exactly."""
+    out_a, _ = full_run
+    out = str(tmp_path / "runC")
+    r = run_cli(tiny_overrides(cache, out, log_every=1), env={"MMKERNELS_KILL_IN_SAVE_AT_STEP": "6"})
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
+    stale = [f for f in os.listdir(out) if f.startswith(".checkpoint.pt.tmp.")]
+    assert len(stale) == 1 and os.path.getsize(os.path.join(out, stale[0])) > 0  # the kill landed mid-save
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ck["state"]["global_step"] == 4
+    r = run_cli(tiny_overrides(cache, out, log_every=1) + ["--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "step 4" in r.stdout
+    assert not [f for f in os.listdir(out) if ".tmp" in f or ".old" in f]
+    wa, wb = weights(out_a), weights(out)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert logged(out) == logged(out_a)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
 
 
 def test_clear_errors(cache, tmp_path, capsys):
@@ -101,7 +141,49 @@ def test_clear_errors(cache, tmp_path, capsys):
     bad.mkdir()
     (bad / "train.pt").write_bytes(b"oops")
     assert train_main(tiny_overrides(cache, out) + [f"data.data_dir={bad}"]) == 2
-    assert "malformed data file" in capsys.readouterr().err and "train.pt" in capsys.readouterr().err + "train.pt"
+    err = one_error_line(capsys)
+    assert "malformed data file" in err and os.path.join(str(bad), "train.pt") in err
+
+
+def test_user_errors_are_one_error_line_and_exit_2(cache, full_run, tmp_path, capsys, monkeypatch):
+    import shutil
+    from mmkernels.train.cli import train_main
+    out_a, _ = full_run
+    out = str(tmp_path / "run")
+    # a crafted checkpoint cannot run code: it is refused, and what it would have done never happens
+    marker = tmp_path / "code_ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    os.makedirs(out)
+    torch.save({"format": 2, "model": RunsCode()}, os.path.join(out, "checkpoint.pt"))
+    assert train_main(tiny_overrides(cache, out) + ["--resume"]) == 2
+    assert "refused" in one_error_line(capsys) and not marker.exists()
+    # the train set smaller than one batch
+    assert train_main(tiny_overrides(cache, out, batch_size=128)) == 2
+    assert "train set has 64 samples, fewer than one batch (train.batch_size=128)" in one_error_line(capsys)
+    # a batch that does not split over the processes (checked before any process group starts)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert train_main(tiny_overrides(cache, out, batch_size=15)) == 2
+    assert "train.batch_size (15) must be divisible by the number of processes (2)" in one_error_line(capsys)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    # resuming with another fine-tuning policy: same weights, other trained parameters and optimizer groups
+    os.remove(os.path.join(out, "checkpoint.pt"))
+    shutil.copy(os.path.join(out_a, "checkpoint.pt"), os.path.join(out, "checkpoint.pt"))
+    assert train_main(tiny_overrides(cache, out, log_every=1) + ["model.text_finetune=frozen", "--resume"]) == 2
+    err = one_error_line(capsys)
+    assert "does not fit this run" in err and "model.text_finetune: 'all' -> 'frozen'" in err
+    # ...and another model size
+    assert train_main(tiny_overrides(cache, out, log_every=1) + ["model.d_model=16", "--resume"]) == 2
+    err = one_error_line(capsys)
+    assert "does not fit this run" in err and "model.d_model: 32 -> 16" in err
+    # a wrong type in an override
+    assert train_main(tiny_overrides(cache, out) + ["train.epochs=abc"]) == 2
+    assert one_error_line(capsys) == "error: train.epochs expects an int, got 'abc'\n"
 
 
 def test_eval_and_predict(full_run, tmp_path, capsys):

@@ -17,7 +17,7 @@ from mmkernels.train.testing import tiny_overrides  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_ddp_two_processes_match_single(tmp_path):
+def test_ddp_two_processes_match_single(tmp_path, capsys):
     from safetensors.torch import load_file
     from mmkernels.data.avmnist import build_avmnist
     from mmkernels.train.config import load_config
@@ -53,5 +53,12 @@ def test_ddp_two_processes_match_single(tmp_path):
     assert torch.equal(init[frozen], a[frozen])
     moved = [k for k in a if k != frozen and a[k].is_floating_point() and not torch.equal(init[k], a[k])]
     assert len(moved) > len(a) // 2, moved
-    ck = torch.load(os.path.join(multi, "checkpoint.pt"), weights_only=False)
+    ck = torch.load(os.path.join(multi, "checkpoint.pt"), weights_only=True)
     assert ck["world_size"] == 2 and ck["state"]["global_step"] == 4 and len(ck["rng"]) == 2
+    # resuming with another number of processes is refused (the per-process RNG states and sample
+    # split would not carry over), naming both numbers
+    from mmkernels.train.cli import train_main
+    assert train_main(tiny_overrides(cache, multi) + extra + ["train.epochs=2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert "written by 2 processes" in err and "this run has 1" in err and "--nproc_per_node 2" in err

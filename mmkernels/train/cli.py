@@ -13,7 +13,9 @@ EPILOG = "overrides: section.key=value, e.g. train.epochs=3 model.d_model=128 da
 
 
 def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
+    """One `error:` line on stderr (from the first process only, under torchrun), exit code 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print("error: " + " ".join(str(msg).split()), file=sys.stderr)
     return 2
 
 
@@ -21,7 +23,8 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     from mmkernels.data.avmnist import DataFormatError
     from mmkernels.data.speech import MissingPackageError
     from mmkernels.train.config import ConfigError, load_config
-    from mmkernels.train.trainer import CheckpointError, Trainer, cleanup_distributed
+    from mmkernels.train.checkpoint import CheckpointError
+    from mmkernels.train.trainer import Trainer, cleanup_distributed
 
     p = argparse.ArgumentParser(prog="mmkernels-train", description="Train the text+image+audio fusion model.",
                                 epilog=EPILOG)

@@ -1,6 +1,10 @@
 """Trainer: AdamW + warmup/cosine, clipping, early stopping, bf16 autocast on GPU, atomic checkpoints
-with exact resume, DDP under torchrun (gloo on CPU, nccl on GPU), metrics log, learning-curve plot,
-final evaluation report."""
+(mmkernels/train/checkpoint.py) with exact resume, DDP under torchrun (gloo on CPU, nccl on GPU), metrics
+log, learning-curve plot, final evaluation report.
+
+Resume is exact with the number of processes that wrote the checkpoint (another number is refused);
+the metrics log is cut back to the checkpoint's step. A training step reads nothing back from the
+device: the running loss / accuracy are read once per log interval."""
 from __future__ import annotations
 
 import csv
@@ -20,17 +24,13 @@ import torch
 import torch.distributed as dist
 
 from mmkernels.data.avmnist import ANSWERS, AVMNISTConfig, AVMNISTQA, build_avmnist
+from mmkernels.models.atomic import atomic_write, remove_stale_temp, write_json
 from mmkernels.models.fusion_model import FusionModel
 from mmkernels.models.text import load_tokenizer
 from mmkernels.train import metrics as M
+from mmkernels.train.checkpoint import (CKPT_FORMAT, CKPT_NAME, CheckpointError, atomic_torch_save,  # noqa: F401
+                                        does_not_fit, load_checkpoint, rng_state, set_rng_state)
 from mmkernels.train.config import Config, ConfigError
-
-CKPT_NAME = "checkpoint.pt"
-CKPT_FORMAT = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or incompatible."""
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -109,10 +109,6 @@ def epoch_indices(n: int, epoch: int, seed: int, world: int, rank: int) -> List[
     return list(iter(s))
 
 
-def to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: FusionModel, ds: AVMNISTQA, batch_size: int = 256, drop: Sequence[str] = (),
@@ -124,27 +120,28 @@ def evaluate(model: FusionModel, ds: AVMNISTQA, batch_size: int = 256, drop: Seq
     tagging = model.config.task == "token_classification"
     n = len(ds)
     for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-        b = to_device(ds.__getitems__(list(range(i, min(n, i + batch_size)))), device)
+        b = model.prepare_batch(ds.__getitems__(list(range(i, min(n, i + batch_size)))), device)
         ctx = torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         with ctx:
             out = model(b, drop=drop)
-        losses.append(float(out["loss"]) * len(b["labels"]))
-        preds.append(out["logits"].argmax(-1).cpu())
-        golds.append(b["labels"].cpu())
-        qts.append(b["qtype"].cpu())
+        losses.append(out["loss"].detach().float() * len(b["labels"]))  # read back once, after the loop
+        preds.append(out["logits"].argmax(-1))
+        golds.append(b["labels"])
+        qts.append(b["qtype"])
     model.train(was)
-    p, g, q = torch.cat(preds).numpy(), torch.cat(golds).numpy(), torch.cat(qts).numpy()
+    p, g, q = (torch.cat(x).cpu().numpy() for x in (preds, golds, qts))
+    losses = float(torch.stack(losses).sum()) if losses else 0.0
     num_labels = model.config.num_labels
     if tagging:  # per token, on the words' first sub-tokens (the rest are -100), plus entity-level F1
         names = model.config.labels or [str(i) for i in range(num_labels)]
         keep = g != -100
         seqs = [([names[t] for t in pr[k]], [names[t] for t in go[k]]) for pr, go, k in zip(p, g, keep)]
         ent = M.entity_f1([s[0] for s in seqs], [s[1] for s in seqs])
-        return {"loss": sum(losses) / max(1, n), "accuracy": M.accuracy(p[keep], g[keep]),
+        return {"loss": losses / max(1, n), "accuracy": M.accuracy(p[keep], g[keep]),
                 "macro_f1": M.macro_f1(p[keep], g[keep], num_labels), "entity_f1": ent["f1"], "n": int(n),
                 "per_type": {}}
     types = getattr(ds, "question_types", None)
-    return {"loss": sum(losses) / max(1, n), "accuracy": M.accuracy(p, g),
+    return {"loss": losses / max(1, n), "accuracy": M.accuracy(p, g),
             "macro_f1": M.macro_f1(p, g, num_labels), "n": int(n),
             "per_type": M.grouped_accuracy(p, g, q, types) if types else {}}
 
@@ -197,49 +194,6 @@ def format_report(rep: Dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def atomic_torch_save(obj, path: str):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> dict:
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"corrupt checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from e
-    need = ("format", "model", "optimizer", "scheduler", "rng", "state", "config")
-    if not isinstance(ck, dict) or any(k not in ck for k in need):
-        missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
-        raise CheckpointError(f"corrupt checkpoint {path}: missing {missing}")
-    if ck["format"] != CKPT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {ck['format']}, this version reads {CKPT_FORMAT}")
-    return ck
-
-
-def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict):
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -247,17 +201,34 @@ def seed_everything(seed: int):
 
 
 # ----------------------------------------------------------------------------- trainer
+# Tests only: SIGKILL this process right after step N / inside the checkpoint write of step N, between
+# the complete temporary file and its rename.
+KILL_AT_STEP = "MMKERNELS_KILL_AT_STEP"
+KILL_IN_SAVE_AT_STEP = "MMKERNELS_KILL_IN_SAVE_AT_STEP"
+METRICS_JSONL, METRICS_CSV = "metrics.jsonl", "metrics.csv"
+
+
+def _env_step(name: str) -> int:
+    return int(os.environ.get(name, "0") or 0)
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None):
         self.cfg = cfg
         t = cfg.train
-        if t.metric not in ("accuracy", "macro_f1", "entity_f1") or \
-                (t.metric == "entity_f1" and cfg.model.task != "token_classification"):
+        if t.metric == "entity_f1" and cfg.model.task != "token_classification":
             raise ConfigError(f"train.metric must be accuracy | macro_f1 (| entity_f1 for token_classification), "
                               f"got {t.metric!r}")
+        world = dist_info()[0]
+        if t.batch_size % world:  # before any process group starts
+            raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes "
+                              f"({world})")
+        dev = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if dev == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda, but no CUDA device is available (train.device=auto uses one "
+                              "when there is)")
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        dev = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.world, self.rank, local = setup_distributed(dev)
         self.device = torch.device(f"cuda:{local}" if dev == "cuda" else "cpu")
         if dev == "cuda":
@@ -266,10 +237,10 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if (t.amp == "bf16" or (t.amp == "auto" and dev == "cuda")) else None
         if self.amp_dtype is not None and dev != "cuda":
             self.amp_dtype = None
-        if t.batch_size % self.world:
-            raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({self.world})")
         self.out = t.output_dir
         os.makedirs(self.out, exist_ok=True)
+        if self.main:  # what a killed run was writing (its complete files are in place)
+            remove_stale_temp(self.out)
         self.log_rows: List[dict] = []
 
         self.data_dir = prepare_data_dir(cfg, progress=t.progress and self.main)
@@ -297,28 +268,36 @@ class Trainer:
         else:
             self.train_ds = load_dataset(self.data_dir, "train", cfg.data.max_text_len, tok)
             self.val_ds = load_dataset(self.data_dir, "val", cfg.data.max_text_len, tok)
+        self.steps_per_epoch = len(self.train_ds) // t.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"train set has {len(self.train_ds)} samples, fewer than one batch "
+                              f"(train.batch_size={t.batch_size})")
+        if len(self.val_ds) == 0:
+            raise ConfigError("val set is empty: early stopping and the best model need one")
 
         seed_everything(t.seed)
         if cfg.model.labels is None:
             cfg.model.labels = list(ANSWERS)
-        self.model = FusionModel(cfg.model).to(self.device)
+        try:
+            self.model = FusionModel(cfg.model).to(self.device)
+        except ValueError as e:  # a model setting the config types cannot check (text encoder kind, policy)
+            raise ConfigError(str(e)) from e
         self.ddp = None
         if self.world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.opt = self._make_optimizer()
-        self.steps_per_epoch = len(self.train_ds) // t.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"train set ({len(self.train_ds)} samples) is smaller than one batch ({t.batch_size})")
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_lambda)
         self.scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for the checkpoint format
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": -math.inf,
                       "best_step": -1, "bad_evals": 0, "stopped": False, "elapsed": 0.0}
+        # running train metrics of the current log interval, on the device: loss x rows, rows, hits, scored
+        self._run = torch.zeros(4, device=self.device)
         if resume:
             self._resume(resume)
         elif self.main:  # a fresh run starts a fresh log
-            for f in ("metrics.jsonl", "metrics.csv"):
+            for f in (METRICS_JSONL, METRICS_CSV):
                 if os.path.exists(os.path.join(self.out, f)):
                     os.remove(os.path.join(self.out, f))
 
@@ -339,6 +318,9 @@ class Trainer:
               {"params": groups["text_decay"], "weight_decay": t.weight_decay, "lr": tl},
               {"params": groups["text_no_decay"], "weight_decay": 0.0, "lr": tl}]
         return torch.optim.AdamW([g for g in pg if g["params"]])
+
+    def _trainable(self) -> List[str]:
+        return [n for n, p in self.model.named_parameters() if p.requires_grad]
 
     def _lr_lambda(self, step: int) -> float:
         t = self.cfg.train
@@ -370,34 +352,57 @@ class Trainer:
 
     def save_checkpoint(self):
         rngs = self._gather_rng()
+        self.state["run_metrics"] = self._run.tolist()
         if not self.main:
             return
         ck = {"format": CKPT_FORMAT, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
               "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,
               "state": dict(self.state), "config": self.cfg.to_dict(), "world_size": self.world,
-              "log": self.log_rows}
-        atomic_torch_save(ck, self.checkpoint_path())
+              "trainable": self._trainable(), "log": self.log_rows}
+        kill = None
+        step = self.state["global_step"]
+        if step and _env_step(KILL_IN_SAVE_AT_STEP) == step:
+            def kill():
+                os.kill(os.getpid(), signal.SIGKILL)
+        atomic_torch_save(ck, self.checkpoint_path(), before_replace=kill)
 
     def _resume(self, path: str):
         if os.path.isdir(path):
             path = os.path.join(path, CKPT_NAME)
         ck = load_checkpoint(path)
+        ck_world = int(ck.get("world_size", 1))
+        if ck_world != self.world:  # per-process RNG states and sample split: exact only with as many
+            how = ("python -m mmkernels.train, without torchrun" if ck_world == 1 else
+                   f"python -m torch.distributed.run --nproc_per_node {ck_world} -m mmkernels.train ...")
+            raise CheckpointError(f"checkpoint {path} was written by {ck_world} processes, this run has "
+                                  f"{self.world}: resume it with {ck_world} ({how}), or start a new run in "
+                                  "another train.output_dir")
         ck_labels = ck["config"].get("model", {}).get("labels")
         if ck_labels is not None and list(ck_labels) != list(self.cfg.model.labels):
             raise CheckpointError(f"checkpoint {path} was trained with labels {ck_labels}, this run has "
                                   f"{self.cfg.model.labels} (did the train file change?)")
+        cfg = self.cfg.to_dict()
         try:
             self.model.load_state_dict(ck["model"])
         except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {path} does not fit this model config: {e}") from e
-        self.opt.load_state_dict(ck["optimizer"])
-        self.sched.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck.get("scaler", {}))
-        rngs = ck["rng"]
-        set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+            raise does_not_fit(path, "model", ck["config"], cfg, "other parameter names or shapes") from e
+        if "trainable" in ck and list(ck["trainable"]) != self._trainable():
+            n = len(set(ck["trainable"]) ^ set(self._trainable()))
+            raise does_not_fit(path, "optimizer", ck["config"], cfg, f"{n} parameters trained in one and not the other")
+        try:
+            self.opt.load_state_dict(ck["optimizer"])
+            self.sched.load_state_dict(ck["scheduler"])
+            self.scaler.load_state_dict(ck.get("scaler", {}))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise does_not_fit(path, "optimizer", ck["config"], cfg, "other parameter groups") from e
+        set_rng_state(ck["rng"][self.rank])
         self.state.update(ck["state"])
+        self._run = torch.tensor(self.state.pop("run_metrics", [0.0] * 4), dtype=torch.float32, device=self.device)
         self.log_rows = list(ck.get("log", []))
-        if self.main:
+        if self.main:  # the log as of the checkpoint: rows of later steps are written again
+            atomic_write(os.path.join(self.out, METRICS_JSONL),
+                         lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.log_rows)), mode="w")
+            self.write_logs()
             print(f"resumed from {path}: epoch {self.state['epoch']}, step {self.state['global_step']}", flush=True)
 
     # -------------------------------------------------------------- logging
@@ -405,20 +410,21 @@ class Trainer:
         if not self.main:
             return
         self.log_rows.append(row)
-        with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
+        with open(os.path.join(self.out, METRICS_JSONL), "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def write_logs(self):
-        if not self.main or not self.log_rows:
+        if not self.main:
             return
         keys = sorted({k for r in self.log_rows for k in r if not isinstance(r[k], dict)})
-        tmp = os.path.join(self.out, ".metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
+
+        def write(f):
             w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
             w.writeheader()
             for r in self.log_rows:
                 w.writerow(r)
-        os.replace(tmp, os.path.join(self.out, "metrics.csv"))
+
+        atomic_write(os.path.join(self.out, METRICS_CSV), write, mode="w")
 
     def plot(self):
         if not self.main or not self.cfg.train.plot:
@@ -449,7 +455,7 @@ class Trainer:
     def _validate(self):
         """Evaluate on val (rank 0), update early stopping; returns True if training should stop."""
         t = self.cfg.train
-        stop = torch.zeros(1)
+        stop = torch.zeros(1, device=self.device)  # nccl broadcasts device tensors only
         if self.main:
             r = evaluate(self.model, self.val_ds, t.eval_batch_size, (), self.device, self.amp_dtype)
             s = self.state
@@ -471,16 +477,50 @@ class Trainer:
             dist.broadcast(stop, 0)
         return bool(stop[0])
 
+    def _train_step(self, model, batch: Dict) -> None:
+        """One optimizer step on a prepared batch. Reads nothing back from the device: the running
+        metrics are added up there (read once per log interval by _log_train)."""
+        t = self.cfg.train
+        ctx = torch.autocast(device_type="cuda", dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        with ctx:
+            out = model(batch)
+        loss = out["loss"]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        with torch.no_grad():
+            labels = batch["labels"]
+            scored = labels != -100  # token classification: words' first sub-tokens only
+            rows = labels.shape[0]
+            self._run[0].add_(loss.detach().float() * rows)
+            self._run[1].add_(rows)
+            self._run[2].add_(((out["logits"].argmax(-1) == labels) & scored).sum())
+            self._run[3].add_(scored.sum())
+
+    def _log_train(self, bar, t0: float) -> None:
+        """The train row of the log interval just ended: its one read back from the device."""
+        s = self.state
+        if self.main:
+            loss_sum, rows, hits, scored = self._run.tolist()
+            row = {"split": "train", "step": s["global_step"], "epoch": s["epoch"], "loss": loss_sum / max(1.0, rows),
+                   "accuracy": hits / max(1.0, scored), "lr": self.sched.get_last_lr()[0],
+                   "time": round(time.time() - t0, 2)}
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}")
+            self.log(row)
+        self._run.zero_()
+
     def train(self) -> Dict:
         from tqdm.auto import tqdm
         t, s = self.cfg.train, self.state
         model = self.ddp or self.model
         model.train()
-        kill_at = int(os.environ.get("MMKERNELS_KILL_AT_STEP", "0"))  # testing: SIGKILL self after this step
+        kill_at = _env_step(KILL_AT_STEP)
         t0 = time.time() - s["elapsed"]
         per_rank = t.batch_size // self.world
         stop = s["stopped"]
-        run_loss, run_correct, run_n = 0.0, 0, 0
         while not stop and s["epoch"] < t.epochs and s["global_step"] < self.total_steps:
             idx = epoch_indices(len(self.train_ds), s["epoch"], t.seed, self.world, self.rank)
             nb = len(idx) // per_rank
@@ -488,33 +528,14 @@ class Trainer:
                        disable=not (t.progress and self.main), dynamic_ncols=True)
             while s["step_in_epoch"] < nb:
                 j = s["step_in_epoch"]
-                batch = to_device(self.train_ds.__getitems__(idx[j * per_rank:(j + 1) * per_rank]), self.device)
-                ctx = torch.autocast(device_type="cuda", dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-                with ctx:
-                    out = model(batch)
-                loss = out["loss"]
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                self.opt.step()
-                self.sched.step()
+                batch = self.model.prepare_batch(self.train_ds.__getitems__(idx[j * per_rank:(j + 1) * per_rank]),
+                                                 self.device)
+                self._train_step(model, batch)
                 s["step_in_epoch"] += 1
                 s["global_step"] += 1
-                run_loss += float(loss.detach()) * len(batch["labels"])
-                scored = batch["labels"] != -100  # token classification: words' first sub-tokens only
-                hits = (out["logits"].argmax(-1) == batch["labels"]) & scored
-                correct, counted = torch.stack([hits.sum(), scored.sum()]).tolist()  # one device sync
-                run_correct += correct
-                run_n += counted
                 bar.update(1)
                 if t.log_every and s["global_step"] % t.log_every == 0:
-                    row = {"split": "train", "step": s["global_step"], "epoch": s["epoch"], "loss": run_loss / run_n,
-                           "accuracy": run_correct / run_n, "lr": self.sched.get_last_lr()[0],
-                           "time": round(time.time() - t0, 2)}
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}")
-                    self.log(row)
-                    run_loss, run_correct, run_n = 0.0, 0, 0
+                    self._log_train(bar, t0)
                 out_of_time = t.max_minutes and (time.time() - t0) > 60 * t.max_minutes
                 if s["step_in_epoch"] == nb:
                     s["epoch"] += 1
@@ -542,8 +563,7 @@ class Trainer:
             self.save_model("last")
             if not os.path.exists(os.path.join(self.out, "best", "config.json")):
                 self.save_model("best")
-            with open(os.path.join(self.out, "run_config.json"), "w") as f:
-                json.dump({**self.cfg.to_dict(), "data_dir": self.data_dir}, f, indent=1)
+            write_json(os.path.join(self.out, "run_config.json"), {**self.cfg.to_dict(), "data_dir": self.data_dir})
             p = self.plot()
             if p:
                 result["plot"] = p
@@ -554,8 +574,8 @@ class Trainer:
             rep = evaluation_report(best, self.data_dir, self.cfg.data.max_text_len, t.eval_batch_size,
                                     self.device, self.amp_dtype, progress=t.progress, cfg=self.cfg)
             result["report"] = rep
-            with open(os.path.join(self.out, "report.json"), "w") as f:
-                json.dump({"train": {k: v for k, v in result.items() if k != "report"}, **rep}, f, indent=1)
+            write_json(os.path.join(self.out, "report.json"),
+                       {"train": {k: v for k, v in result.items() if k != "report"}, **rep})
             print(format_report(rep), flush=True)
         barrier()
         return result

@@ -1,0 +1,98 @@
+"""Training checkpoints: plain data only (tensors, dicts, lists, numbers, strings), written atomically and
+loaded with `torch.load(weights_only=True)`, so a crafted file cannot run code; RNG states as tensors and
+lists; what in a checkpoint must match the run that resumes it."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import warnings
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from mmkernels.models.atomic import atomic_write
+
+CKPT_NAME = "checkpoint.pt"
+CKPT_FORMAT = 2  # 2: plain data (weights_only); 1 held numpy objects
+REQUIRED = ("format", "model", "optimizer", "scheduler", "rng", "state", "config")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, unsafe or does not fit the run resuming it."""
+
+
+def atomic_torch_save(obj, path: str, before_replace: Optional[Callable[[], None]] = None) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f), before_replace=before_replace)
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols of garbage files
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e)
+        if "Weights only load failed" in msg:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+            raise CheckpointError(
+                f"refused: {path} holds objects other than tensors and plain data"
+                f" ({found.group(1) if found else 'not loadable with weights_only'}); loading it could run code."
+                " A checkpoint of format 1 (older mmkernels) cannot be resumed: start a new run") from e
+        raise CheckpointError(f"corrupt checkpoint {path}: cannot be read ({_first_line(e)})") from e
+    missing = [k for k in REQUIRED if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise CheckpointError(f"corrupt checkpoint {path}: missing {missing}")
+    if ck["format"] != CKPT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {ck['format']}, this version reads {CKPT_FORMAT}")
+    return ck
+
+
+# ----------------------------------------------------------------------------- RNG states as plain data
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    st = {"torch": torch.get_rng_state(),
+          "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+          "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                     "gauss_next": gauss_next}}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ----------------------------------------------------------------------------- fit to the resuming run
+def config_changes(old: Dict, new: Dict, section: str = "model") -> List[str]:
+    """`section.key: old -> new` for every key of `section` that differs (labels and the encoder config
+    that save_pretrained fills in are left out)."""
+    a, b = old.get(section, {}) or {}, new.get(section, {}) or {}
+    skip = {"labels", "num_labels", "bert_config"}
+    return [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in skip and a.get(k) != b.get(k)]
+
+
+def does_not_fit(path: str, what: str, ck_config: Dict, config: Dict, detail: str = "") -> CheckpointError:
+    changes = config_changes(ck_config, config)
+    why = "; ".join(changes) if changes else detail
+    return CheckpointError(f"checkpoint {path}: its {what} does not fit this run ({why}): resume with the "
+                           "checkpoint's model settings, or start a new run in another train.output_dir")

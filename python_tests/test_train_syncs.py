@@ -1,0 +1,43 @@
+"""Host syncs: a training step reads nothing back from the device (on a GPU each read is a sync); the
+running loss / accuracy stay on the device and are read once per logging interval."""
+import pytest
+
+pytest.importorskip("mnist")
+pytest.importorskip("transformers")
+
+from mmkernels.train.testing import count_host_reads, jsonl_overrides, write_digit_jsonl  # noqa: E402
+
+# evaluation and checkpoints read back by design (once per evaluation / checkpoint, not per step);
+# prepare_batch reads the cache keys of a frozen text encoder from the batch before it is moved
+NOT_A_STEP = {"_validate", "save_checkpoint", "save_model", "prepare_batch"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return write_digit_jsonl(str(tmp_path_factory.mktemp("digits")), n_train=32, n_val=16, n_test=16)
+
+
+@pytest.mark.parametrize("finetune", ["all", "frozen"])
+def test_a_training_step_reads_nothing_back(files, tmp_path, finetune):
+    from mmkernels.train.config import load_config
+    from mmkernels.train.trainer import Trainer
+    tr = Trainer(load_config(None, jsonl_overrides(files, str(tmp_path / "run")) + [f"model.text_finetune={finetune}"]))
+    batch = tr.model.prepare_batch(tr.train_ds.__getitems__(list(range(16))), tr.device)
+    for _ in range(3):
+        with count_host_reads() as reads:
+            tr._train_step(tr.model, batch)
+        assert reads == []
+
+
+@pytest.mark.parametrize("finetune", ["all", "frozen"])
+def test_a_log_interval_reads_back_once(files, tmp_path, finetune):
+    from mmkernels.train.config import load_config
+    from mmkernels.train.trainer import Trainer
+    # 2 epochs of 2 steps, a log row every 2 steps, checkpoints and evaluations at the epoch ends only
+    tr = Trainer(load_config(None, jsonl_overrides(files, str(tmp_path / "run"), log_every=2, ckpt_every=0)
+                             + [f"model.text_finetune={finetune}"]))
+    with count_host_reads() as reads:
+        tr.train()
+    in_steps = [r for r in reads if not NOT_A_STEP & r.stack]
+    assert len(in_steps) == 2, in_steps  # steps 2 and 4
+    assert len({r.where for r in in_steps}) == 1
