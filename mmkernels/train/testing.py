@@ -5,7 +5,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import List
+from typing import List, NamedTuple
 
 TINY_DATA = ["data.n_train=64", "data.n_val=32", "data.n_test=32", "data.speakers_train=3", "data.speakers_val=2",
              "data.speakers_test=2", "data.images_train=300", "data.images_val=100", "data.images_test=100"]
@@ -22,6 +22,12 @@ def tiny_overrides(cache_dir: str, output_dir: str, **train) -> List[str]:
     return TINY_DATA + TINY_MODEL + [f"data.cache_dir={cache_dir}"] + [f"train.{k}={v}" for k, v in t.items()]
 
 
+class HostRead(NamedTuple):
+    method: str
+    where: str
+    stack: frozenset
+
+
 READ_METHODS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
 
 
@@ -34,7 +40,8 @@ def count_host_reads(where=TRAINER_AND_MODEL):
     """Every read of a tensor's values back to the host (`.item()`, `.tolist()`, `.cpu()`, `.numpy()`,
     `float(t)`, `int(t)`, `bool(t)`, ...) made from Python inside the block by code in the folders
     `where` (default: the trainer and the model; None: anywhere): on an accelerator each is a device
-    sync. Yields a list of (method, caller file:line). Reads inside C++ ops are not seen."""
+    sync. Yields a list of HostRead (method, caller file:line, names of the functions on the stack).
+    Reads inside C++ ops are not seen."""
     import torch
 
     reads = []
@@ -44,7 +51,11 @@ def count_host_reads(where=TRAINER_AND_MODEL):
         def read(self, *a, **k):
             f = sys._getframe(1)
             if where is None or f.f_code.co_filename.startswith(tuple(where)):
-                reads.append((name, f"{f.f_code.co_filename}:{f.f_lineno}"))
+                stack, g = set(), f
+                while g is not None:
+                    stack.add(g.f_code.co_name)
+                    g = g.f_back
+                reads.append(HostRead(name, f"{f.f_code.co_filename}:{f.f_lineno}", frozenset(stack)))
             return fn(self, *a, **k)
         return read
 
