@@ -43,8 +43,9 @@ inline const acc_t* to_acc(const scalar_t* src, acc_t* buf, int64_t H) {
 
 // Computes the gates of position n into g (M x H rows; absent modalities get 0 rows).
 // Returns false when no modality is present (then g is all 0). A gate of exactly 0 marks a
-// modality that takes no part at that unit: the kernels select it out rather than multiply,
-// so that its features, NaN or inf, never reach the result or the gradients (0 * NaN).
+// modality that takes no part at that unit (absent, a -inf logit, or a weight that underflowed):
+// the kernels select it out rather than multiply, so that its features, NaN or inf, never
+// reach the result or the gradients (0 * NaN).
 template <typename scalar_t, typename acc_t>
 inline bool gates_row(const scalar_t* lp, int64_t sM, int64_t M, int64_t H, const bool* pres,
                       int64_t n, int64_t sPm, acc_t* g, acc_t* tmp, acc_t* mx, acc_t* den) {
