@@ -86,3 +86,16 @@ def test_print_config_round_trips(tmp_path, capsys):
     f.write_text(capsys.readouterr().out)
     assert load_config(str(f)).to_dict() == load_config(None, ov).to_dict()
     assert load_config(str(f)).model.labels == ["yes", "no", "1e3"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.max_audio_seconds=0", "data.max_audio_seconds must be > 0, got 0.0"),
+    ("model.d_model=0", "model.d_model must be >= 1, got 0"),
+    ("model.num_heads=3", "model.d_model (64) must be divisible by model.num_heads (3)"),
+    ("model.dropout=1.5", "model.dropout must be in [0, 1), got 1.5"),
+    ("model.fusion_layers=-1", "model.fusion_layers must be >= 0, got -1"),
+])
+def test_model_and_data_values_out_of_range(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)

@@ -56,6 +56,17 @@ class ModelConfig:
     bert_config: Optional[dict] = None  # set by save_pretrained: rebuild the text encoder without its source
 
     def __post_init__(self):
+        for k in ("d_model", "num_heads", "ffn_mult", "text_hidden", "text_layers", "text_heads", "image_channels",
+                  "n_mels", "gmu_hidden", "num_labels"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"model.{k} must be >= 1, got {getattr(self, k)!r}")
+        for k in ("fusion_layers", "image_layers", "audio_layers", "text_top_k", "aux_digit_loss"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"model.{k} must be >= 0, got {getattr(self, k)!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads})")
         bad = [m for m in self.modalities if m not in ALL_MODALITIES]
         if bad or not self.modalities:
             raise ValueError(f"model.modalities must be a non-empty subset of {list(ALL_MODALITIES)}, got {self.modalities}")

@@ -30,6 +30,8 @@ _TOKENIZERS = {}
 
 def load_tokenizer(path: Optional[str] = None):
     from transformers import AutoTokenizer
+    if path and not os.path.isdir(path):
+        raise FileNotFoundError(f"model.text_model_path: {path} is not a folder (a local BERT-family model)")
     path = path or minilm_path()
     if path not in _TOKENIZERS:
         _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)

@@ -45,6 +45,8 @@ class DataConfig(AVMNISTConfig):
     def __post_init__(self):
         _one_of("data.dataset", self.dataset, ("avmnist", "jsonl"))
         _at_least("data.max_text_len", self.max_text_len, 1)
+        if not self.max_audio_seconds > 0:
+            raise ConfigError(f"data.max_audio_seconds must be > 0, got {self.max_audio_seconds!r}")
 
 
 @dataclass

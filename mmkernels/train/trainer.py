@@ -238,6 +238,8 @@ class Trainer:
         if self.amp_dtype is not None and dev != "cuda":
             self.amp_dtype = None
         self.out = t.output_dir
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ConfigError(f"train.output_dir {self.out} is not a folder")
         os.makedirs(self.out, exist_ok=True)
         if self.main:  # what a killed run was writing (its complete files are in place)
             remove_stale_temp(self.out)
@@ -282,6 +284,11 @@ class Trainer:
             self.model = FusionModel(cfg.model).to(self.device)
         except ValueError as e:  # a model setting the config types cannot check (text encoder kind, policy)
             raise ConfigError(str(e)) from e
+        positions = getattr(getattr(self.model, "text", None), "config", None)
+        positions = getattr(positions, "max_position_embeddings", None)
+        if positions is not None and cfg.data.max_text_len > positions:
+            raise ConfigError(f"data.max_text_len ({cfg.data.max_text_len}) is more than the text encoder's "
+                              f"{positions} positions")
         self.ddp = None
         if self.world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(

@@ -1,0 +1,33 @@
+"""User errors found once the data and the text encoder are known: one `error:` line, exit code 2."""
+import pytest
+
+pytest.importorskip("mnist")
+pytest.importorskip("transformers")
+
+from mmkernels.train.testing import jsonl_overrides, write_digit_jsonl  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return write_digit_jsonl(str(tmp_path_factory.mktemp("digits")), n_train=32, n_val=16, n_test=16)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.max_text_len=100"], "data.max_text_len (100) is more than the text encoder's 64 positions"),
+    (["model.text_encoder=minilm", "model.text_model_path=/no/such/folder"],
+     "model.text_model_path: /no/such/folder is not a folder"),
+])
+def test_errors_after_the_config(files, tmp_path, capsys, overrides, message):
+    from mmkernels.train.cli import train_main
+    assert train_main(jsonl_overrides(files, str(tmp_path / "run")) + overrides) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_output_dir_that_is_a_file(files, tmp_path, capsys):
+    from mmkernels.train.cli import train_main
+    (tmp_path / "taken").write_text("x")
+    assert train_main(jsonl_overrides(files, str(tmp_path / "taken"))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.output_dir ") and err.count("\n") == 1 and "is not a folder" in err, err
