@@ -354,24 +354,3 @@ def test_gated_fusion_gradcheck_identity(backend, device):
         return mmkernels.gated_fusion(f, lg, p, "identity", return_gates=True, backend=backend)
 
     assert torch.autograd.gradcheck(fn, (f, lg))
-
-
-@pytest.mark.parametrize("backend,device", [p for p in every_backend() if p.values[0] != "reference"])
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["fp16", "bf16"])
-def test_gated_fusion_identity_low_precision(backend, device, dtype):
-    require_backend(backend, device, dtype, op="gated_fusion")
-    torch.manual_seed(19)
-    f64 = (torch.randn(3, 40, 24, dtype=torch.float64, device=device) * 2).requires_grad_(True)
-    lg64 = (torch.randn(3, 40, 24, dtype=torch.float64, device=device) * 2).requires_grad_(True)
-    p = torch.rand(3, 40, device=device) > 0.3
-    flo, llo = [t.detach().to(dtype).requires_grad_(True) for t in (f64, lg64)]
-    fr, lr = [t.detach().to(dtype).requires_grad_(True) for t in (f64, lg64)]
-    out = mmkernels.gated_fusion(flo, llo, p, "identity", backend=backend)
-    ref64 = gf_reference(f64, lg64, p, "identity")
-    ref_low = gf_reference(fr, lr, p, "identity", upcast=False)
-    assert_within_rule(out, ref64, ref_low)
-    go = torch.randn(ref64.shape, dtype=torch.float64, device=device)
-    for i, (a, b, c) in enumerate(zip(torch.autograd.grad(out, [flo, llo], go.to(dtype)),
-                                      torch.autograd.grad(ref64, [f64, lg64], go),
-                                      torch.autograd.grad(ref_low, [fr, lr], go.to(dtype)))):
-        assert_within_rule(a, b, c, name=f"grad {i}")

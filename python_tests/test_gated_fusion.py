@@ -69,14 +69,15 @@ def test_matches_reference(backend, device, dtype, activation, with_present, sha
 
 @pytest.mark.parametrize("backend,device", compiled_backends())
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_low_precision_within_rule(backend, device, dtype):
+@pytest.mark.parametrize("activation", ["tanh", "identity"])
+def test_low_precision_within_rule(backend, device, dtype, activation):
     require_backend(backend, device, dtype, op="gated_fusion")
     torch.manual_seed(2)
     f, lg, p = _inputs(3, (64,), 96, torch.float64, device)
     flo, llo = f.detach().to(dtype).requires_grad_(), lg.detach().to(dtype).requires_grad_()
-    ref64 = reference(f, lg, p)
-    out = mmkernels.gated_fusion(flo, llo, p, backend=backend)
-    ref_low = reference(flo, llo, p, upcast=False)
+    ref64 = reference(f, lg, p, activation)
+    out = mmkernels.gated_fusion(flo, llo, p, activation, backend=backend)
+    ref_low = reference(flo, llo, p, activation, upcast=False)
     assert_within_rule(out, ref64, ref_low)
     go = torch.randn_like(ref64)
     g64 = torch.autograd.grad(ref64, [f, lg], go)

@@ -392,14 +392,15 @@ def test_gated_fusion_fp32_matches_reference(shape, activation, present):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_gated_fusion_low_precision_within_rule(dtype):
+@pytest.mark.parametrize("activation", ["tanh", "identity"])
+def test_gated_fusion_low_precision_within_rule(dtype, activation):
     torch.manual_seed(11)
     f, lg, p = _gf_inputs(3, (9, 7), 24, dtype)
     f64, lg64 = f.detach().double().requires_grad_(True), lg.detach().double().requires_grad_(True)
     fr, lgr = f.detach().clone().requires_grad_(True), lg.detach().clone().requires_grad_(True)
-    out = mmkernels.gated_fusion(f, lg, p, backend="triton")
-    out64 = gf_reference(f64, lg64, p)
-    out_low = gf_reference(fr, lgr, p, upcast=False)
+    out = mmkernels.gated_fusion(f, lg, p, activation, backend="triton")
+    out64 = gf_reference(f64, lg64, p, activation)
+    out_low = gf_reference(fr, lgr, p, activation, upcast=False)
     assert_within_rule(out, out64, out_low)
     go = torch.randn(out64.shape, dtype=torch.float64, device=DEVICE)
     for i, (a, b, c) in enumerate(zip(torch.autograd.grad(out, [f, lg], go.to(dtype)),
