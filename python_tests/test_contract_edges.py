@@ -19,6 +19,7 @@ from utils import (
     attention_inputs,
     every_backend,
     exact_dtype,
+    kernel_backends,
     require_backend,
     stable_seed,
 )
@@ -161,7 +162,7 @@ def test_reference_clamps_out_of_range_lengths_like_the_kernels():
         torch.testing.assert_close(lse, expect_lse)
 
 
-@pytest.mark.parametrize("backend,device", [p for p in every_backend() if p.values[0] != "reference"])
+@pytest.mark.parametrize("backend,device", kernel_backends())
 def test_kernels_clamp_out_of_range_lengths(backend, device):
     """The raw ops (no Python checks in front) against the reference on the same wild lengths."""
     dtype = _dtype_for(backend, device)
@@ -182,7 +183,7 @@ def test_kernels_clamp_out_of_range_lengths(backend, device):
 
 
 # ---------------------------------------------------------------- M = 5..8
-@pytest.mark.parametrize("backend,device", [p for p in every_backend() if p.values[0] != "reference"])
+@pytest.mark.parametrize("backend,device", kernel_backends())
 @pytest.mark.parametrize("M", [5, 6, 7, 8])
 def test_many_segments(backend, device, M):
     """Every segment slot up to MAX_SEGMENTS, with lengths (one segment empty), bias, gate, GQA."""
@@ -200,7 +201,7 @@ def test_many_segments(backend, device, M):
     _check_attention(backend, q, keys, values, kw)
 
 
-@pytest.mark.parametrize("backend,device", [p for p in every_backend() if p.values[0] != "reference"])
+@pytest.mark.parametrize("backend,device", kernel_backends())
 def test_gated_fusion_many_modalities(backend, device):
     dtype = _dtype_for(backend, device)
     require_backend(backend, device, dtype, op="gated_fusion")
@@ -238,7 +239,7 @@ def _causal_by_definition(q, k, v, kv_len, q_len, scale):
     return out
 
 
-@pytest.mark.parametrize("backend,device", [p for p in every_backend() if p.values[0] != "reference"])
+@pytest.mark.parametrize("backend,device", kernel_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=["fp32", "fp16", "bf16"])
 def test_causal_over_several_key_blocks(backend, device, dtype):
     """Lq and Lk above the kernels' block sizes (CPU: 64 rows, 256/128 keys), with lengths,
@@ -267,7 +268,7 @@ def test_causal_over_several_key_blocks(backend, device, dtype):
 
 
 # ---------------------------------------------------------------- bias and gate in q's dtype
-@pytest.mark.parametrize("backend,device", [p for p in every_backend() if p.values[0] != "reference"])
+@pytest.mark.parametrize("backend,device", kernel_backends())
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["fp16", "bf16"])
 def test_bias_and_gate_in_q_dtype(backend, device, dtype):
     """nn.CrossModalAttention passes modality_bias and head_gate in q's dtype: outputs and
@@ -320,7 +321,7 @@ def test_empty_inputs_give_zero_gradients(backend, device, empty):
 
 
 # ---------------------------------------------------------------- gated fusion: strided, identity
-@pytest.mark.parametrize("backend,device", [p for p in every_backend() if p.values[0] != "reference"])
+@pytest.mark.parametrize("backend,device", kernel_backends())
 @pytest.mark.parametrize("activation", ["tanh", "identity"])
 def test_gated_fusion_noncontiguous_with_present_and_grads(backend, device, activation):
     dtype = _dtype_for(backend, device)

@@ -72,6 +72,13 @@ def test_require_ext_fails_missing_gpu_backends_on_a_gpu_machine(monkeypatch):
             utils.require_backend(name, "cuda")
     with pytest.raises(pytest.fail.Exception):
         utils.require_backend("cpu", "cpu")
+    # A dtype the backend does not run (fp64 on a GPU) is a skip, not a missing backend.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    no_fp64 = lambda name, call: ["no fp64"] if call.dtype == torch.float64 else []  # noqa: E731
+    monkeypatch.setattr(backends, "not_supported_reasons", no_fp64)
+    with pytest.raises(pytest.skip.Exception):
+        utils.require_backend("cuda", "cuda", torch.float64)
+    monkeypatch.setattr(backends, "not_supported_reasons", unable)
     monkeypatch.delenv("MMKERNELS_REQUIRE_EXT")
     with pytest.raises(pytest.skip.Exception):
         utils.require_backend("cpu", "cpu")

@@ -13,10 +13,7 @@ from hypothesis import strategies as st
 import mmkernels
 from mmkernels.reference import cross_modal_attention_reference as cma_reference
 from mmkernels.reference import gated_fusion_reference as gf_reference
-from utils import LOW_PRECISION, assert_within_rule, every_backend, exact_dtype, require_backend
-
-KERNEL_BACKENDS = [p for p in every_backend() if p.values[0] != "reference"]
-
+from utils import LOW_PRECISION, assert_within_rule, exact_dtype, kernel_backends, require_backend
 
 def _examples(backend):
     # the Triton interpreter runs each kernel as Python: fewer examples there
@@ -86,7 +83,7 @@ def _diff(q, keys, values, kw):
     return [q, *keys, *values, *[kw[n] for n in ("modality_bias", "head_gate") if n in kw]]
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", kernel_backends())
 def test_attention_properties(backend, device):
     require_backend(backend, device)
 
@@ -138,7 +135,7 @@ def gated_fusion_case(draw, backend, device):
                 seed=draw(st.integers(0, 2**16)))
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend,device", kernel_backends())
 def test_gated_fusion_properties(backend, device):
     require_backend(backend, device, op="gated_fusion")
 

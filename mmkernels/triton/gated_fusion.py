@@ -86,10 +86,10 @@ def _gf_fwd_kernel(F, L, P, OUT, GATES, N, H, NH, nh_bucket,
                    RET_G: tl.constexpr, BLOCK: tl.constexpr):
     e, emask, mask, off = _tile(NH, M, MP2, BLOCK)
     g, part = _gates(L, P, off, e, mask, N, H, HAS_P, MP2)
-    f = tl.load(F + off, mask=mask, other=0.0).to(tl.float32)
+    f = tl.where(part, tl.load(F + off, mask=mask, other=0.0).to(tl.float32), 0.0)
     if ACT == 0:
         f = _tanh(f)
-    fused = tl.sum(tl.where(part, g * f, 0.0), 0)
+    fused = tl.sum(g * f, 0)
     tl.store(OUT + e, fused.to(OUT.dtype.element_ty), mask=emask)
     if RET_G:
         tl.store(GATES + off, g.to(GATES.dtype.element_ty), mask=mask)
