@@ -214,8 +214,8 @@ def _fwd_segment(acc, m_i, l_i, q, K, V, skb, skn, skh, svb, svn, svh,
                  b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    k_base = K + b * skb + hkv * skh
-    v_base = V + b * svb + hkv * svh
+    k_base = K + b * skb + hkv.to(tl.int64) * skh
+    v_base = V + b * svb + hkv.to(tl.int64) * svh
     hi = tl.maximum(hi, lo)
     if CAUSAL:
         for start in range(lo, hi, BLOCK_N):
@@ -239,7 +239,7 @@ def _fwd_segment(acc, m_i, l_i, q, K, V, skb, skn, skh, svb, svn, svh,
 @triton.jit
 def _store_out(OUT, OUTU, sob, som, soh, LSE, GATE_T, b, i_row, h, Lq, Hq, o, lse2, row_in, offs_dv,
                DV: tl.constexpr, HAS_GATE: tl.constexpr):
-    optr = b * sob + i_row.to(tl.int64)[:, None] * som + h[:, None] * soh + offs_dv[None, :]
+    optr = b * sob + i_row.to(tl.int64)[:, None] * som + h.to(tl.int64)[:, None] * soh + offs_dv[None, :]
     omask = row_in[:, None] & (offs_dv[None, :] < DV)
     if HAS_GATE:
         t = tl.load(GATE_T + h, mask=row_in, other=0.0)
@@ -274,7 +274,7 @@ def _cma_fwd_kernel(
     bh = tl.program_id(1)
     split = tl.program_id(2)
     b = (bh // Hkv).to(tl.int64)
-    hkv = (bh % Hkv).to(tl.int64)  # int64: head offsets (hkv * skh) pass 2**31 on (B, H, L, D) views
+    hkv = bh % Hkv  # int32; every offset built from it is int64 (a (B, H, L, D) view passes 2**31)
     Hq = Hkv * G
     LqG = Lq * G
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -317,7 +317,7 @@ def _cma_fwd_kernel(
     # causal (M == 1): query i sees key j iff j <= i + kv_len - q_len
     causal_off = kvl0 - q_len
     causal_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, q_len - 1) + causal_off + 1
-    q = tl.load(Q + b * sqb + i_row.to(tl.int64)[:, None] * sqm + h[:, None] * sqh + offs_d[None, :],
+    q = tl.load(Q + b * sqb + i_row.to(tl.int64)[:, None] * sqm + h.to(tl.int64)[:, None] * sqh + offs_d[None, :],
                 mask=row_in[:, None] & (offs_d[None, :] < D), other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -415,7 +415,7 @@ def _cma_merge_kernel(OPART, LPART, OUT, OUTU, sob, som, soh, LSE, GATE_T, Lq, G
     r = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
-    hkv = (bh % Hkv).to(tl.int64)  # int64: head offsets (hkv * skh) pass 2**31 on (B, H, L, D) views
+    hkv = bh % Hkv
     Hq = Hkv * G
     LqG = Lq * G
     s = tl.arange(0, NS_P2)
@@ -467,8 +467,8 @@ def _dq_segment(dq, q, do, t_row, L2, dlt, K, V, skb, skn, skh, svb, svn, svh,
                 b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                 IEEE: tl.constexpr):
-    k_base = K + b * skb + hkv * skh
-    v_base = V + b * svb + hkv * svh
+    k_base = K + b * skb + hkv.to(tl.int64) * skh
+    v_base = V + b * svb + hkv.to(tl.int64) * svh
     dbr = tl.zeros_like(dlt)
     for start in range(0, hi, BLOCK_N):
         n = start + offs_n
@@ -513,7 +513,7 @@ def _cma_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
-    hkv = (bh % Hkv).to(tl.int64)  # int64: head offsets (hkv * skh) pass 2**31 on (B, H, L, D) views
+    hkv = bh % Hkv
     Hq = Hkv * G
     LqG = Lq * G
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -547,9 +547,9 @@ def _cma_bwd_dq_kernel(
     total = off7 + kvl7
     causal_off = kvl0 - q_len
     causal_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, q_len - 1) + causal_off + 1
-    q = tl.load(Q + b * sqb + i_row.to(tl.int64)[:, None] * sqm + h[:, None] * sqh + offs_d[None, :],
+    q = tl.load(Q + b * sqb + i_row.to(tl.int64)[:, None] * sqm + h.to(tl.int64)[:, None] * sqh + offs_d[None, :],
                 mask=row_in[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdb + i_row.to(tl.int64)[:, None] * sdm + h[:, None] * sdh + offs_dv[None, :],
+    do = tl.load(DO + b * sdb + i_row.to(tl.int64)[:, None] * sdm + h.to(tl.int64)[:, None] * sdh + offs_dv[None, :],
                  mask=row_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
     if HAS_GATE:
         t_row = tl.load(GATE_T + h, mask=row_in, other=0.0)
@@ -642,7 +642,7 @@ def _cma_bwd_dq_kernel(
                               D, DV, BLOCK_N, CAUSAL, IEEE)
         if HAS_BIAS:
             tl.store(DBIAS + dbias_base + 7, dbr, mask=row_in)
-    tl.store(DQ + b * sdqb + i_row.to(tl.int64)[:, None] * sdqm + h[:, None] * sdqh + offs_d[None, :],
+    tl.store(DQ + b * sdqb + i_row.to(tl.int64)[:, None] * sdqm + h.to(tl.int64)[:, None] * sdqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=row_in[:, None] & (offs_d[None, :] < D))
 
 
@@ -662,7 +662,7 @@ def _cma_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
-    hkv = (bh % Hkv).to(tl.int64)  # int64: head offsets (hkv * skh) pass 2**31 on (B, H, L, D) views
+    hkv = bh % Hkv
     Hq = Hkv * G
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -678,9 +678,9 @@ def _cma_bwd_dkdv_kernel(
         q_len = Lq
     nvalid = n < kvl
     n64 = n.to(tl.int64)
-    k = tl.load(K + b * skb + hkv * skh + n64[:, None] * skn + offs_d[None, :],
+    k = tl.load(K + b * skb + hkv.to(tl.int64) * skh + n64[:, None] * skn + offs_d[None, :],
                 mask=nvalid[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * svb + hkv * svh + n64[:, None] * svn + offs_dv[None, :],
+    v = tl.load(V + b * svb + hkv.to(tl.int64) * svh + n64[:, None] * svn + offs_dv[None, :],
                 mask=nvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -695,9 +695,9 @@ def _cma_bwd_dkdv_kernel(
         row_in = r < row_hi
         i_row = r // G
         h = hkv * G + r % G
-        q = tl.load(Q + b * sqb + i_row.to(tl.int64)[:, None] * sqm + h[:, None] * sqh + offs_d[None, :],
+        q = tl.load(Q + b * sqb + i_row.to(tl.int64)[:, None] * sqm + h.to(tl.int64)[:, None] * sqh + offs_d[None, :],
                     mask=row_in[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(DO + b * sdb + i_row.to(tl.int64)[:, None] * sdm + h[:, None] * sdh + offs_dv[None, :],
+        do = tl.load(DO + b * sdb + i_row.to(tl.int64)[:, None] * sdm + h.to(tl.int64)[:, None] * sdh + offs_dv[None, :],
                      mask=row_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lrow = (b * Hq + h) * Lq + i_row
         lse = tl.load(LSE + lrow, mask=row_in, other=float("-inf"))
@@ -719,9 +719,9 @@ def _cma_bwd_dkdv_kernel(
         dst = pt * (dpt - dlt[None, :])
         dk += _dot(dst.to(q.dtype), q, IEEE)
     nmask = n < LK
-    tl.store(DK + b * sdkb + hkv * sdkh + n64[:, None] * sdkn + offs_d[None, :],
+    tl.store(DK + b * sdkb + hkv.to(tl.int64) * sdkh + n64[:, None] * sdkn + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=nmask[:, None] & (offs_d[None, :] < D))
-    tl.store(DVP + b * sdvb + hkv * sdvh + n64[:, None] * sdvn + offs_dv[None, :],
+    tl.store(DVP + b * sdvb + hkv.to(tl.int64) * sdvh + n64[:, None] * sdvn + offs_dv[None, :],
              dv.to(DVP.dtype.element_ty), mask=nmask[:, None] & (offs_dv[None, :] < DV))
 
 

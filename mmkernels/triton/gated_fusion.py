@@ -58,14 +58,14 @@ def _gates(L, P, off, e, mask, N, H, HAS_P: tl.constexpr, MP2: tl.constexpr):
         n = e // H
         pres = tl.load(P + m[:, None].to(tl.int64) * N + n[None, :], mask=mask, other=0)
         logit = tl.where(pres != 0, logit, float("-inf"))
-    # A -inf logit (absent, or -inf itself) takes no part: its features are selected out,
-    # never multiplied by a 0 gate, so a NaN or inf there cannot reach the result (0 * NaN).
-    part = logit != float("-inf")
     mx = tl.max(logit, 0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    ex = tl.where(part, tl.exp(logit - mx[None, :]), 0.0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)  # all -inf: exp gives 0 for every logit, no NaN
+    ex = tl.exp(logit - mx[None, :])
     s = tl.sum(ex, 0)
-    return ex / tl.where(s > 0, s, 1.0)[None, :], part
+    # A -inf logit (absent, or -inf itself) gets a gate of exactly 0. The kernels select the
+    # features of a 0 gate out rather than multiply them, so a NaN or inf there cannot reach
+    # the result or the gradients (0 * NaN); the gate itself keeps no extra mask alive.
+    return ex / tl.where(s > 0, s, 1.0)[None, :]
 
 
 @triton.jit
@@ -85,8 +85,8 @@ def _gf_fwd_kernel(F, L, P, OUT, GATES, N, H, NH, nh_bucket,
                    M: tl.constexpr, MP2: tl.constexpr, HAS_P: tl.constexpr, ACT: tl.constexpr,
                    RET_G: tl.constexpr, BLOCK: tl.constexpr):
     e, emask, mask, off = _tile(NH, M, MP2, BLOCK)
-    g, part = _gates(L, P, off, e, mask, N, H, HAS_P, MP2)
-    f = tl.where(part, tl.load(F + off, mask=mask, other=0.0).to(tl.float32), 0.0)
+    g = _gates(L, P, off, e, mask, N, H, HAS_P, MP2)
+    f = tl.where(g != 0.0, tl.load(F + off, mask=mask, other=0.0).to(tl.float32), 0.0)
     if ACT == 0:
         f = _tanh(f)
     fused = tl.sum(g * f, 0)
@@ -101,8 +101,8 @@ def _gf_bwd_kernel(GF, GG, F, L, P, DF, DL, N, H, NH, nh_bucket,
                    M: tl.constexpr, MP2: tl.constexpr, HAS_P: tl.constexpr, ACT: tl.constexpr,
                    HAS_GG: tl.constexpr, BLOCK: tl.constexpr):
     e, emask, mask, off = _tile(NH, M, MP2, BLOCK)
-    g, part = _gates(L, P, off, e, mask, N, H, HAS_P, MP2)
-    f = tl.where(part, tl.load(F + off, mask=mask, other=0.0).to(tl.float32), 0.0)
+    g = _gates(L, P, off, e, mask, N, H, HAS_P, MP2)
+    f = tl.where(g != 0.0, tl.load(F + off, mask=mask, other=0.0).to(tl.float32), 0.0)
     gf = tl.load(GF + e, mask=emask, other=0.0).to(tl.float32)
     if ACT == 0:
         a = _tanh(f)
@@ -113,7 +113,6 @@ def _gf_bwd_kernel(GF, GG, F, L, P, DF, DL, N, H, NH, nh_bucket,
     dg = gf[None, :] * a
     if HAS_GG:
         dg += tl.load(GG + off, mask=mask, other=0.0).to(tl.float32)
-    dg = tl.where(part, dg, 0.0)
     sdg = tl.sum(g * dg, 0)
     dl = g * (dg - sdg[None, :])
     df = gf[None, :] * g * dact
