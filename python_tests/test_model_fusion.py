@@ -209,8 +209,12 @@ def test_text_model_from_a_local_folder(tmp_path):
     cfg = ModelConfig(text_encoder="minilm", text_model_path=minilm_path(), d_model=32, num_heads=2)
     m = FusionModel(cfg)
     assert m.text.config.hidden_size == 384 and m.text.config.num_hidden_layers == 6
-    with pytest.raises(FileNotFoundError, match=r"model.text_model_path: no config.json in .*nowhere"):
+    with pytest.raises(FileNotFoundError, match=r"model.text_model_path: .*nowhere is not a folder"):
         FusionModel(ModelConfig(text_encoder="minilm", text_model_path=str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    for kind in ("minilm", "random"):  # the encoder and the tokenizer check the folder alike
+        with pytest.raises(FileNotFoundError, match=r"model.text_model_path: no config.json in .*empty"):
+            FusionModel(ModelConfig(text_encoder=kind, text_model_path=str(tmp_path / "empty")))
 
 
 def test_save_pretrained_replaces_the_folder_whole(tmp_path, monkeypatch):

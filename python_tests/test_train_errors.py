@@ -31,3 +31,23 @@ def test_output_dir_that_is_a_file(files, tmp_path, capsys):
     assert train_main(jsonl_overrides(files, str(tmp_path / "taken"))) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: train.output_dir ") and err.count("\n") == 1 and "is not a folder" in err, err
+
+
+@pytest.mark.parametrize("contents", [(), ("config.json",)])
+def test_text_model_path_that_is_not_a_model_folder(files, tmp_path, capsys, contents):
+    """An existing folder without a BERT-family model in it (empty, or a config.json without weights or
+    tokenizer): one error line that names model.text_model_path and the folder."""
+    import os
+    import shutil
+
+    from mmkernels.models.text import minilm_path
+    from mmkernels.train.cli import train_main
+    folder = tmp_path / "not_a_model"
+    folder.mkdir()
+    for name in contents:
+        shutil.copy(os.path.join(minilm_path(), name), folder / name)
+    assert train_main(jsonl_overrides(files, str(tmp_path / "run")) + [
+        "model.text_encoder=minilm", f"model.text_model_path={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.text_model_path: ") and err.count("\n") == 1, err
+    assert str(folder) in err and "Traceback" not in err
