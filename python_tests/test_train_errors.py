@@ -51,3 +51,23 @@ def test_text_model_path_that_is_not_a_model_folder(files, tmp_path, capsys, con
     err = capsys.readouterr().err
     assert err.startswith("error: model.text_model_path: ") and err.count("\n") == 1, err
     assert str(folder) in err and "Traceback" not in err
+
+
+def test_resume_refuses_other_data_order_or_lr_schedule(files, tmp_path, capsys):
+    """Exact resume: a run whose batches or learning rates would differ from the checkpoint's run is
+    refused, naming every change; settings that change neither (logging, evaluation) are accepted."""
+    from mmkernels.train.cli import train_main
+    out = str(tmp_path / "run")
+    assert train_main(jsonl_overrides(files, out, epochs=1)) == 0
+    capsys.readouterr()
+    changed = {"batch_size": 8, "seed": 1, "epochs": 3, "max_steps": 5, "warmup_steps": 1, "min_lr_ratio": 0.5,
+               "lr": 0.01, "text_lr": 0.001, "weight_decay": 0.1}
+    for k, v in changed.items():
+        assert train_main(jsonl_overrides(files, out, **{"epochs": 1, k: v}) + ["--resume"]) == 2, k
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert "does not fit this run" in err and f"train.{k}: " in err and f"-> {v!r}" in err, err
+    assert train_main(jsonl_overrides(files, out, epochs=1, seed=2, lr=0.5) + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr: 0.001 -> 0.5; train.seed: 0 -> 2" in err, err
+    assert train_main(jsonl_overrides(files, out, epochs=1, log_every=1, eval_every=1) + ["--resume"]) == 0

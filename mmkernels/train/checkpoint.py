@@ -7,7 +7,7 @@ import os
 import random
 import re
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -82,17 +82,25 @@ def set_rng_state(st: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- fit to the resuming run
-def config_changes(old: Dict, new: Dict, section: str = "model") -> List[str]:
+# train settings that decide the batches (sample order, split) or the learning rate of every step: an exact
+# resume needs the checkpoint's (the optimizer state would otherwise silently keep its lr and weight decay)
+EXACT_RESUME_TRAIN_KEYS = ("batch_size", "seed", "epochs", "max_steps", "warmup_steps", "min_lr_ratio", "lr",
+                           "text_lr", "weight_decay")
+
+
+def config_changes(old: Dict, new: Dict, section: str = "model", keys: Optional[Sequence[str]] = None) -> List[str]:
     """`section.key: old -> new` for every key of `section` that differs (labels and the encoder config
-    that save_pretrained fills in are left out)."""
+    that save_pretrained fills in are left out); with `keys`, for those keys only."""
     a, b = old.get(section, {}) or {}, new.get(section, {}) or {}
     skip = {"labels", "num_labels", "bert_config"}
-    return [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+    names = sorted(set(a) | set(b)) if keys is None else sorted(keys)
+    return [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in names
             if k not in skip and a.get(k) != b.get(k)]
 
 
-def does_not_fit(path: str, what: str, ck_config: Dict, config: Dict, detail: str = "") -> CheckpointError:
-    changes = config_changes(ck_config, config)
+def does_not_fit(path: str, what: str, ck_config: Dict, config: Dict, detail: str = "", section: str = "model",
+                 keys: Optional[Sequence[str]] = None) -> CheckpointError:
+    changes = config_changes(ck_config, config, section, keys)
     why = "; ".join(changes) if changes else detail
     return CheckpointError(f"checkpoint {path}: its {what} does not fit this run ({why}): resume with the "
-                           "checkpoint's model settings, or start a new run in another train.output_dir")
+                           f"checkpoint's {section} settings, or start a new run in another train.output_dir")

@@ -28,8 +28,9 @@ from mmkernels.models.atomic import atomic_write, remove_stale_temp, write_json
 from mmkernels.models.fusion_model import FusionModel
 from mmkernels.models.text import load_tokenizer
 from mmkernels.train import metrics as M
-from mmkernels.train.checkpoint import (CKPT_FORMAT, CKPT_NAME, CheckpointError, atomic_torch_save,  # noqa: F401
-                                        does_not_fit, load_checkpoint, rng_state, set_rng_state)
+from mmkernels.train.checkpoint import (CKPT_FORMAT, CKPT_NAME, EXACT_RESUME_TRAIN_KEYS, CheckpointError,
+                                        atomic_torch_save, config_changes, does_not_fit, load_checkpoint,
+                                        rng_state, set_rng_state)
 from mmkernels.train.config import Config, ConfigError
 
 
@@ -389,6 +390,9 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} was trained with labels {ck_labels}, this run has "
                                   f"{self.cfg.model.labels} (did the train file change?)")
         cfg = self.cfg.to_dict()
+        if config_changes(ck["config"], cfg, "train", EXACT_RESUME_TRAIN_KEYS):
+            raise does_not_fit(path, "data order or learning-rate schedule", ck["config"], cfg, section="train",
+                               keys=EXACT_RESUME_TRAIN_KEYS)
         try:
             self.model.load_state_dict(ck["model"])
         except RuntimeError as e:
