@@ -71,3 +71,14 @@ def test_resume_refuses_other_data_order_or_lr_schedule(files, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "train.lr: 0.001 -> 0.5; train.seed: 0 -> 2" in err, err
     assert train_main(jsonl_overrides(files, out, epochs=1, log_every=1, eval_every=1) + ["--resume"]) == 0
+
+
+def test_output_dir_that_cannot_be_made(files, tmp_path, capsys):
+    """A parent of train.output_dir is a file: the OS refuses the folder, one error line with its reason."""
+    from mmkernels.train.cli import train_main
+    (tmp_path / "taken").write_text("x")
+    out = tmp_path / "taken" / "run"
+    assert train_main(jsonl_overrides(files, str(out))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: train.output_dir {out} cannot be made: ") and err.count("\n") == 1, err
+    assert "Not a directory" in err, err

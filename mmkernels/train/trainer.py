@@ -241,7 +241,10 @@ class Trainer:
         self.out = t.output_dir
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ConfigError(f"train.output_dir {self.out} is not a folder")
-        os.makedirs(self.out, exist_ok=True)
+        try:
+            os.makedirs(self.out, exist_ok=True)
+        except OSError as e:  # a parent is a file, no permission, read-only file system...
+            raise ConfigError(f"train.output_dir {self.out} cannot be made: {e.strerror or e}") from e
         if self.main:  # what a killed run was writing (its complete files are in place)
             remove_stale_temp(self.out)
         self.log_rows: List[dict] = []
