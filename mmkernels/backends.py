@@ -1,20 +1,34 @@
 """Which backend serves which input, and why not (xFormers' dispatch pattern).
 
-Each backend answers `not_supported_reasons(op, args) -> list[str]`; an empty
-list means it can serve the call. The default picks, in an order set per
-device type, the first backend with no reasons. `backend=` or the
-`MMKERNELS_BACKEND` variable forces one; a forced backend that can't serve the
-input raises with its reasons.
+Each backend is an object that declares its limits once (device types, dtypes,
+largest head dim, most segments, minimum CUDA capability) and answers
+`not_supported_reasons(call) -> list[str]` from them; a subclass extends the
+answer with what only it knows. An empty list means it can serve the call. The
+default picks, in an order set per device type, the first backend with no
+reasons. `backend=` or the `MMKERNELS_BACKEND` variable forces one; a forced
+backend that can't serve the input raises with its reasons.
+
+Selection has no side effects: it never imports kernels. A backend's kernels,
+fake kernels and autograd are loaded by the op modules the first time they run
+it (`mmkernels.ops.load_backend`). The C++/CUDA side takes the same limits from
+csrc/common/limits.h (python_tests/test_limits.py checks that they agree).
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+
+# The contract's limits (DESIGN.md 2): every backend, every language.
+MAX_SEGMENTS = 8
+MAX_GPU_HEAD_DIM = 256
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 # The C++ CPU kernel before the reference on CPU. On GPU Triton comes first:
@@ -23,9 +37,6 @@ DEFAULT_ORDER = {
     "cpu": ("cpu", "reference"),
     "cuda": ("triton", "cuda", "reference"),
 }
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_SEGMENTS = 8
-MAX_GPU_HEAD_DIM = 256
 
 
 def _load_extension() -> str | None:
@@ -79,87 +90,151 @@ class Call:
     value_dim: int = 0
 
 
-def _reference_reasons(call: Call) -> List[str]:
-    return []
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-def _cpu_reasons(call: Call) -> List[str]:
-    reasons = []
-    if call.device_type != "cpu":
-        reasons.append(f"the cpu backend runs on CPU tensors, got {call.device_type}")
-    if extension_error() is not None:
-        reasons.append(extension_error())
-    elif not has_kernels("CPU"):
-        reasons.append("mmkernels._C was built without CPU kernels")
-    if call.dtype not in FLOAT_DTYPES + (torch.float64,):
-        reasons.append(f"dtype {call.dtype} is not supported (fp32, fp16, bf16, fp64)")
-    return reasons
+@functools.lru_cache(maxsize=None)  # dispatch asks on every call; cached before any trace
+def _cuda_capability_of(index: int) -> Tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
 
 
-def _gpu_common_reasons(call: Call, name: str) -> List[str]:
-    reasons = []
-    if call.dtype not in FLOAT_DTYPES:
-        reasons.append(f"the {name} backend supports fp32, fp16 and bf16, got {call.dtype}")
-    if call.op == "cross_modal_attention" and max(call.head_dim, call.value_dim) > MAX_GPU_HEAD_DIM:
-        reasons.append(
-            f"head dims up to {MAX_GPU_HEAD_DIM} on {name}, got D={call.head_dim}, Dv={call.value_dim}"
-        )
-    return reasons
-
-
-def _cuda_capability() -> tuple:
+def _cuda_capability() -> Tuple[int, int]:
     # Read in eager only: a traced call has been dispatched eagerly before.
     if torch.compiler.is_compiling() or not torch.cuda.is_available():
         return (9, 0)
-    return torch.cuda.get_device_capability()
+    return _cuda_capability_of(torch.cuda.current_device())
 
 
-def _cuda_reasons(call: Call) -> List[str]:
-    reasons = []
-    if call.device_type != "cuda":
-        reasons.append(f"the cuda backend runs on CUDA tensors, got {call.device_type}")
-    elif _cuda_capability() < (8, 0):
-        reasons.append(f"the CUDA kernels need compute capability 8.0 or newer, got {_cuda_capability()}")
-    if extension_error() is not None:
-        reasons.append(extension_error())
-    elif not has_kernels("CUDA"):
-        reasons.append("mmkernels._C was built without CUDA kernels (no nvcc/GPU at build time; FORCE_CUDA=1 builds them)")
-    return reasons + _gpu_common_reasons(call, "cuda")
+class Backend:
+    """A backend and its declared limits; `not_supported_reasons` checks a call against them."""
+
+    name: str = ""
+    device_types: Tuple[str, ...] = ()       # empty: any device
+    dtypes: Tuple[torch.dtype, ...] = FLOAT_DTYPES + (torch.float64,)
+    max_head_dim: Optional[int] = None       # None: any
+    max_segments: int = MAX_SEGMENTS
+    min_capability: Optional[Tuple[int, int]] = None  # on CUDA tensors
+
+    def not_supported_reasons(self, call: Call) -> List[str]:
+        reasons: List[str] = []
+        if self.device_types and call.device_type not in self.device_types:
+            where = " or ".join(t.upper() for t in self.device_types)
+            reasons.append(f"the {self.name} backend runs on {where} tensors, got {call.device_type}")
+        if call.dtype not in self.dtypes:
+            reasons.append(f"the {self.name} backend supports {_dtype_names(self.dtypes)}, got {call.dtype}")
+        if (self.max_head_dim is not None and call.op == "cross_modal_attention"
+                and max(call.head_dim, call.value_dim) > self.max_head_dim):
+            reasons.append(f"head dims up to {self.max_head_dim} on {self.name}, "
+                           f"got D={call.head_dim}, Dv={call.value_dim}")
+        if call.num_segments > self.max_segments:
+            reasons.append(f"at most {self.max_segments} segments on {self.name}, got {call.num_segments}")
+        if self.min_capability is not None and call.device_type == "cuda" and torch.cuda.is_available():
+            cc = _cuda_capability()
+            if cc < self.min_capability:
+                need = ".".join(map(str, self.min_capability))
+                reasons.append(f"the {self.name} kernels need compute capability {need} or newer, "
+                               f"got {cc[0]}.{cc[1]}")
+        return reasons
+
+    def limits(self) -> Dict[str, Any]:
+        """The declared limits, for `python -m mmkernels.info` and the agreement test."""
+        return {"devices": self.device_types or ("any",), "dtypes": _dtype_names(self.dtypes),
+                "max_head_dim": self.max_head_dim, "max_segments": self.max_segments,
+                "min_capability": self.min_capability}
 
 
-def _triton_reasons(call: Call) -> List[str]:
-    reasons = []
-    if triton_error() is not None:
-        return [triton_error()]
-    if call.device_type == "cpu" and not triton_interpreted():
-        reasons.append("triton runs on CPU tensors only under TRITON_INTERPRET=1")
-    elif call.device_type not in ("cpu", "cuda"):
-        reasons.append(f"triton runs on CUDA tensors, got {call.device_type}")
-    reasons += _gpu_common_reasons(call, "triton")
-    if not reasons:
-        # Kernel-specific limits live beside the kernels.
-        from mmkernels import triton as mm_triton
-
-        reasons += mm_triton.not_supported_reasons(call)
-    return reasons
+class ReferenceBackend(Backend):
+    name = "reference"
 
 
-REASONS: Dict[str, Callable[[Call], List[str]]] = {
-    "reference": _reference_reasons,
-    "cpu": _cpu_reasons,
-    "cuda": _cuda_reasons,
-    "triton": _triton_reasons,
-}
+class CpuBackend(Backend):
+    name = "cpu"
+    device_types = ("cpu",)
+
+    def not_supported_reasons(self, call: Call) -> List[str]:
+        reasons = super().not_supported_reasons(call)
+        if extension_error() is not None:
+            reasons.append(extension_error())
+        elif not has_kernels("CPU"):
+            reasons.append("mmkernels._C was built without CPU kernels")
+        return reasons
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    device_types = ("cuda",)
+    dtypes = FLOAT_DTYPES
+    max_head_dim = MAX_GPU_HEAD_DIM
+    min_capability = (8, 0)
+
+    def not_supported_reasons(self, call: Call) -> List[str]:
+        reasons = super().not_supported_reasons(call)
+        if extension_error() is not None:
+            reasons.append(extension_error())
+        elif not has_kernels("CUDA"):
+            reasons.append("mmkernels._C was built without CUDA kernels "
+                           "(no nvcc/GPU at build time; FORCE_CUDA=1 builds them)")
+        return reasons
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_interpreter_broken() -> str | None:
+    """Triton's interpreter before 3.7 turns 1-element arrays into loop bounds with int(),
+    which NumPy 2.4 refuses: every kernel with a data-dependent loop fails there. Read from
+    the installed versions, without importing triton."""
+    import numpy
+
+    triton_version = importlib.metadata.version("triton")
+    if _version(triton_version) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"the Triton {triton_version} interpreter fails with NumPy {numpy.__version__} "
+                "(needs triton >= 3.7 or numpy < 2.4)")
+    return None
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    device_types = ("cuda", "cpu")  # CPU tensors under TRITON_INTERPRET=1 only (tests)
+    dtypes = FLOAT_DTYPES
+    max_head_dim = MAX_GPU_HEAD_DIM
+    min_capability = (7, 5)
+    min_capability_bf16 = (8, 0)
+
+    def not_supported_reasons(self, call: Call) -> List[str]:
+        if triton_error() is not None:
+            return [triton_error()]
+        if call.device_type == "cpu" and not triton_interpreted():
+            return ["triton runs on CPU tensors only under TRITON_INTERPRET=1"]
+        reasons = super().not_supported_reasons(call)
+        if call.device_type == "cpu" and _triton_interpreter_broken():
+            reasons.append(_triton_interpreter_broken())
+        if call.device_type == "cuda" and torch.cuda.is_available() and call.dtype == torch.bfloat16:
+            cc = _cuda_capability()
+            if self.min_capability <= cc < self.min_capability_bf16:
+                reasons.append(f"bf16 Triton kernels need compute capability 8.0 or newer, got {cc[0]}.{cc[1]}")
+        return reasons
+
+
+REGISTRY: Dict[str, Backend] = {b.name: b for b in (CudaBackend(), TritonBackend(), CpuBackend(), ReferenceBackend())}
+assert tuple(REGISTRY) == BACKENDS
 
 
 class BackendNotSupported(ValueError):
     pass
 
 
-def not_supported_reasons(backend: str, call: Call) -> List[str]:
-    if backend not in REASONS:
+def get(backend: str) -> Backend:
+    if backend not in REGISTRY:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    return REASONS[backend](call)
+    return REGISTRY[backend]
+
+
+def not_supported_reasons(backend: str, call: Call) -> List[str]:
+    return get(backend).not_supported_reasons(call)
 
 
 def select(call: Call, backend: str | None = None) -> str:

@@ -32,8 +32,15 @@ def report() -> str:
         f"triton: {backends.triton_error() or __import__('triton').__version__}"
         + (" (interpreter: TRITON_INTERPRET=1)" if backends.triton_interpreted() else ""),
         "",
-        "backend per call (the first able one in the device's order serves it):",
+        "declared limits:",
     ]
+    for name, backend in backends.REGISTRY.items():
+        lim = backend.limits()
+        cc = lim["min_capability"]
+        lines.append(f"- {name:9s} devices {'/'.join(lim['devices'])}; {lim['dtypes']}; "
+                     f"head dim {lim['max_head_dim'] or 'any'}; M <= {lim['max_segments']}"
+                     + (f"; CUDA capability >= {cc[0]}.{cc[1]}" if cc else ""))
+    lines += ["", "backend per call (the first able one in the device's order serves it):"]
     for call in _SAMPLE_CALLS:
         try:
             chosen = backends.select(call)

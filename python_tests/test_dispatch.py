@@ -82,3 +82,29 @@ def test_require_ext_fails_missing_gpu_backends_on_a_gpu_machine(monkeypatch):
     monkeypatch.delenv("MMKERNELS_REQUIRE_EXT")
     with pytest.raises(pytest.skip.Exception):
         utils.require_backend("cpu", "cpu")
+
+
+def test_selection_has_no_side_effects():
+    """Asking whether Triton can serve a call imports no kernels (and not triton itself), and
+    the Triton kernel modules import only torch and triton (no import circle through mmkernels)."""
+    code = (
+        "import os, sys, torch\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from mmkernels import backends\n"
+        "for dev in ('cpu', 'cuda'):\n"
+        "    backends.describe(backends.Call('cross_modal_attention', dev, torch.float32, 3, 64, 64))\n"
+        "    backends.describe(backends.Call('gated_fusion', dev, torch.bfloat16, 3))\n"
+        "print(sorted(m for m in sys.modules if m == 'triton' or m.startswith(('triton.', 'mmkernels.triton'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+    import ast
+    import os
+
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mmkernels", "triton")
+    for name in ("attention.py", "gated_fusion.py"):
+        tree = ast.parse(open(os.path.join(here, name)).read())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert "mmkernels" not in imported, (name, imported)

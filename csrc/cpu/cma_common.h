@@ -12,6 +12,7 @@
 #include <optional>
 #include <vector>
 
+#include "../common/limits.h"
 #include "../common/online_softmax.h"
 
 namespace mmkernels::cpu {
@@ -57,7 +58,7 @@ inline CmaProblem make_problem(const at::Tensor& q, at::TensorList keys, at::Ten
   p.Hq = q.size(2);
   p.D = q.size(3);
   p.M = static_cast<int64_t>(keys.size());
-  TORCH_CHECK(p.M >= 1, "keys: expected at least one segment");
+  TORCH_CHECK(p.M >= 1 && p.M <= kMaxSegments, "keys: expected 1 to ", kMaxSegments, " segments, got ", p.M);
   TORCH_CHECK(values.size() == keys.size(), "values: expected ", p.M, " tensors, got ",
               values.size());
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ||

@@ -19,6 +19,7 @@ namespace mmkernels {
 namespace cuda {
 
 // Bucket of the padded head dim served by one kernel instantiation.
+static_assert(kMaxGpuHeadDim == 256, "head_dim_bucket and the DPAD dispatch end at 256");
 inline int head_dim_bucket(int64_t D, int64_t Dv) {
   const int64_t x = D > Dv ? D : Dv;
   return x <= 64 ? 64 : (x <= 128 ? 128 : 256);
@@ -66,6 +67,13 @@ inline CmaPrepared prepare_cma(const at::Tensor& q_in, at::TensorList keys_in, a
                                const std::optional<at::Tensor>& head_gate, double scale, bool causal) {
   CmaPrepared r;
   TORCH_CHECK(q_in.is_cuda(), "mmkernels CUDA cma: q must be a CUDA tensor");
+  {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q_in.get_device()));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q_in.get_device()));
+    TORCH_CHECK(major * 10 + minor >= kMinCudaCapability, "mmkernels CUDA cma: needs compute capability ",
+                kMinCudaCapability / 10, ".", kMinCudaCapability % 10, " or newer, got ", major, ".", minor);
+  }
   TORCH_CHECK(q_in.dim() == 4, "mmkernels CUDA cma: q must have shape (B, Lq, Hq, D), got ", q_in.sizes());
   check_float_dtype(q_in, "q");
   const int64_t M = static_cast<int64_t>(keys_in.size());
@@ -78,8 +86,9 @@ inline CmaPrepared prepare_cma(const at::Tensor& q_in, at::TensorList keys_in, a
   const int64_t Hkv = keys_in[0].dim() == 4 ? keys_in[0].size(2) : -1;
   const int64_t Dv = values_in[0].dim() == 4 ? values_in[0].size(3) : -1;
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "mmkernels CUDA cma: Hq (", Hq, ") must be a multiple of Hkv (", Hkv, ")");
-  TORCH_CHECK(D >= 1 && D <= 256 && Dv >= 1 && Dv <= 256,
-              "mmkernels CUDA cma: head dims D and Dv must be in [1, 256], got D=", D, " Dv=", Dv);
+  TORCH_CHECK(D >= 1 && D <= kMaxGpuHeadDim && Dv >= 1 && Dv <= kMaxGpuHeadDim,
+              "mmkernels CUDA cma: head dims D and Dv must be in [1, ", kMaxGpuHeadDim, "], got D=", D,
+              " Dv=", Dv);
   TORCH_CHECK(B <= 65535 && Hq <= 65535 && Hkv <= 65535, "mmkernels CUDA cma: B and H must be <= 65535");
   TORCH_CHECK(Lq < (int64_t(1) << 31), "mmkernels CUDA cma: Lq too large");
   for (int64_t m = 0; m < M; ++m) {

@@ -17,6 +17,8 @@
 
 #include <cstdint>
 
+#include "../common/limits.h"
+
 namespace mmkernels {
 namespace cuda {
 
@@ -120,7 +122,7 @@ __device__ __forceinline__ void load_tile_raw(T* __restrict__ s, const T* __rest
 }
 
 // ------------------------------------------------------------------ attention arguments
-constexpr int kMaxSegments = 8;
+// kMaxSegments (one Segment slot per modality) comes from ../common/limits.h.
 
 struct Segment {
   const void* k;  // (B, Lk, Hkv, D)

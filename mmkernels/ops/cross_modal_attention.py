@@ -153,6 +153,19 @@ def register(fwd_name: str, bwd_name: str) -> None:
 if backends.extension_error() is None:
     register("cma_fwd", "cma_bwd")
 
+_triton_loaded = False
+
+
+def load(backend: str) -> None:
+    """A backend's load step: import its kernels, register their fake kernels and autograd
+    (once). The C++ ops were registered above, when the extension loaded."""
+    global _triton_loaded
+    if backend == "triton" and not _triton_loaded:
+        from mmkernels.triton import attention  # noqa: F401  (defines the triton ops)
+
+        register("triton_cma_fwd", "triton_cma_bwd")
+        _triton_loaded = True
+
 
 # ---------------------------------------------------------------- entry point
 def _run_backend(name, q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal):
@@ -161,8 +174,8 @@ def _run_backend(name, q, keys, values, kv_lengths, q_lengths, modality_bias, he
             q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal, return_lse=True
         )
     if name == "triton":
-        from mmkernels import triton as _load_triton_ops  # noqa: F401  (registers the op)
-
+        if not _triton_loaded:
+            load("triton")
         op = torch.ops.mmkernels.triton_cma_fwd
     else:  # cpu and cuda: the C++ op, dispatched on the device of q
         op = torch.ops.mmkernels.cma_fwd

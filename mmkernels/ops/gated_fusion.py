@@ -89,6 +89,19 @@ def register(fwd_name: str, bwd_name: str) -> None:
 if backends.extension_error() is None:
     register("gated_fusion_fwd", "gated_fusion_bwd")
 
+_triton_loaded = False
+
+
+def load(backend: str) -> None:
+    """A backend's load step: import its kernels, register their fake kernels and autograd
+    (once). The C++ ops were registered above, when the extension loaded."""
+    global _triton_loaded
+    if backend == "triton" and not _triton_loaded:
+        from mmkernels.triton import gated_fusion  # noqa: F401  (defines the triton ops)
+
+        register("triton_gated_fusion_fwd", "triton_gated_fusion_bwd")
+        _triton_loaded = True
+
 
 # ---------------------------------------------------------------- entry point
 def gated_fusion(
@@ -110,8 +123,8 @@ def gated_fusion(
     if name == "reference":
         return reference.gated_fusion_reference(features, gate_logits, present, activation, return_gates)
     if name == "triton":
-        from mmkernels import triton as _load_triton_ops  # noqa: F401  (registers the op)
-
+        if not _triton_loaded:
+            load("triton")
         op = torch.ops.mmkernels.triton_gated_fusion_fwd
     else:
         op = torch.ops.mmkernels.gated_fusion_fwd
