@@ -99,3 +99,37 @@ def test_model_and_data_values_out_of_range(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["1.5", "2024-01-01", "1e3", "010", "12:30", "yes", "0x1F"])
+def test_a_string_value_is_typed_alike_from_the_file_and_an_override(text, tmp_path):
+    """A string field (and the items of a list of strings) takes the text as written, whatever YAML would
+    make of it, from the file as from an override; --print-config gives it back unchanged."""
+    from mmkernels.train.config import yaml_dump
+    by_override = load_config(None, [f"train.output_dir={text}", f"model.labels=[{text}, b]"])
+    f = tmp_path / "c.yaml"
+    f.write_text(f"train:\n  output_dir: {text}\nmodel:\n  labels: [{text}, b]\n")
+    by_file = load_config(str(f))
+    assert by_file.train.output_dir == by_override.train.output_dir == text
+    assert by_file.model.labels == by_override.model.labels == [text, "b"]
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(yaml_dump(by_file.to_dict()))
+    assert load_config(str(printed)).to_dict() == by_file.to_dict()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("null", "train.output_dir expects a string, got None"),
+    ("[a]", "train.output_dir expects a string, got ['a']"),
+    ("2024-01-01", "train.lr expects a number, got '2024-01-01'"),
+])
+def test_a_wrong_type_is_refused_alike_from_the_file_and_an_override(text, message, tmp_path):
+    key = message.split(" ")[0]
+    with pytest.raises(ConfigError) as by_override:
+        load_config(None, [f"{key}={text}"])
+    sec, k = key.split(".")
+    f = tmp_path / "c.yaml"
+    f.write_text(f"{sec}:\n  {k}: {text}\n")
+    with pytest.raises(ConfigError) as by_file:
+        load_config(str(f))
+    assert str(by_override.value) == message
+    assert str(by_file.value) == f"{message} (in {f})"

@@ -1,8 +1,9 @@
 """Run configuration: YAML file with sections data / model / train, plus `section.key=value` overrides.
 Unknown keys are errors that name the key (with a suggestion). Every value, from the file or an
-override, is typed from its dataclass field: `1e-3`, `1.0e-3`, `3` and `"3"` are all numbers for a
-float, `"3"` is an int for an int, `yes`/`no`/`on`/`off`/`true`/`false` are booleans for a bool and
-strings for a string (YAML 1.2 reading: `[yes, no]` labels stay strings)."""
+override, is typed the same way from its dataclass field: `1e-3`, `1.0e-3`, `3` and `"3"` are all
+numbers for a float, `"3"` is an int for an int, `yes`/`no`/`on`/`off`/`true`/`false` are booleans for
+a bool, and a string field (or an item of a list of strings) takes the text as written: `1.5`,
+`2024-01-01`, `yes` stay strings (YAML 1.2 reading, no timestamps: `[yes, no]` labels stay strings)."""
 from __future__ import annotations
 
 import difflib
@@ -103,7 +104,8 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 # ----------------------------------------------------------------------------- YAML 1.2 scalars
 class _Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 core-schema scalars: booleans are only true/false (`yes`, `no`, `on`,
-    `off` stay strings), `1e-3` is a float (YAML 1.1 needs a dot), ints are decimal (`010` is 10)."""
+    `off` stay strings), `1e-3` is a float (YAML 1.1 needs a dot), ints are decimal (`010` is 10), no
+    timestamps (`2024-01-01` is a string)."""
 
 
 class _Dumper(yaml.SafeDumper):
@@ -111,7 +113,8 @@ class _Dumper(yaml.SafeDumper):
 
 
 _BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-_Loader.yaml_implicit_resolvers = {c: [(t, r) for t, r in rs if t not in (_BOOL, _INT, _FLOAT)]
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+_Loader.yaml_implicit_resolvers = {c: [(t, r) for t, r in rs if t not in (_BOOL, _INT, _FLOAT, _TIMESTAMP)]
                                    for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _RESOLVERS = [
     (_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")),
@@ -127,6 +130,12 @@ _Loader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(n
 
 def yaml_load(text_or_file):
     return yaml.load(text_or_file, Loader=_Loader)
+
+
+def _yaml_load_both(text: str):
+    """(values, texts): `text` read by _Loader, and by BaseLoader (every scalar as the string written,
+    same lists and mappings): a string field takes the text, whatever the value read."""
+    return yaml_load(text), yaml.load(text, Loader=yaml.BaseLoader)
 
 
 def yaml_dump(obj) -> str:
@@ -152,8 +161,9 @@ def _type_name(tp) -> str:
     return _TYPE_NAMES.get(get_origin(tp) or tp, getattr(tp, "__name__", str(tp)))
 
 
-def _typed(v, tp, raw: Optional[str] = None):
-    """`v` as type `tp` (raw: the override's text, kept as-is for strings); _WrongType if it is not one."""
+def _typed(v, tp, raw=None):
+    """`v` as type `tp`; _WrongType if it is not one. raw: `v` as BaseLoader reads it (the text of each
+    scalar, in the same lists and mappings), from the file or an override: a string takes its text."""
     if tp is Any:
         return v
     if get_origin(tp) is Union:
@@ -193,7 +203,7 @@ def _typed(v, tp, raw: Optional[str] = None):
         if isinstance(v, str):
             return v
         if raw is not None and v is not None and not isinstance(v, (list, dict)):
-            return raw  # an override's text as typed (`train.output_dir=2024`, `...=1e3`)
+            return raw  # the text as written (`output_dir: 2024`, `train.output_dir=1e3`)
         if isinstance(v, int) and not isinstance(v, bool):
             return str(v)
         raise _WrongType
@@ -201,7 +211,8 @@ def _typed(v, tp, raw: Optional[str] = None):
         if not isinstance(v, (list, tuple)):
             raise _WrongType
         (item,) = get_args(tp) or (Any,)
-        return [_typed(x, item) for x in v]
+        texts = raw if isinstance(raw, list) and len(raw) == len(v) else [None] * len(v)
+        return [_typed(x, item, r) for x, r in zip(v, texts)]
     if tp is dict or get_origin(tp) is dict:
         if not isinstance(v, dict):
             raise _WrongType
@@ -209,7 +220,7 @@ def _typed(v, tp, raw: Optional[str] = None):
     return v
 
 
-def _typed_section(sec: str, values: dict, where: Dict[str, str], raw: Dict[str, str]) -> dict:
+def _typed_section(sec: str, values: dict, where: Dict[str, str], raw: Dict[str, Any]) -> dict:
     hints = get_type_hints(_SECTIONS[sec])
     out = {}
     for k, v in values.items():
@@ -250,22 +261,23 @@ def parse_override(s: str):
         raise ConfigError(f"override key {key!r} must be section.key (sections: {list(_SECTIONS)})")
     sec, k = key.split(".", 1)
     try:
-        v = yaml_load(val) if val != "" else None
+        v, text = _yaml_load_both(val) if val != "" else (None, None)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {s!r}: cannot parse value: {' '.join(str(e).split())}") from e
-    return sec, k, v
+    return sec, k, v, text
 
 
 def load_config(path: Optional[str] = None, overrides=(), base: Optional[dict] = None) -> Config:
     d: Dict[str, Dict[str, Any]] = {k: dict(v) for k, v in (base or {}).items()}
     where: Dict[str, Dict[str, str]] = {}   # section -> key -> the file a value came from
-    raw: Dict[str, Dict[str, str]] = {}     # section -> key -> an override's text
+    raw: Dict[str, Dict[str, Any]] = {}     # section -> key -> the value as BaseLoader reads it
     if path:
         if not os.path.exists(path):
             raise ConfigError(f"config file not found: {path}")
         try:
             with open(path) as f:
-                y = yaml_load(f) or {}
+                y, texts = _yaml_load_both(f.read())
+            y = {} if y is None else y
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from e
         if not isinstance(y, dict):
@@ -274,12 +286,14 @@ def load_config(path: Optional[str] = None, overrides=(), base: Optional[dict] =
         for sec, val in y.items():
             d.setdefault(sec, {}).update(val or {})
             where.setdefault(sec, {}).update({k: path for k in (val or {})})
+            sec_texts = texts.get(sec) if isinstance(texts, dict) else None
+            raw.setdefault(sec, {}).update(sec_texts if isinstance(sec_texts, dict) else {})
     for o in overrides:
-        sec, k, v = parse_override(o)
+        sec, k, v, text = parse_override(o)
         _check_keys({sec: {k: v}}, f"override {o!r}")
         d.setdefault(sec, {})[k] = v
         where.get(sec, {}).pop(k, None)
-        raw.setdefault(sec, {})[k] = o.split("=", 1)[1]
+        raw.setdefault(sec, {})[k] = text
     _check_keys(d, "config")
     typed = {sec: _typed_section(sec, vals or {}, where.get(sec, {}), raw.get(sec, {})) for sec, vals in d.items()}
     try:
