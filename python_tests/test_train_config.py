@@ -6,7 +6,7 @@ from mmkernels.train.config import ConfigError, load_config
 
 
 @pytest.mark.parametrize("spelling, value", [("1e-3", 1e-3), ("1.0e-3", 1e-3), ("3", 3.0), ('"3"', 3.0),
-                                             ("0.5", 0.5), ("-2E+1", -20.0)])
+                                             ("0.5", 0.5), ("+2E+1", 20.0), ("2E-1", 0.2)])
 def test_float_in_any_spelling(spelling, value, tmp_path):
     cfg = load_config(None, [f"train.lr={spelling}"])
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(value)
@@ -133,3 +133,31 @@ def test_a_wrong_type_is_refused_alike_from_the_file_and_an_override(text, messa
         load_config(str(f))
     assert str(by_override.value) == message
     assert str(by_file.value) == f"{message} (in {f})"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.grad_clip=nan", "train.grad_clip must be >= 0, got nan"),
+    ("train.weight_decay=.nan", "train.weight_decay must be >= 0, got nan"),
+    ("train.max_minutes=nan", "train.max_minutes must be >= 0, got nan"),
+    ("train.lr=0", "train.lr must be > 0 (and finite), got 0.0"),
+    ("train.lr=-1e-3", "train.lr must be > 0 (and finite), got -0.001"),
+    ("train.lr=nan", "train.lr must be > 0 (and finite), got nan"),
+    ("train.lr=.inf", "train.lr must be > 0 (and finite), got inf"),
+    ("train.text_lr=-1e-3", "train.text_lr must be >= 0 (and finite) or null, got -0.001"),
+    ("train.text_lr=nan", "train.text_lr must be >= 0 (and finite) or null, got nan"),
+    ("train.min_lr_ratio=1.5", "train.min_lr_ratio must be in [0, 1], got 1.5"),
+    ("train.min_lr_ratio=-0.1", "train.min_lr_ratio must be in [0, 1], got -0.1"),
+    ("train.min_lr_ratio=nan", "train.min_lr_ratio must be in [0, 1], got nan"),
+    ("model.aux_digit_loss=nan", "model.aux_digit_loss must be >= 0, got nan"),
+    ("model.dropout=nan", "model.dropout must be in [0, 1), got nan"),
+])
+def test_nan_and_out_of_range_rates(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).endswith(message), str(e.value)
+
+
+def test_edge_rates_are_accepted():
+    t = load_config(None, ["train.text_lr=0", "train.min_lr_ratio=0", "train.grad_clip=0"]).train
+    assert (t.text_lr, t.min_lr_ratio, t.grad_clip) == (0.0, 0.0, 0.0)
+    assert load_config(None, ["train.min_lr_ratio=1", "train.text_lr=null"]).train.min_lr_ratio == 1.0

@@ -58,10 +58,10 @@ class ModelConfig:
     def __post_init__(self):
         for k in ("d_model", "num_heads", "ffn_mult", "text_hidden", "text_layers", "text_heads", "image_channels",
                   "n_mels", "gmu_hidden", "num_labels"):
-            if getattr(self, k) < 1:
+            if not getattr(self, k) >= 1:
                 raise ValueError(f"model.{k} must be >= 1, got {getattr(self, k)!r}")
         for k in ("fusion_layers", "image_layers", "audio_layers", "text_top_k", "aux_digit_loss"):
-            if getattr(self, k) < 0:
+            if not getattr(self, k) >= 0:  # NaN too
                 raise ValueError(f"model.{k} must be >= 0, got {getattr(self, k)!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")

@@ -7,6 +7,7 @@ a bool, and a string field (or an item of a list of strings) takes the text as w
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -28,7 +29,7 @@ def _one_of(name: str, value, options) -> None:
 
 
 def _at_least(name: str, value, low) -> None:
-    if value < low:
+    if not value >= low:  # NaN too
         raise ConfigError(f"{name} must be >= {low}, got {value!r}")
 
 
@@ -83,6 +84,12 @@ class TrainConfig:
         for k in ("epochs", "max_steps", "max_minutes", "warmup_steps", "eval_every", "early_stopping_patience",
                   "ckpt_every", "log_every", "num_threads", "grad_clip", "weight_decay"):
             _at_least(f"train.{k}", getattr(self, k), 0)
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"train.lr must be > 0 (and finite), got {self.lr!r}")
+        if self.text_lr is not None and not 0 <= self.text_lr < math.inf:
+            raise ConfigError(f"train.text_lr must be >= 0 (and finite) or null, got {self.text_lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         _one_of("train.metric", self.metric, ("accuracy", "macro_f1", "entity_f1"))
         _one_of("train.amp", self.amp, ("auto", "bf16", "none"))
         _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
