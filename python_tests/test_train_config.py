@@ -161,3 +161,22 @@ def test_edge_rates_are_accepted():
     t = load_config(None, ["train.text_lr=0", "train.min_lr_ratio=0", "train.grad_clip=0"]).train
     assert (t.text_lr, t.min_lr_ratio, t.grad_clip) == (0.0, 0.0, 0.0)
     assert load_config(None, ["train.min_lr_ratio=1", "train.text_lr=null"]).train.min_lr_ratio == 1.0
+
+
+def test_entity_f1_needs_token_classification():
+    """Checked with the rest of the config (--print-config too), not when the trainer starts."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.metric=entity_f1"])
+    assert str(e.value) == ("train.metric entity_f1 needs model.task=token_classification "
+                            "(model.task is 'answer'); other tasks: accuracy | macro_f1")
+    cfg = load_config(None, ["train.metric=entity_f1", "model.task=token_classification"])
+    assert cfg.train.metric == "entity_f1"
+
+
+def test_only_the_first_process_prints_the_error_line(monkeypatch, capsys):
+    from mmkernels.train.cli import train_main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("1", ""), ("0", "error: train.epochs expects an int, got 'abc'\n")):
+        monkeypatch.setenv("RANK", rank)
+        assert train_main(["train.epochs=abc", "--print-config"]) == 2
+        assert capsys.readouterr().err == printed

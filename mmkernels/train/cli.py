@@ -14,7 +14,9 @@ EPILOG = "overrides: section.key=value, e.g. train.epochs=3 model.d_model=128 da
 
 def _fail(msg: str) -> int:
     """One `error:` line on stderr (from the first process only, under torchrun), exit code 2."""
-    if os.environ.get("RANK", "0") == "0":
+    from mmkernels.train.trainer import is_main
+
+    if is_main():
         print("error: " + " ".join(str(msg).split()), file=sys.stderr)
     return 2
 

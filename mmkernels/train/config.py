@@ -304,9 +304,17 @@ def load_config(path: Optional[str] = None, overrides=(), base: Optional[dict] =
     _check_keys(d, "config")
     typed = {sec: _typed_section(sec, vals or {}, where.get(sec, {}), raw.get(sec, {})) for sec, vals in d.items()}
     try:
-        return Config(data=DataConfig(**typed.get("data", {})), model=ModelConfig(**typed.get("model", {})),
-                      train=TrainConfig(**typed.get("train", {})))
+        cfg = Config(data=DataConfig(**typed.get("data", {})), model=ModelConfig(**typed.get("model", {})),
+                     train=TrainConfig(**typed.get("train", {})))
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid config: {e}") from e
+    _check_across_sections(cfg)
+    return cfg
+
+
+def _check_across_sections(cfg: Config) -> None:
+    if cfg.train.metric == "entity_f1" and cfg.model.task != "token_classification":
+        raise ConfigError(f"train.metric entity_f1 needs model.task=token_classification (model.task is "
+                          f"{cfg.model.task!r}); other tasks: accuracy | macro_f1")

@@ -69,8 +69,6 @@ def prepare_data_dir(cfg: Config, progress: bool = True) -> Optional[str]:
         return None
     if cfg.data.data_dir:
         return cfg.data.data_dir
-    if cfg.data.dataset != "avmnist":
-        raise ValueError(f"data.dataset must be 'avmnist' or 'jsonl', got {cfg.data.dataset!r}")
     out = None
     if is_main():
         out = build_avmnist(data_config_of(cfg), cache_dir=cfg.data.cache_dir, progress=progress)
@@ -217,9 +215,6 @@ class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None):
         self.cfg = cfg
         t = cfg.train
-        if t.metric == "entity_f1" and cfg.model.task != "token_classification":
-            raise ConfigError(f"train.metric must be accuracy | macro_f1 (| entity_f1 for token_classification), "
-                              f"got {t.metric!r}")
         world = dist_info()[0]
         if t.batch_size % world:  # before any process group starts
             raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes "
