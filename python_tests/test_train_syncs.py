@@ -41,3 +41,29 @@ def test_a_log_interval_reads_back_once(files, tmp_path, finetune):
     in_steps = [r for r in reads if not NOT_A_STEP & r.stack]
     assert len(in_steps) == 2, in_steps  # steps 2 and 4
     assert len({r.where for r in in_steps}) == 1
+
+
+def test_a_checkpoint_reads_the_running_metrics_on_the_first_process_only(files, tmp_path):
+    """The running metrics of the log interval are a top-level checkpoint entry, read back from the
+    device by the process that writes the checkpoint only, and put back on resume."""
+    import torch
+    from mmkernels.train.checkpoint import load_checkpoint
+    from mmkernels.train.config import load_config
+    from mmkernels.train.trainer import Trainer
+    out = str(tmp_path / "run")
+    # 2 steps an epoch, no log row (log_every=3) before the epoch-end checkpoint: metrics of 2 steps pending
+    cfg = load_config(None, jsonl_overrides(files, out, epochs=1, log_every=3, ckpt_every=0))
+    tr = Trainer(cfg)
+    tr.train()
+    ck = load_checkpoint(tr.checkpoint_path())
+    assert "run_metrics" not in ck["state"]
+    loss_sum, rows, hits, scored = ck["run_metrics"]
+    assert rows == scored == 32 and loss_sum > 0 and 0 <= hits <= 32
+    resumed = Trainer(load_config(None, jsonl_overrides(files, out, epochs=1, log_every=3, ckpt_every=0)),
+                      resume=out)
+    assert resumed._run.tolist() == ck["run_metrics"] and "run_metrics" not in resumed.state
+    resumed.main = False  # as on another process: it takes part in the RNG gather, writes nothing
+    with count_host_reads() as reads:
+        resumed.save_checkpoint()
+    assert reads == []
+    assert torch.equal(load_checkpoint(tr.checkpoint_path())["model"]["head.1.weight"], ck["model"]["head.1.weight"])

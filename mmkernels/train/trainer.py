@@ -358,13 +358,13 @@ class Trainer:
 
     def save_checkpoint(self):
         rngs = self._gather_rng()
-        self.state["run_metrics"] = self._run.tolist()
         if not self.main:
             return
         ck = {"format": CKPT_FORMAT, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
               "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,
               "state": dict(self.state), "config": self.cfg.to_dict(), "world_size": self.world,
-              "trainable": self._trainable(), "log": self.log_rows}
+              "trainable": self._trainable(), "log": self.log_rows,
+              "run_metrics": self._run.tolist()}  # the log interval so far (read back here, rank 0 only)
         kill = None
         step = self.state["global_step"]
         if step and _env_step(KILL_IN_SAVE_AT_STEP) == step:
@@ -406,7 +406,7 @@ class Trainer:
             raise does_not_fit(path, "optimizer", ck["config"], cfg, "other parameter groups") from e
         set_rng_state(ck["rng"][self.rank])
         self.state.update(ck["state"])
-        self._run = torch.tensor(self.state.pop("run_metrics", [0.0] * 4), dtype=torch.float32, device=self.device)
+        self._run = torch.tensor(ck.get("run_metrics", [0.0] * 4), dtype=torch.float32, device=self.device)
         self.log_rows = list(ck.get("log", []))
         if self.main:  # the log as of the checkpoint: rows of later steps are written again
             atomic_write(os.path.join(self.out, METRICS_JSONL),
