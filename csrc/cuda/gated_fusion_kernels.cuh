@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "../common/gated_fusion_math.h"
 #include "cuda_common.cuh"
 
 namespace mmkernels {
@@ -12,8 +13,7 @@ namespace cuda {
 constexpr int kGfThreads = 256;
 constexpr int kGfCache = 4;  // modalities kept in registers
 
-__device__ __forceinline__ float gf_act_f(float x, int act) { return act == 0 ? tanhf(x) : x; }
-__device__ __forceinline__ float gf_dact_from_out(float a, int act) { return act == 0 ? 1.f - a * a : 1.f; }
+// The activation and its derivative: csrc/common/gated_fusion_math.h, as on CPU.
 
 template <typename T, int V>
 __device__ __forceinline__ void load_v(const T* __restrict__ p, float (&out)[V]) {
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kGfThreads)
           for (int v = 0; v < V; ++v) {
             if (!pres) l[m][v] = NEG_INF;
             // A -inf logit takes no part: select its features out (0 * NaN would be NaN).
-            a[m][v] = l[m][v] == NEG_INF ? 0.f : gf_act_f(fv[v], act);
+            a[m][v] = l[m][v] == NEG_INF ? 0.f : gf_act<float>(fv[v], act);
             mx[v] = fmaxf(mx[v], l[m][v]);
           }
         }
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(kGfThreads)
           const float sc = mx[v] == NEG_INF ? 0.f : expf(mx[v] - nm);
           const float ev = expf(l[v] - nm);
           sum[v] = sum[v] * sc + ev;
-          acc[v] = acc[v] * sc + ev * gf_act_f(fv[v], act);
+          acc[v] = acc[v] * sc + ev * gf_act<float>(fv[v], act);
           mx[v] = nm;
         }
       }
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kGfThreads)
           for (int v = 0; v < V; ++v) {
             if (!pres) l[m][v] = NEG_INF;
             const bool part = l[m][v] != NEG_INF;  // else selected out, see the forward
-            a[m][v] = part ? gf_act_f(fv[v], act) : 0.f;
+            a[m][v] = part ? gf_act<float>(fv[v], act) : 0.f;
             dg[m][v] = part ? go[v] * a[m][v] + (ggates ? gg[v] : 0.f) : 0.f;
             mx[v] = fmaxf(mx[v], l[m][v]);
           }
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kGfThreads)
           for (int v = 0; v < V; ++v) {
             const float g = l[m][v];
             dlv[v] = g * (dg[m][v] - S[v]);
-            dfv[v] = go[v] * g * gf_dact_from_out(a[m][v], act);
+            dfv[v] = go[v] * g * gf_act_grad_from_out<float>(a[m][v], act);
           }
           store_v<T, V>(df + m * NH + e0, dfv);
           store_v<T, V>(dl + m * NH + e0, dlv);
@@ -250,13 +250,13 @@ __global__ void __launch_bounds__(kGfThreads)
           for (int v = 0; v < V; ++v) {
             const bool part = pres && l[v] != NEG_INF;
             const float g = part ? expf(l[v] - mx[v]) * inv[v] : 0.f;
-            const float a = part ? gf_act_f(fv[v], act) : 0.f;
+            const float a = part ? gf_act<float>(fv[v], act) : 0.f;
             const float dg = part ? go[v] * a + (ggates ? gg[v] : 0.f) : 0.f;
             if (pass == 0) {
               S[v] += g * dg;
             } else {
               dlv[v] = g * (dg - S[v]);
-              dfv[v] = go[v] * g * gf_dact_from_out(a, act);
+              dfv[v] = go[v] * g * gf_act_grad_from_out<float>(a, act);
             }
           }
           if (pass == 1) {
