@@ -229,18 +229,17 @@ def test_save_pretrained_replaces_the_folder_whole(tmp_path, monkeypatch):
     old.save_pretrained(str(path), preprocessing={"max_text_len": 16})
     (path / "stale.txt").write_text("from an older save")
     new = FusionModel(ModelConfig(**dict(TINY, d_model=16)))
-    real = fusion_model.write_json
+    real = fusion_model.fsync_tree
 
-    def fail_on_config(p, obj):
-        if p.endswith("config.json"):
-            raise OSError("disk full")
-        return real(p, obj)
+    def fail_with_every_file_written(p):
+        assert sorted(os.listdir(p)) == ["config.json", "model.safetensors", "preprocessing.json"]
+        raise OSError("disk full")
 
-    monkeypatch.setattr(fusion_model, "write_json", fail_on_config)
+    monkeypatch.setattr(fusion_model, "fsync_tree", fail_with_every_file_written)
     with pytest.raises(OSError, match="disk full"):
         new.save_pretrained(str(path), preprocessing={"max_text_len": 32})
     assert sorted(os.listdir(tmp_path)) == ["best"]  # the failed save's temporary folder is gone
-    monkeypatch.setattr(fusion_model, "write_json", real)
+    monkeypatch.setattr(fusion_model, "fsync_tree", real)
     w = load_file(str(path / "model.safetensors"))
     assert all(torch.equal(w[k], v) for k, v in old.state_dict().items())
     assert fusion_model.load_preprocessing(str(path)) == {"max_text_len": 16}
@@ -248,3 +247,49 @@ def test_save_pretrained_replaces_the_folder_whole(tmp_path, monkeypatch):
     assert FusionModel.from_pretrained(str(path)).config.d_model == 16
     assert not (path / "stale.txt").exists()
     assert sorted(os.listdir(tmp_path)) == ["best"]  # no temporary or displaced folder left
+
+
+def test_save_pretrained_fsyncs_each_file_once_before_the_swap(tmp_path, monkeypatch):
+    """The files of the temporary folder are written plainly, then fsynced once each (fsync_tree), then
+    the folder is swapped in."""
+    import stat
+
+    m = FusionModel(ModelConfig(**TINY))
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("dir" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", os.path.basename(b)))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    m.save_pretrained(str(tmp_path / "best"), preprocessing={"max_text_len": 16}, tokenizer=load_tokenizer())
+    swap = events.index(("replace", "best"))
+    files = [e for e in events if e[0] == "file"]
+    assert all(events.index(e) < swap for e in files)
+    saved = {os.stat(tmp_path / "best" / f).st_ino for f in os.listdir(tmp_path / "best")}
+    assert sorted(ino for _, ino in files) == sorted(saved)  # every file once, nothing else
+
+
+def test_save_pretrained_does_not_build_the_weights_file_in_memory(tmp_path):
+    """The weights go straight to the file (safetensors save_file), not through a bytes copy of it."""
+    import tracemalloc
+
+    m = FusionModel(ModelConfig(**TINY))
+    size = sum(t.numel() * t.element_size() for t in m.state_dict().values())
+    assert size > 4e6
+    tracemalloc.start()
+    try:
+        m.save_pretrained(str(tmp_path / "best"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < size / 4, (peak, size)
+    w = FusionModel.from_pretrained(str(tmp_path / "best")).state_dict()
+    assert all(torch.equal(w[k], v) for k, v in m.state_dict().items())

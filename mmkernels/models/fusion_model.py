@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmkernels.models.atomic import fsync_tree, replace_dir, temp_path, write_json
+from mmkernels.models.atomic import fsync_tree, replace_dir, temp_path
 from mmkernels.models.encoders import AudioEncoder, ImageEncoder
 from mmkernels.models.text import apply_finetune_policy, build_text_encoder
 from mmkernels.nn.attention import CrossModalBlock
@@ -245,8 +245,9 @@ class FusionModel(nn.Module):
     def save_pretrained(self, path: str, preprocessing: Optional[dict] = None, tokenizer=None):
         """Config JSON + safetensors weights; with `preprocessing` (see PREPROCESSING_NAME) and the
         `tokenizer`, the folder holds everything a server needs to prepare inputs as in training.
-        Written to a temporary folder beside `path`, then swapped in whole (atomic.replace_dir)."""
-        from safetensors.torch import save as to_bytes
+        Written to a temporary folder beside `path` (plain writes), fsynced once (atomic.fsync_tree),
+        then swapped in whole (atomic.replace_dir)."""
+        from safetensors.torch import save_file
         path = os.path.abspath(path)
         tmp = temp_path(path)
         if os.path.lexists(tmp):
@@ -256,14 +257,13 @@ class FusionModel(nn.Module):
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if preprocessing is not None:
-                write_json(os.path.join(tmp, PREPROCESSING_NAME), preprocessing)
+                _write_json(os.path.join(tmp, PREPROCESSING_NAME), preprocessing)
             cfg = asdict(self.config)
             if hasattr(self, "text"):
                 cfg["bert_config"] = self.text.config.to_dict()
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-            with open(os.path.join(tmp, WEIGHTS_NAME), "wb") as f:  # the folder is swapped in whole
-                f.write(to_bytes(state, metadata={"format": "pt"}))
-            write_json(os.path.join(tmp, CONFIG_NAME), {"model_type": "mmkernels-fusion", **cfg})
+            save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})  # streamed to the file
+            _write_json(os.path.join(tmp, CONFIG_NAME), {"model_type": "mmkernels-fusion", **cfg})
             fsync_tree(tmp)
             replace_dir(tmp, path)
         except BaseException:
@@ -294,6 +294,12 @@ class FusionModel(nn.Module):
             raise ValueError(f"corrupt weights file {w_path}: {e}") from e
         model.load_state_dict(state)
         return model
+
+
+def _write_json(path: str, obj) -> None:
+    """A plain write: the files of save_pretrained's temporary folder are fsynced together afterwards."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
 
 
 def load_preprocessing(path: str) -> dict:
