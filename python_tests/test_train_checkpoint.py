@@ -108,17 +108,20 @@ def test_a_write_that_fails_midway_keeps_the_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["report.json"]
 
 
-def test_kill_between_temp_write_and_rename_keeps_the_old_checkpoint(tmp_path):
+def test_interrupt_between_temp_write_and_rename_keeps_the_old_checkpoint_and_no_temp_file(tmp_path):
+    """Ctrl-C (KeyboardInterrupt) between the complete temporary file and the rename: the old checkpoint
+    stays, the temporary file is removed, the interrupt goes on. (A SIGKILL there leaves the temporary
+    file to the next start's remove_stale_temp: test_train_cli.)"""
     p = str(tmp_path / "checkpoint.pt")
     C.atomic_torch_save(_valid(state={"global_step": 4}), p)
 
-    def crash():
-        raise KeyboardInterrupt  # stands for a kill: nothing after this runs
+    def interrupt():
+        raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        C.atomic_torch_save(_valid(state={"global_step": 6}), p, before_replace=crash)
+        C.atomic_torch_save(_valid(state={"global_step": 6}), p, before_replace=interrupt)
     assert C.load_checkpoint(p)["state"]["global_step"] == 4
-    assert [f for f in os.listdir(tmp_path) if f.startswith(".checkpoint.pt.tmp.")]
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
 def test_replace_dir_puts_the_old_folder_back_when_the_new_one_cannot_move_in(tmp_path, monkeypatch):

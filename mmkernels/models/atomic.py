@@ -46,7 +46,7 @@ def atomic_write(path: str, write: Callable, mode: str = "wb",
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
-    except Exception:
+    except BaseException:  # KeyboardInterrupt too; a SIGKILL leaves the file to remove_stale_temp
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
