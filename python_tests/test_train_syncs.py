@@ -67,3 +67,29 @@ def test_a_checkpoint_reads_the_running_metrics_on_the_first_process_only(files,
         resumed.save_checkpoint()
     assert reads == []
     assert torch.equal(load_checkpoint(tr.checkpoint_path())["model"]["head.1.weight"], ck["model"]["head.1.weight"])
+
+
+def test_count_host_reads_watches_the_forward_path_but_not_the_cpu_only_checks():
+    """Reads made by code in mmkernels/train, models, nn and ops are counted; the ops' argument checks
+    (mmkernels/ops/_checks.py: values read on the CPU only, by design) and code elsewhere are not."""
+    import os
+
+    import torch
+
+    import mmkernels
+    pkg = os.path.dirname(os.path.abspath(mmkernels.__file__))
+    t = torch.ones(2)
+
+    def read_from(*parts):  # a read whose caller's file is pkg/parts (compiled under that name)
+        with count_host_reads() as reads:
+            exec(compile("t.sum().item(); t.tolist()", os.path.join(pkg, *parts), "exec"), {"t": t})
+        return [r.method for r in reads]
+
+    for parts in (("train", "trainer.py"), ("models", "fusion_model.py"), ("nn", "attention.py"),
+                  ("nn", "fusion.py"), ("ops", "gated_fusion.py")):
+        assert read_from(*parts) == ["item", "tolist"], parts
+    assert read_from("ops", "_checks.py") == []
+    assert read_from("reference.py") == []
+    with count_host_reads() as reads:
+        t.sum().item()  # this test file
+    assert reads == []

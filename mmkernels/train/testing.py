@@ -32,16 +32,19 @@ READ_METHODS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__boo
 
 
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINER_AND_MODEL = (os.path.join(_PKG, "train") + os.sep, os.path.join(_PKG, "models") + os.sep)
+# the trainer, the model, its attention / fusion blocks and the ops they call
+FORWARD_PATH = tuple(os.path.join(_PKG, d) + os.sep for d in ("train", "models", "nn", "ops"))
+# the ops' argument checks read values on the CPU only (never a device sync), by design
+CPU_ONLY_CHECKS = (os.path.join(_PKG, "ops", "_checks.py"),)
 
 
 @contextlib.contextmanager
-def count_host_reads(where=TRAINER_AND_MODEL):
+def count_host_reads(where=FORWARD_PATH, skip=CPU_ONLY_CHECKS):
     """Every read of a tensor's values back to the host (`.item()`, `.tolist()`, `.cpu()`, `.numpy()`,
     `float(t)`, `int(t)`, `bool(t)`, ...) made from Python inside the block by code in the folders
-    `where` (default: the trainer and the model; None: anywhere): on an accelerator each is a device
-    sync. Yields a list of HostRead (method, caller file:line, names of the functions on the stack).
-    Reads inside C++ ops are not seen."""
+    `where` (default: trainer, model, mmkernels/nn and mmkernels/ops; None: anywhere), except the files
+    `skip`: on an accelerator each is a device sync. Yields a list of HostRead (method, caller
+    file:line, names of the functions on the stack). Reads inside C++ ops are not seen."""
     import torch
 
     reads = []
@@ -50,7 +53,8 @@ def count_host_reads(where=TRAINER_AND_MODEL):
     def wrap(name, fn):
         def read(self, *a, **k):
             f = sys._getframe(1)
-            if where is None or f.f_code.co_filename.startswith(tuple(where)):
+            caller = f.f_code.co_filename
+            if (where is None or caller.startswith(tuple(where))) and caller not in tuple(skip or ()):
                 stack, g = set(), f
                 while g is not None:
                     stack.add(g.f_code.co_name)
