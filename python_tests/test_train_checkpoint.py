@@ -66,6 +66,31 @@ def test_garbage_and_truncated_checkpoints_are_one_line_errors(tmp_path, recwarn
     assert not [w for w in recwarn.list if "pickle" in str(w.message)]
 
 
+def test_only_the_pickle_protocol_warning_of_torch_load_is_hidden(tmp_path, monkeypatch):
+    """Garbage files make torch.load warn about their odd pickle protocol (hidden: the error says it);
+    any other warning of torch.load reaches the caller."""
+    import warnings
+
+    p = str(tmp_path / "checkpoint.pt")
+    C.atomic_torch_save(_valid(), p)
+    real = torch.load
+
+    def load_warning(message):
+        def load(*a, **k):
+            warnings.warn(message, UserWarning)
+            return real(*a, **k)
+        return load
+
+    monkeypatch.setattr(torch, "load", load_warning("Detected pickle protocol 103 in the checkpoint, which was not"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        C.load_checkpoint(p)
+    assert seen == []
+    monkeypatch.setattr(torch, "load", load_warning("some other torch.load warning"))
+    with pytest.warns(UserWarning, match="some other torch.load warning"):
+        C.load_checkpoint(p)
+
+
 def _record_fsync(monkeypatch):
     """Which kinds of file descriptors are fsynced, in order with the renames."""
     events = []

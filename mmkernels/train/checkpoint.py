@@ -36,8 +36,8 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        with warnings.catch_warnings():  # torch warns about odd pickle protocols of garbage files
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():  # torch warns about the odd pickle protocol of a garbage file
+            warnings.filterwarnings("ignore", message=r"Detected pickle protocol", category=UserWarning)
             ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         msg = str(e)
