@@ -180,3 +180,19 @@ def test_only_the_first_process_prints_the_error_line(monkeypatch, capsys):
         monkeypatch.setenv("RANK", rank)
         assert train_main(["train.epochs=abc", "--print-config"]) == 2
         assert capsys.readouterr().err == printed
+
+
+def test_tiny_and_jsonl_test_runs_share_their_train_settings():
+    """The two test-run helpers draw their train settings from one dict (TINY_TRAIN): each adds only
+    what differs, and keyword arguments win over both."""
+    from mmkernels.train.testing import TINY_TRAIN, jsonl_overrides, tiny_overrides
+
+    def train_of(overrides):
+        return load_config(None, overrides).train
+
+    files = {"train": "t.jsonl", "val": "v.jsonl", "test": "e.jsonl"}
+    tiny, js = train_of(tiny_overrides("c", "out")), train_of(jsonl_overrides(files, "out"))
+    for k, v in TINY_TRAIN.items():
+        assert getattr(tiny, k) == getattr(js, k) == v, k
+    assert (tiny.ckpt_every, tiny.eval_batch_size) == (3, 32) and js.eval_batch_size == 64
+    assert train_of(tiny_overrides("c", "out", lr=0.5)).lr == train_of(jsonl_overrides(files, "out", lr=0.5)).lr == 0.5

@@ -14,11 +14,14 @@ TINY_MODEL = ["model.d_model=32", "model.num_heads=2", "model.text_hidden=32", "
               "model.dropout=0.1", "model.aux_digit_loss=0.5"]
 
 
+# train settings of both kinds of test runs (tiny_overrides, jsonl_overrides): short, quiet, one thread
+TINY_TRAIN = {"batch_size": 16, "epochs": 2, "lr": 1e-3, "warmup_steps": 2, "log_every": 2, "progress": False,
+              "plot": False, "final_eval": False, "num_threads": 1}
+
+
 def tiny_overrides(cache_dir: str, output_dir: str, **train) -> List[str]:
-    t = {"batch_size": 16, "epochs": 2, "lr": 1e-3, "warmup_steps": 2, "ckpt_every": 3, "log_every": 2,
-         "progress": False, "plot": False, "final_eval": False, "num_threads": 1, "eval_batch_size": 32,
-         "output_dir": output_dir}
-    t.update(train)
+    """Tiny AV-MNIST, tiny model, CPU settings; `train`: train settings that replace these."""
+    t = {**TINY_TRAIN, "ckpt_every": 3, "eval_batch_size": 32, "output_dir": output_dir, **train}
     return TINY_DATA + TINY_MODEL + [f"data.cache_dir={cache_dir}"] + [f"train.{k}={v}" for k, v in t.items()]
 
 
@@ -107,9 +110,7 @@ def write_digit_jsonl(folder: str, n_train: int = 128, n_val: int = 32, n_test: 
 
 def jsonl_overrides(files: dict, output_dir: str, **train) -> List[str]:
     """Tiny model and CPU settings on the JSON lines files of write_digit_jsonl."""
-    t = {"batch_size": 16, "epochs": 2, "lr": 1e-3, "warmup_steps": 2, "log_every": 2, "progress": False,
-         "plot": False, "final_eval": False, "num_threads": 1, "eval_batch_size": 64, "output_dir": output_dir}
-    t.update(train)
+    t = {**TINY_TRAIN, "eval_batch_size": 64, "output_dir": output_dir, **train}
     return ["data.dataset=jsonl", "model.task=classification", "model.aux_digit_loss=0.0"] + \
         [f"data.{s}_file={p}" for s, p in files.items()] + \
         [o for o in TINY_MODEL if not o.startswith("model.aux")] + [f"train.{k}={v}" for k, v in t.items()]
