@@ -106,3 +106,40 @@ def test_builder_cli(tmp_path, capsys):
     assert '"train": 300' in capsys.readouterr().out
     assert main(["--cache-dir", str(tmp_path), "--speech-dir", str(tmp_path / "nowhere")]) == 2
     assert "speech folder not found" in capsys.readouterr().err
+
+
+def test_build_writes_each_file_atomically_and_clears_dead_writers_temp_files(tmp_path, monkeypatch):
+    """Each split and meta.json: a temporary file of this process, fsynced, renamed into place, the folder
+    fsynced. A rebuild removes what a killed build left behind, not what a live one is writing."""
+    import stat
+    import subprocess
+    import sys
+
+    cfg = AVMNISTConfig(**{**TINY, "n_train": 20, "n_val": 10, "n_test": 10, "seed": 3})
+    out = os.path.join(str(tmp_path), f"avmnist-{cfg.key()}")
+    os.makedirs(out)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / out / f".train.pt.tmp.{dead}").write_bytes(b"half a file")
+    (tmp_path / out / f".val.pt.tmp.{os.getppid()}").write_bytes(b"being written")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", os.path.basename(a), os.path.basename(b)))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    assert build_avmnist(cfg, cache_dir=str(tmp_path), progress=False) == out
+    monkeypatch.undo()
+    names = [f"{s}.pt" for s in avmnist.SPLITS] + ["meta.json"]
+    expect = []
+    for n in names:
+        expect += ["fsync file", ("replace", f".{n}.tmp.{os.getpid()}", n), "fsync dir"]
+    assert events[-len(expect):] == expect
+    assert sorted(os.listdir(out)) == sorted(names + [f".val.pt.tmp.{os.getppid()}"])

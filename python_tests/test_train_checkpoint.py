@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmkernels.models import atomic
+from mmkernels.utils import atomic
 from mmkernels.train import checkpoint as C
 
 
@@ -203,3 +203,17 @@ def test_run_config_and_report_are_written_atomically(tmp_path, monkeypatch):
     assert written == ["run_config.json", "report.json"]
     assert json.load(open(out / "report.json"))["test"]["n"] == 16
     assert not [f for f in os.listdir(out) if f.startswith(".")]
+
+
+def test_stale_temp_files_of_running_writers_can_be_kept(tmp_path):
+    """only_dead_writers (a folder several processes write, e.g. the data cache): the temporary files
+    of processes still running stay."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for f in (f".train.pt.tmp.{dead}", f".val.pt.tmp.{os.getpid()}", f".test.pt.tmp.{os.getppid()}"):
+        (tmp_path / f).write_text("x")
+    assert atomic.remove_stale_temp(str(tmp_path), only_dead_writers=True) == [f".train.pt.tmp.{dead}"]
+    assert sorted(os.listdir(tmp_path)) == sorted([f".val.pt.tmp.{os.getpid()}", f".test.pt.tmp.{os.getppid()}"])

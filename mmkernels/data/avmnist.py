@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mmkernels.data import speech
+from mmkernels.utils.atomic import atomic_write, remove_stale_temp, write_json
 
 FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test", "test_heldout")
@@ -218,6 +219,7 @@ def build_avmnist(cfg: AVMNISTConfig, cache_dir: Optional[str] = None, progress:
     n_img = {"train": cfg.images_train, "val": cfg.images_val, "test": cfg.images_test}
     n_samples = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "test_heldout": cfg.n_test}
     os.makedirs(out_dir, exist_ok=True)
+    remove_stale_temp(out_dir, only_dead_writers=True)  # of killed builds; another build may be running
     meta = {"config": asdict(cfg), "version": FORMAT_VERSION, "answers": ANSWERS,
             "question_types": QUESTION_TYPES, "templates": [t[2] for t in templates], "splits": {}}
     for split in tqdm(SPLITS, desc="writing splits", disable=not progress):
@@ -249,15 +251,11 @@ def build_avmnist(cfg: AVMNISTConfig, cache_dir: Optional[str] = None, progress:
             "sample_columns": ["image", "clip", "template", "qtype", "answer", "heard", "written"],
             "templates": [t[2] for t in templates],
         }
-        tmp = os.path.join(out_dir, f".{split}.pt.tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, os.path.join(out_dir, f"{split}.pt"))
+        atomic_write(os.path.join(out_dir, f"{split}.pt"), lambda f: torch.save(blob, f))
         meta["splits"][split] = {"samples": int(n), "images": int(len(images)), "clips": int(len(pool)),
                                  "speakers": sorted(set(speakers))}
     meta["build_seconds"] = round(time.time() - t0, 2)
-    with open(os.path.join(out_dir, ".meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out_dir, ".meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+    write_json(os.path.join(out_dir, "meta.json"), meta)  # last: its presence marks a complete build
     return out_dir
 
 

@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmkernels.models.atomic import fsync_tree, replace_dir, temp_path
 from mmkernels.models.encoders import AudioEncoder, ImageEncoder
 from mmkernels.models.text import apply_finetune_policy, build_text_encoder
 from mmkernels.nn.attention import CrossModalBlock
 from mmkernels.nn.fusion import GatedMultimodalUnit
+from mmkernels.utils.atomic import fsync_tree, replace_dir, temp_path
 
 ALL_MODALITIES = ("text", "image", "audio")
 CONFIG_NAME = "config.json"

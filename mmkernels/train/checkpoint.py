@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from mmkernels.models.atomic import atomic_write
+from mmkernels.utils.atomic import atomic_write
 
 CKPT_NAME = "checkpoint.pt"
 CKPT_FORMAT = 2  # 2: plain data (weights_only); 1 held numpy objects

@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from mmkernels.data.avmnist import ANSWERS, AVMNISTConfig, AVMNISTQA, build_avmnist
-from mmkernels.models.atomic import atomic_write, remove_stale_temp, write_json
 from mmkernels.models.fusion_model import FusionModel
 from mmkernels.models.text import load_tokenizer
 from mmkernels.train import metrics as M
@@ -32,6 +31,7 @@ from mmkernels.train.checkpoint import (CKPT_FORMAT, CKPT_NAME, EXACT_RESUME_TRA
                                         atomic_torch_save, config_changes, does_not_fit, load_checkpoint,
                                         rng_state, set_rng_state)
 from mmkernels.train.config import Config, ConfigError
+from mmkernels.utils.atomic import atomic_write, remove_stale_temp, write_json
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -9,7 +9,7 @@ import re
 import shutil
 from typing import Callable, List, Optional
 
-_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)\.\d+$")
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)\.(?P<pid>\d+)$")
 
 
 def temp_path(path: str, kind: str = "tmp") -> str:
@@ -90,15 +90,30 @@ def replace_dir(src: str, dst: str) -> None:
         shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
 
 
-def remove_stale_temp(folder: str) -> List[str]:
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (as far as it can be told)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):  # another user's process; no signals (Windows)
+        return True
+    return True
+
+
+def remove_stale_temp(folder: str, only_dead_writers: bool = False) -> List[str]:
     """Remove the temporary files and folders that killed writers left in `folder`; a replaced folder
-    whose new version never arrived (`.NAME.old.PID` without NAME) is put back. Returns the names removed."""
+    whose new version never arrived (`.NAME.old.PID` without NAME) is put back. Returns the names removed.
+    only_dead_writers: keep the files of processes still running (a folder other processes may be
+    writing at the same time, e.g. a shared data cache)."""
     removed = []
     if not os.path.isdir(folder):
         return removed
     for entry in sorted(os.listdir(folder)):
         m = _STALE.match(entry)
-        if not m:
+        if not m or (only_dead_writers and _alive(int(m.group("pid")))):
             continue
         p = os.path.join(folder, entry)
         target = os.path.join(folder, m.group("name"))
