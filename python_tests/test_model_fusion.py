@@ -186,6 +186,38 @@ def test_frozen_text_encoder_runs_in_eval_mode_and_dedups_exactly():
     assert not m.__dict__.get("_text_cache")
 
 
+def test_frozen_text_encoder_runs_on_the_batch_itself_when_every_row_is_new():
+    """All rows distinct and none cached: the encoder gets the batch's own tensors (no row copies); some
+    rows cached: only the others are encoded. Outputs as without the cache either way."""
+    torch.manual_seed(0)
+    m = FusionModel(ModelConfig(**TINY, text_finetune="frozen")).train()
+    pb = m.prepare_batch(make_batch(), "cpu")
+    seen = []
+    m.text.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True)
+    h = m.text_proj(m.text(input_ids=pb["input_ids"], attention_mask=pb["attention_mask"]).last_hidden_state)
+    seen.clear()
+    tokens, _ = m.encode(pb)
+    assert len(seen) == 1 and seen[0] is pb["input_ids"]
+    torch.testing.assert_close(tokens["text"], h)
+    seen.clear()
+    two = m.prepare_batch(make_batch(B=2), "cpu")  # both rows cached: nothing encoded
+    m.encode(two)
+    assert seen == []
+    m.__dict__["_text_cache"].pop(two["text_keys"][1])
+    tokens, _ = m.encode(two)
+    assert len(seen) == 1 and torch.equal(seen[0], two["input_ids"][1:2])
+    torch.testing.assert_close(tokens["text"], h[:2])
+
+
+def test_prepare_batch_without_attention_mask():
+    """input_ids without an attention_mask: moved as given, no cache keys (the forward names what is missing)."""
+    m = FusionModel(ModelConfig(**TINY, text_finetune="frozen"))
+    b = make_batch()
+    del b["attention_mask"]
+    pb = m.prepare_batch(b, "cpu")
+    assert "text_keys" not in pb and torch.equal(pb["input_ids"], b["input_ids"])
+
+
 def test_frozen_text_encoder_forward_reads_nothing_back_from_the_device():
     """On a GPU each `.tolist()` / `.item()` / `.cpu()` is a device sync: the cache keys are read from the
     host batch by prepare_batch, before it is moved; the forward itself reads nothing back."""

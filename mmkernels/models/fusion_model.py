@@ -127,8 +127,8 @@ class FusionModel(nn.Module):
         no read back from the device in the forward."""
         out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         ids, am = batch.get("input_ids"), batch.get("attention_mask")
-        if hasattr(self, "text") and self._text_frozen() and ids is not None and ids.device.type == "cpu" \
-                and am.device.type == "cpu":
+        if hasattr(self, "text") and self._text_frozen() and ids is not None and am is not None \
+                and ids.device.type == "cpu" and am.device.type == "cpu":
             rows = torch.cat([ids, am.to(ids.dtype)], 1).contiguous().numpy()
             out["text_keys"] = [r.tobytes() for r in rows]
         return out
@@ -149,9 +149,12 @@ class FusionModel(nn.Module):
             cache.clear()
             missing = list(first)
         if missing:
-            rows = [first[k] for k in missing]  # host ints: row slices, no index tensor to copy over
-            sel_ids = torch.cat([ids[i:i + 1] for i in rows])
-            sel_am = torch.cat([am[i:i + 1] for i in rows])
+            if len(missing) == len(keys):  # every row new (and distinct): the batch as it is
+                sel_ids, sel_am = ids, am
+            else:
+                rows = [first[k] for k in missing]  # host ints: row slices, no index tensor to copy over
+                sel_ids = torch.cat([ids[i:i + 1] for i in rows])
+                sel_am = torch.cat([am[i:i + 1] for i in rows])
             hm = self.text(input_ids=sel_ids, attention_mask=sel_am).last_hidden_state
             for k, h in zip(missing, hm):
                 cache[k] = h
