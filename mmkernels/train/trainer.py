@@ -2,8 +2,9 @@
 (mmkernels/train/checkpoint.py) with exact resume, DDP under torchrun (gloo on CPU, nccl on GPU), metrics
 log, learning-curve plot, final evaluation report.
 
-Resume is exact with the number of processes that wrote the checkpoint (another number is refused);
-the metrics log is cut back to the checkpoint's step. A training step reads nothing back from the
+Resume is exact with the number of processes that wrote the checkpoint and its settings that decide
+the batches and learning rates (checkpoint.EXACT_RESUME_TRAIN_KEYS; others are refused, naming the
+changes); the metrics log is cut back to the checkpoint's step. A training step reads nothing back from the
 device: the running loss / accuracy are read once per log interval."""
 from __future__ import annotations
 
