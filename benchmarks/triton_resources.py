@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, if not
 
 import triton  # noqa: E402
 
-import mmkernels.triton.attention as A  # noqa: E402
+import mmkernels.triton.cross_modal_attention as A  # noqa: E402
 import mmkernels.triton.gated_fusion as GF  # noqa: E402
 from mmkernels.triton._aot import SM90_MAX_SHARED, compile_sm90, resource_usage  # noqa: E402
 
@@ -34,11 +34,11 @@ def cases(head_dim: int, bias_gate: bool):
     flags = dict(NUM_SEG=3, HAS_KVLEN=True, HAS_QLEN=True, HAS_BIAS=bias_gate, HAS_GATE=bias_gate,
                  CAUSAL=False, IEEE=False)
     dims = dict(D=head_dim, DV=head_dim, BLOCK_D=head_dim, BLOCK_DV=head_dim)
-    yield "attn fwd", A._cma_fwd_kernel, dict(dims, SPLIT=False, **flags), ATTN_PTRS, ("qk_scale",), A._FWD_CONFIGS
-    yield "attn fwd split-KV", A._cma_fwd_kernel, dict(dims, SPLIT=True, **flags), ATTN_PTRS, ("qk_scale",), \
+    yield "attn fwd", A._cross_modal_attention_fwd_kernel, dict(dims, SPLIT=False, **flags), ATTN_PTRS, ("qk_scale",), A._FWD_CONFIGS
+    yield "attn fwd split-KV", A._cross_modal_attention_fwd_kernel, dict(dims, SPLIT=True, **flags), ATTN_PTRS, ("qk_scale",), \
         A._FWD_CONFIGS
-    yield "attn bwd dq", A._cma_bwd_dq_kernel, dict(dims, **flags), ATTN_PTRS, ("qk_scale", "scale"), A._DQ_CONFIGS
-    yield "attn bwd dk/dv", A._cma_bwd_dkdv_kernel, dict(dims, **flags), ATTN_PTRS, ("qk_scale", "scale"), \
+    yield "attn bwd dq", A._cross_modal_attention_bwd_dq_kernel, dict(dims, **flags), ATTN_PTRS, ("qk_scale", "scale"), A._DQ_CONFIGS
+    yield "attn bwd dk/dv", A._cross_modal_attention_bwd_dkdv_kernel, dict(dims, **flags), ATTN_PTRS, ("qk_scale", "scale"), \
         A._DKDV_CONFIGS
     for name, kernel, extra in (("gated fusion fwd", GF._gf_fwd_kernel, dict(RET_G=False)),
                                 ("gated fusion bwd", GF._gf_bwd_kernel, dict(HAS_GG=False))):

@@ -10,14 +10,14 @@ TORCH_LIBRARY(mmkernels, m) {
   //   out_ungated (B, Lq, Hq, Dv) before the tanh(head_gate) factor when head_gate is given
   //               (backward needs it: tanh(0) = 0 loses it), else an empty tensor of shape (0,)
   m.def(
-      "cma_fwd(Tensor q, Tensor[] keys, Tensor[] values, Tensor? kv_lengths, Tensor? q_lengths, "
+      "cross_modal_attention_fwd(Tensor q, Tensor[] keys, Tensor[] values, Tensor? kv_lengths, Tensor? q_lengths, "
       "Tensor? modality_bias, Tensor? head_gate, float scale, bool causal) -> (Tensor, Tensor, Tensor)");
   // Cross-modal attention backward (FlashAttention-2 style: probabilities recomputed from lse).
   // `out_ungated` is fwd's third output when head_gate is given, else fwd's `out`.
   // Returns (grad_q, grad_keys, grad_values, grad_bias (Hq, M), grad_gate (Hq,)); the last two
   // are fp32 (fp64 for fp64 inputs) and are zeros when the matching input is None.
   m.def(
-      "cma_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor[] keys, Tensor[] values, "
+      "cross_modal_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor[] keys, Tensor[] values, "
       "Tensor out_ungated, Tensor lse, Tensor? kv_lengths, Tensor? q_lengths, Tensor? modality_bias, "
       "Tensor? head_gate, float scale, bool causal) -> (Tensor, Tensor[], Tensor[], Tensor, Tensor)");
   // Gated fusion on flattened inputs: features, gate_logits (M, N, H); present bool (M, N) or None;

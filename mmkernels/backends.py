@@ -39,6 +39,9 @@ DEFAULT_ORDER = {
 }
 
 
+_SCHEMA = "mmkernels::cross_modal_attention_fwd"  # one op csrc/ops.cpp declares
+
+
 def _load_extension() -> str | None:
     """None when mmkernels._C loaded, else why it did not."""
     if os.environ.get("MMKERNELS_NO_EXT") == "1":
@@ -47,6 +50,11 @@ def _load_extension() -> str | None:
         importlib.import_module("mmkernels._C")
     except ImportError as e:  # not built, or built against another torch
         return f"the C++ extension mmkernels._C is not available ({e})"
+    try:
+        torch._C._dispatch_has_kernel_for_dispatch_key(_SCHEMA, "CPU")
+    except RuntimeError:  # the operator does not exist
+        return (f"mmkernels._C does not declare {_SCHEMA}: it was built from other sources "
+                "(rebuild it: pip install --no-build-isolation -e .)")
     return None
 
 
@@ -55,7 +63,7 @@ def _load_extension() -> str | None:
 _EXTENSION_ERROR = _load_extension()
 _KERNELS = {
     key: _EXTENSION_ERROR is None
-    and torch._C._dispatch_has_kernel_for_dispatch_key("mmkernels::cma_fwd", key)
+    and torch._C._dispatch_has_kernel_for_dispatch_key(_SCHEMA, key)
     for key in ("CPU", "CUDA")
 }
 _TRITON_ERROR = None if importlib.util.find_spec("triton") is not None else "triton is not installed"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mmkernels
-from mmkernels.reference import cross_modal_attention_reference as cma_reference
+from mmkernels.reference import cross_modal_attention_reference
 from mmkernels.reference import gated_fusion_reference as gf_reference
 from utils import (
     LOW_PRECISION,
@@ -59,7 +59,7 @@ def _check_attention(backend, q, keys, values, kw, **extra):
     kw64 = dict(kw)
     for i, n in enumerate(n for n in ("modality_bias", "head_gate") if n in kw):
         kw64[n] = d64[1 + 2 * M + i]
-    ref, lse_ref = cma_reference(d64[0], d64[1 : 1 + M], d64[1 + M : 1 + 2 * M], **kw64, **extra, return_lse=True)
+    ref, lse_ref = cross_modal_attention_reference(d64[0], d64[1 : 1 + M], d64[1 + M : 1 + 2 * M], **kw64, **extra, return_lse=True)
     assert not out.isnan().any() and not lse.isnan().any()
     torch.testing.assert_close(out.double(), ref, **_tol(dtype))
     assert torch.equal(lse.isneginf(), lse_ref.isneginf())
@@ -89,7 +89,7 @@ def test_rows_with_all_logits_neg_inf_are_empty_rows(backend, device):
     assert not out.isnan().any() and not lse.isnan().any()
     assert torch.all(out[:, :, 1] == 0) and torch.all(lse[:, 1] == NEG_INF)
     # Head 2 is attention over modality 1 alone (independent of the bias path).
-    alone = cma_reference(*_fp64(q), [keys[1].detach().double()], [values[1].detach().double()],
+    alone = cross_modal_attention_reference(*_fp64(q), [keys[1].detach().double()], [values[1].detach().double()],
                           kv_lengths=kw["kv_lengths"][:, 1:],
                           modality_bias=kw["modality_bias"].detach().double()[:, 1:],
                           head_gate=kw["head_gate"].detach().double())
@@ -156,8 +156,8 @@ def test_reference_clamps_out_of_range_lengths_like_the_kernels():
     wild = dict(kv_lengths=torch.tensor([[40], [-3], [5]]), q_lengths=torch.tensor([2, 99, -1]))
     clamped = dict(kv_lengths=torch.tensor([[9], [0], [5]]), q_lengths=torch.tensor([2, 6, 0]))
     for causal in (False, True):
-        out, lse = cma_reference(q, keys, values, **wild, causal=causal, return_lse=True)
-        expect, expect_lse = cma_reference(q, keys, values, **clamped, causal=causal, return_lse=True)
+        out, lse = cross_modal_attention_reference(q, keys, values, **wild, causal=causal, return_lse=True)
+        expect, expect_lse = cross_modal_attention_reference(q, keys, values, **clamped, causal=causal, return_lse=True)
         torch.testing.assert_close(out, expect)
         torch.testing.assert_close(lse, expect_lse)
 
@@ -169,14 +169,14 @@ def test_kernels_clamp_out_of_range_lengths(backend, device):
     require_backend(backend, device, dtype)
     if backend == "triton":
         mmkernels.ops.load_backend("triton")
-    op = torch.ops.mmkernels.triton_cma_fwd if backend == "triton" else torch.ops.mmkernels.cma_fwd
+    op = torch.ops.mmkernels.triton_cross_modal_attention_fwd if backend == "triton" else torch.ops.mmkernels.cross_modal_attention_fwd
     torch.manual_seed(14)
     q, keys, values, _ = attention_inputs(3, 6, (9,), 2, 1, 8, 8, dtype, device, padded=False)
     kvl = torch.tensor([[40], [-3], [5]], device=device)
     ql = torch.tensor([2, 99, -1], device=device)
     for causal in (False, True):
         out, lse, _ = op(q, keys, values, kvl, ql, None, None, 8**-0.5, causal)
-        ref, lse_ref = cma_reference(q.double(), [k.double() for k in keys], [v.double() for v in values],
+        ref, lse_ref = cross_modal_attention_reference(q.double(), [k.double() for k in keys], [v.double() for v in values],
                                      kv_lengths=kvl, q_lengths=ql, causal=causal, return_lse=True)
         torch.testing.assert_close(out.double(), ref, **_tol(dtype))
         assert torch.equal(lse.isneginf(), lse_ref.isneginf())
@@ -262,7 +262,7 @@ def test_causal_over_several_key_blocks(backend, device, dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(out.double(), expect, atol=1e-4, rtol=2e-4)
     else:
-        same_precision = cma_reference(low[0], [low[1]], [low[2]], kv_lengths=kv_len, q_lengths=q_len,
+        same_precision = cross_modal_attention_reference(low[0], [low[1]], [low[2]], kv_lengths=kv_len, q_lengths=q_len,
                                        causal=True, upcast=False)
         assert_within_rule(out, expect, same_precision)
 
@@ -288,8 +288,8 @@ def test_bias_and_gate_in_q_dtype(backend, device, dtype):
     x64, xlo, xref = copy(torch.float64), copy(dtype), copy(dtype)
     out = mmkernels.cross_modal_attention(*xlo[:3], **xlo[3], backend=backend)
     assert out.dtype == dtype
-    out64 = cma_reference(*x64[:3], **x64[3])
-    out_low = cma_reference(*xref[:3], **xref[3], upcast=False)
+    out64 = cross_modal_attention_reference(*x64[:3], **x64[3])
+    out_low = cross_modal_attention_reference(*xref[:3], **xref[3], upcast=False)
     assert_within_rule(out, out64, out_low)
     go = torch.randn(out64.shape, dtype=torch.float64, device=device)
     params = lambda x: [x[3]["modality_bias"], x[3]["head_gate"]]  # noqa: E731

@@ -221,13 +221,13 @@ def test_opcheck(backend, device):
         q, keys, values, kw = attention_inputs(2, 5, (7, 3), 4, 2, 8, 8, torch.float32, device, grad=True, **feats)
         args = (q, keys, values, kw.get("kv_lengths"), kw.get("q_lengths"), kw.get("modality_bias"),
                 kw.get("head_gate"), 0.3, False)
-        torch.library.opcheck(torch.ops.mmkernels.cma_fwd.default, args)
-        out, lse, out_u = torch.ops.mmkernels.cma_fwd(*args)
+        torch.library.opcheck(torch.ops.mmkernels.cross_modal_attention_fwd.default, args)
+        out, lse, out_u = torch.ops.mmkernels.cross_modal_attention_fwd(*args)
         saved_out = out_u if kw.get("head_gate") is not None else out
         bwd_args = (torch.randn_like(out), torch.randn_like(lse), q.detach(), [k.detach() for k in keys],
                     [v.detach() for v in values], saved_out.detach(), lse.detach(),
                     *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[3:]])
-        torch.library.opcheck(torch.ops.mmkernels.cma_bwd.default, bwd_args)
+        torch.library.opcheck(torch.ops.mmkernels.cross_modal_attention_bwd.default, bwd_args)
 
 
 @pytest.mark.parametrize("backend,device", compiled_backends())
@@ -241,12 +241,12 @@ def test_opcheck_causal_and_bf16(backend, device):
         kw["modality_bias"] = kw["modality_bias"].detach().to(dtype).requires_grad_(True)
         args = (q, keys, values, kw["kv_lengths"], kw["q_lengths"], kw["modality_bias"], kw["head_gate"], 0.25,
                 causal)
-        torch.library.opcheck(torch.ops.mmkernels.cma_fwd.default, args)
-        out, lse, out_u = torch.ops.mmkernels.cma_fwd(*args)
+        torch.library.opcheck(torch.ops.mmkernels.cross_modal_attention_fwd.default, args)
+        out, lse, out_u = torch.ops.mmkernels.cross_modal_attention_fwd(*args)
         bwd_args = (torch.randn_like(out), torch.randn_like(lse), q.detach(), [k.detach() for k in keys],
                     [v.detach() for v in values], out_u.detach(), lse.detach(),
                     *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[3:]])
-        torch.library.opcheck(torch.ops.mmkernels.cma_bwd.default, bwd_args)
+        torch.library.opcheck(torch.ops.mmkernels.cross_modal_attention_bwd.default, bwd_args)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in compiled_backends() if p.values[0] == "cpu"])

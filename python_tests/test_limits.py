@@ -43,7 +43,7 @@ def test_triton_segment_slots_match():
     from mmkernels.triton import _codegen
 
     assert _codegen.S == backends.MAX_SEGMENTS
-    text = open(os.path.join(REPO, "mmkernels", "triton", "attention.py.in")).read()
+    text = open(os.path.join(REPO, "mmkernels", "triton", "cross_modal_attention.py.in")).read()
     assert re.search(r"^MAX_SEGMENTS = (\d+)$", text, re.M).group(1) == str(backends.MAX_SEGMENTS)
 
 
@@ -54,8 +54,8 @@ def test_cpu_kernel_refuses_more_segments_than_the_limit():
     q = torch.randn(1, 2, 1, 4)
     keys = [torch.randn(1, 3, 1, 4) for _ in range(M)]
     with pytest.raises(RuntimeError, match=f"expected 1 to {backends.MAX_SEGMENTS} segments, got {M}"):
-        torch.ops.mmkernels.cma_fwd(q, keys, keys, None, None, None, None, 0.5, False)
-    ok = torch.ops.mmkernels.cma_fwd(q, keys[:-1], keys[:-1], None, None, None, None, 0.5, False)
+        torch.ops.mmkernels.cross_modal_attention_fwd(q, keys, keys, None, None, None, None, 0.5, False)
+    ok = torch.ops.mmkernels.cross_modal_attention_fwd(q, keys[:-1], keys[:-1], None, None, None, None, 0.5, False)
     assert ok[0].shape == (1, 2, 1, 4)
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmkernels
-from mmkernels.reference import cross_modal_attention_reference as cma_reference
+from mmkernels.reference import cross_modal_attention_reference
 from mmkernels.reference import gated_fusion_reference as gf_reference
 from utils import LOW_PRECISION, assert_within_rule, exact_dtype, kernel_backends, require_backend
 
@@ -97,14 +97,14 @@ def test_attention_properties(backend, device):
                                                    backend=backend)
         assert out.dtype == dtype and out.shape == (c["B"], c["Lq"], c["Hq"], c["Dv"])
         x64 = _as(torch.float64, *base)
-        ref, lse_ref = cma_reference(*x64[:3], **x64[3], causal=c["causal"], return_lse=True)
+        ref, lse_ref = cross_modal_attention_reference(*x64[:3], **x64[3], causal=c["causal"], return_lse=True)
         assert torch.equal(lse.isneginf(), lse_ref.isneginf())
         go = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
         grads = torch.autograd.grad(out, _diff(*x), go.to(dtype), allow_unused=True)
         grads_ref = torch.autograd.grad(ref, _diff(*x64), go, allow_unused=True)
         if dtype in LOW_PRECISION:
             xl = _as(dtype, *base)
-            low = cma_reference(*xl[:3], **xl[3], causal=c["causal"], upcast=False)
+            low = cross_modal_attention_reference(*xl[:3], **xl[3], causal=c["causal"], upcast=False)
             assert_within_rule(out, ref, low)
             grads_low = torch.autograd.grad(low, _diff(*xl), go.to(dtype), allow_unused=True)
             for i, (a, b, l) in enumerate(zip(grads, grads_ref, grads_low)):

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 
 import mmkernels  # noqa: E402
 from mmkernels import backends  # noqa: E402
-from mmkernels.reference import cross_modal_attention_reference as cma_reference  # noqa: E402
+from mmkernels.reference import cross_modal_attention_reference  # noqa: E402
 from mmkernels.reference import gated_fusion_reference as gf_reference  # noqa: E402
 from utils import LOW_PRECISION, assert_within_rule, attention_inputs, must_have, stable_seed  # noqa: E402
 
@@ -35,7 +35,7 @@ def _triton_usable():
             pytest.fail("the triton backend must run here: " + "; ".join(reasons))
         pytest.skip("triton backend unavailable here: " + "; ".join(reasons))
     mmkernels.ops.load_backend("triton")
-    if DEVICE == "cpu" and not mmkernels.triton.attention.INTERPRET:
+    if DEVICE == "cpu" and not mmkernels.triton.cross_modal_attention.INTERPRET:
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set")
 
 
@@ -64,7 +64,7 @@ def _check_vs_fp64(q, keys, values, kw, atol=1e-4, rtol=2e-4, **extra):
     out, lse = mmkernels.cross_modal_attention(q, keys, values, **kw, **extra, return_lse=True, backend="triton")
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     q64, k64, v64, kw64 = _to64(q, keys, values, kw)
-    ref, lse_ref = cma_reference(q64, k64, v64, **kw64, **extra, return_lse=True)
+    ref, lse_ref = cross_modal_attention_reference(q64, k64, v64, **kw64, **extra, return_lse=True)
     _close(out, ref, atol, rtol, "out")
     assert torch.equal(lse.isneginf(), lse_ref.isneginf())
     _close(torch.where(lse.isfinite(), lse, 0), torch.where(lse_ref.isfinite(), lse_ref, 0), atol, rtol, "lse")
@@ -116,9 +116,9 @@ def test_attention_low_precision_within_rule(dtype, shape):
         return c(q, dt), [c(k, dt) for k in keys], [c(v, dt) for v in values], kw2
 
     x64, xlo, xref = as_(torch.float64), as_(dtype), as_(dtype)
-    out64 = cma_reference(*x64[:3], **x64[3])
+    out64 = cross_modal_attention_reference(*x64[:3], **x64[3])
     out = mmkernels.cross_modal_attention(*xlo[:3], **xlo[3], backend="triton")
-    out_low = cma_reference(*xref[:3], **xref[3], upcast=False)
+    out_low = cross_modal_attention_reference(*xref[:3], **xref[3], upcast=False)
     assert_within_rule(out, out64, out_low)
     go = torch.randn(out64.shape, dtype=torch.float64, device=DEVICE)
     g64 = torch.autograd.grad(out64, _diff(*x64), go)
@@ -146,7 +146,7 @@ def test_split_kv_path(num_splits):
                                            q_pad=True, bias=True, gate=True, grad=True)
     kw["kv_lengths"][0, 1] = 0
     with mt.split_kv_settings(min_keys=1, num_splits=num_splits, keys_per_split=16):
-        ns = mt.attention.num_kv_splits(q, 2, 2, 3, 2, 55)
+        ns = mt.cross_modal_attention.num_kv_splits(q, 2, 2, 3, 2, 55)
         assert ns > 1 and (num_splits is None or ns == num_splits)
         _check_vs_fp64(q, keys, values, kw)
     # causal through the split path too
@@ -158,9 +158,9 @@ def test_split_kv_path(num_splits):
 def test_split_kv_thresholds_default():
     mt = _tt()
     q = torch.empty(1, 64, 16, 128, device=DEVICE)
-    assert mt.attention.num_kv_splits(q, 1, 16, 64, 1, 4096) >= 1
-    assert mt.attention.num_kv_splits(q, 1, 16, 512, 1, 100000) == 1   # Lq > 128: no split
-    assert mt.attention.num_kv_splits(q, 1, 16, 64, 1, 1000) == 1      # short keys: no split
+    assert mt.cross_modal_attention.num_kv_splits(q, 1, 16, 64, 1, 4096) >= 1
+    assert mt.cross_modal_attention.num_kv_splits(q, 1, 16, 512, 1, 100000) == 1   # Lq > 128: no split
+    assert mt.cross_modal_attention.num_kv_splits(q, 1, 16, 64, 1, 1000) == 1      # short keys: no split
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -222,7 +222,7 @@ def test_grads_of_a_plain_sum_match_reference():
     out = mmkernels.cross_modal_attention(q, keys, values, **kw, backend="triton")
     grads = torch.autograd.grad(out.sum(), _diff(q, keys, values, kw))
     q64, k64, v64, kw64 = _to64(q, keys, values, kw)
-    grads_ref = torch.autograd.grad(cma_reference(q64, k64, v64, **kw64).sum(), _diff(q64, k64, v64, kw64))
+    grads_ref = torch.autograd.grad(cross_modal_attention_reference(q64, k64, v64, **kw64).sum(), _diff(q64, k64, v64, kw64))
     for i, (a, b) in enumerate(zip(grads, grads_ref)):
         _close(a, b, 1e-4, 2e-4, f"grad {i}")
     f = torch.randn(3, 5, 8, device=DEVICE, requires_grad=True)
@@ -256,7 +256,7 @@ def test_not_supported_reasons():
 _OPCHECK_CPU = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
-def _cma_args(feats):
+def _cross_modal_attention_args(feats):
     q, keys, values, kw = attention_inputs(2, 5, (7, 3), 4, 2, 16, 16, torch.float32, DEVICE, grad=True, **feats)
     return (q, keys, values, kw.get("kv_lengths"), kw.get("q_lengths"), kw.get("modality_bias"),
             kw.get("head_gate"), 0.25, False)
@@ -266,16 +266,16 @@ def _cma_args(feats):
 def test_opcheck_attention(feats):
     _tt()
     torch.manual_seed(7)
-    args = _cma_args(feats)
+    args = _cross_modal_attention_args(feats)
     utils = None if CUDA else _OPCHECK_CPU
     kwargs = {} if utils is None else {"test_utils": utils}
-    torch.library.opcheck(torch.ops.mmkernels.triton_cma_fwd, args, **kwargs)
-    out, lse, out_u = torch.ops.mmkernels.triton_cma_fwd(*args)
+    torch.library.opcheck(torch.ops.mmkernels.triton_cross_modal_attention_fwd, args, **kwargs)
+    out, lse, out_u = torch.ops.mmkernels.triton_cross_modal_attention_fwd(*args)
     bwd_args = (torch.randn_like(out), torch.randn_like(lse), *[a.detach() if isinstance(a, torch.Tensor) else a
                 for a in args[:1]], [k.detach() for k in args[1]], [v.detach() for v in args[2]],
                 (out_u if args[6] is not None else out).detach(), lse.detach(),
                 *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[3:]])
-    torch.library.opcheck(torch.ops.mmkernels.triton_cma_bwd, bwd_args, **kwargs)
+    torch.library.opcheck(torch.ops.mmkernels.triton_cross_modal_attention_bwd, bwd_args, **kwargs)
 
 
 def test_opcheck_attention_causal_and_bf16():
@@ -288,12 +288,12 @@ def test_opcheck_attention_causal_and_bf16():
                                                gate=True, grad=True)
         args = (q, keys, values, kw["kv_lengths"], kw["q_lengths"], kw["modality_bias"], kw["head_gate"], 0.25,
                 causal)
-        torch.library.opcheck(torch.ops.mmkernels.triton_cma_fwd, args, **kwargs)
-        out, lse, out_u = torch.ops.mmkernels.triton_cma_fwd(*args)
+        torch.library.opcheck(torch.ops.mmkernels.triton_cross_modal_attention_fwd, args, **kwargs)
+        out, lse, out_u = torch.ops.mmkernels.triton_cross_modal_attention_fwd(*args)
         bwd_args = (torch.randn_like(out), torch.randn_like(lse), q.detach(), [k.detach() for k in keys],
                     [v.detach() for v in values], out_u.detach(), lse.detach(),
                     *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[3:]])
-        torch.library.opcheck(torch.ops.mmkernels.triton_cma_bwd, bwd_args, **kwargs)
+        torch.library.opcheck(torch.ops.mmkernels.triton_cross_modal_attention_bwd, bwd_args, **kwargs)
 
 
 def test_opcheck_gated_fusion():
@@ -412,7 +412,7 @@ def test_gated_fusion_low_precision_within_rule(dtype, activation):
 # ---------------------------------------------------------------- compiled for sm_90 without a GPU
 _AOT_SCRIPT = r'''
 import sys
-import mmkernels.triton.attention as A
+import mmkernels.triton.cross_modal_attention as A
 import mmkernels.triton.gated_fusion as GF
 from mmkernels.triton._aot import SM90_MAX_SHARED, compile_sm90, resource_usage
 
@@ -425,12 +425,12 @@ for n in ["BIAS", "GATE_T", "LSE", "OPART", "LPART", "DLT", "DBIAS", "RD"]:
     ptr[n] = "*fp32"
 flags = dict(NUM_SEG=2, HAS_KVLEN=True, HAS_QLEN=True, HAS_BIAS=True, HAS_GATE=True, CAUSAL=False, IEEE=False)
 dims = dict(D=48, DV=64, BLOCK_D=64, BLOCK_DV=64, BLOCK_M=32, BLOCK_N=32)
-compile_(A._cma_fwd_kernel, dict(dims, SPLIT=True, **flags), ptr, ("qk_scale",))
-compile_(A._cma_fwd_kernel, dict(dims, SPLIT=False, **dict(flags, NUM_SEG=1, CAUSAL=True)), ptr, ("qk_scale",))
-compile_(A._cma_merge_kernel, dict(DV=64, BLOCK_DV=64, NS_P2=4, HAS_GATE=True), ptr)
-compile_(A._cma_bwd_pre_kernel, dict(DV=64, BLOCK_DV=64, BLOCK_R=32), ptr)
-compile_(A._cma_bwd_dq_kernel, dict(dims, **flags), ptr, ("qk_scale", "scale"))
-compile_(A._cma_bwd_dkdv_kernel, dict(dims, **dict(flags, CAUSAL=True)), ptr, ("qk_scale", "scale"))
+compile_(A._cross_modal_attention_fwd_kernel, dict(dims, SPLIT=True, **flags), ptr, ("qk_scale",))
+compile_(A._cross_modal_attention_fwd_kernel, dict(dims, SPLIT=False, **dict(flags, NUM_SEG=1, CAUSAL=True)), ptr, ("qk_scale",))
+compile_(A._cross_modal_attention_merge_kernel, dict(DV=64, BLOCK_DV=64, NS_P2=4, HAS_GATE=True), ptr)
+compile_(A._cross_modal_attention_bwd_pre_kernel, dict(DV=64, BLOCK_DV=64, BLOCK_R=32), ptr)
+compile_(A._cross_modal_attention_bwd_dq_kernel, dict(dims, **flags), ptr, ("qk_scale", "scale"))
+compile_(A._cross_modal_attention_bwd_dkdv_kernel, dict(dims, **dict(flags, CAUSAL=True)), ptr, ("qk_scale", "scale"))
 gptr = {"*": "*bf16", "P": "*u8"}
 compile_(GF._gf_fwd_kernel, dict(M=3, MP2=4, HAS_P=True, ACT=0, RET_G=True, BLOCK=256), gptr)
 compile_(GF._gf_bwd_kernel, dict(M=3, MP2=4, HAS_P=True, ACT=0, HAS_GG=True, BLOCK=256), gptr)
@@ -472,7 +472,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
 
 
 def test_generated_attention_module_is_up_to_date():
-    """attention.py is generated from attention.py.in: an edit of one alone must not land."""
+    """cross_modal_attention.py is generated from cross_modal_attention.py.in: an edit of one alone must not land."""
     import subprocess
     import sys
 

@@ -1,7 +1,7 @@
 """cross_modal_attention: public entry point, input checks, fake kernels, autograd.
 
-The C++ ops `mmkernels::cma_fwd` / `cma_bwd` (csrc/ops.cpp) and the Triton ops
-`mmkernels::triton_cma_fwd` / `triton_cma_bwd` share one signature, so they
+The C++ ops `mmkernels::cross_modal_attention_fwd` / `cross_modal_attention_bwd` (csrc/ops.cpp) and the Triton ops
+`mmkernels::triton_cross_modal_attention_fwd` / `triton_cross_modal_attention_bwd` share one signature, so they
 share the fake kernels and the autograd formula registered here.
 """
 from __future__ import annotations
@@ -151,7 +151,7 @@ def register(fwd_name: str, bwd_name: str) -> None:
 
 
 if backends.extension_error() is None:
-    register("cma_fwd", "cma_bwd")
+    register("cross_modal_attention_fwd", "cross_modal_attention_bwd")
 
 _triton_loaded = False
 
@@ -161,9 +161,9 @@ def load(backend: str) -> None:
     (once). The C++ ops were registered above, when the extension loaded."""
     global _triton_loaded
     if backend == "triton" and not _triton_loaded:
-        from mmkernels.triton import attention  # noqa: F401  (defines the triton ops)
+        from mmkernels.triton import cross_modal_attention  # noqa: F401  (defines the triton ops)
 
-        register("triton_cma_fwd", "triton_cma_bwd")
+        register("triton_cross_modal_attention_fwd", "triton_cross_modal_attention_bwd")
         _triton_loaded = True
 
 
@@ -176,9 +176,9 @@ def _run_backend(name, q, keys, values, kv_lengths, q_lengths, modality_bias, he
     if name == "triton":
         if not _triton_loaded:
             load("triton")
-        op = torch.ops.mmkernels.triton_cma_fwd
+        op = torch.ops.mmkernels.triton_cross_modal_attention_fwd
     else:  # cpu and cuda: the C++ op, dispatched on the device of q
-        op = torch.ops.mmkernels.cma_fwd
+        op = torch.ops.mmkernels.cross_modal_attention_fwd
     out, lse, _ = op(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal)
     return out, lse
 

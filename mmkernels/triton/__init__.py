@@ -1,7 +1,7 @@
 """Triton kernels of the mmkernels ops (imported lazily: importing mmkernels never imports triton).
 
 The kernel modules import only torch and triton. Importing `attention` and
-`gated_fusion` defines the ops `mmkernels::triton_cma_fwd/bwd` and
+`gated_fusion` defines the ops `mmkernels::triton_cross_modal_attention_fwd/bwd` and
 `mmkernels::triton_gated_fusion_fwd/bwd` (torch.library.triton_op); their fake
 kernels and autograd live beside the Python entry points and are registered by
 `mmkernels.ops.load_backend("triton")`, which the entry points call the first
@@ -11,5 +11,5 @@ TRITON_INTERPRET=1, which must be set before triton is first imported.
 """
 from __future__ import annotations
 
-from mmkernels.triton import attention, gated_fusion  # noqa: F401  (define the ops)
-from mmkernels.triton.attention import split_kv_settings  # noqa: F401
+from mmkernels.triton import cross_modal_attention, gated_fusion  # noqa: F401  (define the ops)
+from mmkernels.triton.cross_modal_attention import split_kv_settings  # noqa: F401

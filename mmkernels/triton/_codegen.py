@@ -1,11 +1,11 @@
-"""Regenerate attention.py from attention.py.in (the 8 unrolled KV-segment slots).
+"""Regenerate cross_modal_attention.py from cross_modal_attention.py.in (the 8 unrolled KV-segment slots).
 
 The kernels take up to 8 KV segments as separate pointer/stride/length slots and
 walk them with constexpr-guarded blocks (`if NUM_SEG > m:`); those repetitive
 parts are written out by this script rather than by hand:
 
-    python -m mmkernels.triton._codegen          # rewrite attention.py
-    python -m mmkernels.triton._codegen --check  # exit 1 if attention.py is stale
+    python -m mmkernels.triton._codegen          # rewrite cross_modal_attention.py
+    python -m mmkernels.triton._codegen --check  # exit 1 if cross_modal_attention.py is stale
 """
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def dq_calls(indent="    "):
 
 
 def render() -> str:
-    src = (HERE / "attention.py.in").read_text()
-    header = "# GENERATED from attention.py.in by `python -m mmkernels.triton._codegen`: edit the template.\n"
+    src = (HERE / "cross_modal_attention.py.in").read_text()
+    header = "# GENERATED from cross_modal_attention.py.in by `python -m mmkernels.triton._codegen`: edit the template.\n"
     return header + (src.replace("#SEG_PARAMS#\n", seg_params()).replace("#SEG_LENS#\n", seg_lens())
                      .replace("#FWD_CALLS#\n", fwd_calls()).replace("#DQ_CALLS#\n", dq_calls()))
 
@@ -64,10 +64,10 @@ def render() -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     out = render()
-    target = HERE / "attention.py"
+    target = HERE / "cross_modal_attention.py"
     if "--check" in argv:
         ok = target.read_text() == out
-        print("attention.py is up to date" if ok else "attention.py is stale: run python -m mmkernels.triton._codegen")
+        print("cross_modal_attention.py is up to date" if ok else "cross_modal_attention.py is stale: run python -m mmkernels.triton._codegen")
         return 0 if ok else 1
     target.write_text(out)
     print(f"wrote {target}")

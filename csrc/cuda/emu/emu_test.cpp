@@ -5,8 +5,8 @@
 //       csrc/cuda/emu/emu_test.cpp -o /tmp/emu_test && /tmp/emu_test
 #define MMK_CUDA_EMULATE 1
 #include "../cuda_common.cuh"
-#include "../attention_bwd_kernels.cuh"
-#include "../attention_fwd_kernels.cuh"
+#include "../cross_modal_attention_bwd_kernels.cuh"
+#include "../cross_modal_attention_fwd_kernels.cuh"
 #include "../gated_fusion_kernels.cuh"
 
 #include <cstdio>
@@ -265,7 +265,7 @@ static void run_case(const Case& c, double tol) {
     dim3 grid((c.Lq + C::BM - 1) / C::BM, c.Hq, c.B);
     T* outp = out.data(); T* outup = c.use_gate ? outu.data() : nullptr; float* lsep = lse.data();
     mmk_emu::launch(grid, dim3(kFwdThreads), fwd_smem_bytes<C::BM, C::BN, DPAD>(),
-                    [&] { cma_fwd_kernel<T, C::BM, C::BN, DPAD>(p, outp, outup, lsep); });
+                    [&] { cross_modal_attention_fwd_kernel<T, C::BM, C::BN, DPAD>(p, outp, outup, lsep); });
   }
   if constexpr (!std::is_same_v<T, float> && DPAD <= 128) {  // tensor-core variant: same checks below
     using C = FwdTcCfg<DPAD>;
@@ -274,7 +274,7 @@ static void run_case(const Case& c, double tol) {
     dim3 grid((c.Lq + C::BM - 1) / C::BM, c.Hq, c.B);
     T* outp = out2.data(); T* outup = c.use_gate ? outu2.data() : nullptr; float* lsep = lse2.data();
     mmk_emu::launch(grid, dim3(kFwdThreads), fwd_tc_smem_bytes<T, C::BM, C::BN, DPAD>(),
-                    [&] { cma_fwd_tc_kernel<T, C::BN, DPAD>(p, outp, outup, lsep); });
+                    [&] { cross_modal_attention_fwd_tc_kernel<T, C::BN, DPAD>(p, outp, outup, lsep); });
     for (size_t i = 0; i < out.size(); ++i) check("tc out", cast_from<T>(out2[i]), ref.out[i], tol);
     if (c.use_gate)
       for (size_t i = 0; i < out.size(); ++i) check("tc out_ungated", cast_from<T>(outu2[i]), ref.out_raw[i], tol);
@@ -310,7 +310,7 @@ static void run_case(const Case& c, double tol) {
     const T* gop = go.data(); const float* gl = glse.data(); float* dp = delta.data(); float* rp = rowdot.data();
     if (rows > 0)
       mmk_emu::launch(grid, dim3(kBwdThreads), 0, [&] {
-        cma_bwd_pre_kernel<T>(gop, oraw, gl, p.gate, p.q_lengths, c.B, c.Lq, c.Hq, c.Dv, dp, rp);
+        cross_modal_attention_bwd_pre_kernel<T>(gop, oraw, gl, p.gate, p.q_lengths, c.B, c.Lq, c.Hq, c.Dv, dp, rp);
       });
   }
   constexpr bool TC_OK = !std::is_same_v<T, float> && DPAD <= 128;
@@ -337,12 +337,12 @@ static void run_case(const Case& c, double tol) {
       if constexpr (TC_OK) {
         if (tc)
           mmk_emu::launch(dim3((unsigned)total, c.Hkv, c.B), dim3(kBwdThreads), dkdv_tc_smem_bytes<T, DPAD>(), [&] {
-            cma_bwd_dkdv_tc_kernel<T, DPAD>(pk, gop, go_vec4, lsep, dp);
+            cross_modal_attention_bwd_dkdv_tc_kernel<T, DPAD>(pk, gop, go_vec4, lsep, dp);
           });
       }
       if (!tc)
         mmk_emu::launch(dim3((unsigned)total, c.Hkv, c.B), dim3(kBwdThreads), dkdv_smem_bytes<C::KV_BN, C::KV_BMQ, DPAD>(), [&] {
-          cma_bwd_dkdv_kernel<T, C::KV_BN, C::KV_BMQ, DPAD>(pk, gop, go_vec4, lsep, dp);
+          cross_modal_attention_bwd_dkdv_kernel<T, C::KV_BN, C::KV_BMQ, DPAD>(pk, gop, go_vec4, lsep, dp);
         });
     }
   }
@@ -358,12 +358,12 @@ static void run_case(const Case& c, double tol) {
     if constexpr (TC_OK) {
       if (tc && nqb > 0)
         mmk_emu::launch(dim3((unsigned)nqb, c.Hq, c.B), dim3(kBwdThreads), dq_tc_smem_bytes<T, DPAD>(), [&] {
-          cma_bwd_dq_tc_kernel<T, DPAD>(p, gop, go_vec4, lsep, dp, dqp, dQ.s[0], dQ.s[1], dQ.s[2], bp, nqb);
+          cross_modal_attention_bwd_dq_tc_kernel<T, DPAD>(p, gop, go_vec4, lsep, dp, dqp, dQ.s[0], dQ.s[1], dQ.s[2], bp, nqb);
         });
     }
     if (!tc && nqb > 0)
       mmk_emu::launch(dim3((unsigned)nqb, c.Hq, c.B), dim3(kBwdThreads), dq_smem_bytes<C::Q_BM, C::Q_BN, DPAD>(), [&] {
-        cma_bwd_dq_kernel<T, C::Q_BM, C::Q_BN, DPAD>(p, gop, go_vec4, lsep, dp, dqp, dQ.s[0], dQ.s[1], dQ.s[2], bp, nqb);
+        cross_modal_attention_bwd_dq_kernel<T, C::Q_BM, C::Q_BN, DPAD>(p, gop, go_vec4, lsep, dp, dqp, dQ.s[0], dQ.s[1], dQ.s[2], bp, nqb);
       });
     if (c.use_bias)
       for (int hm = 0; hm < c.Hq * M; ++hm) {

@@ -1,4 +1,4 @@
-// CPU backward of mmkernels::cma_bwd (FlashAttention-2 math, probabilities recomputed from lse).
+// CPU backward of mmkernels::cross_modal_attention_bwd (FlashAttention-2 math, probabilities recomputed from lse).
 // Parallel over (batch, kv head) tasks: a task owns the dK/dV rows of its kv head and the dQ
 // rows of the G query heads sharing it, so there are no races and no float atomics; per-task
 // partials of grad_bias / grad_gate are reduced afterwards in a fixed order (deterministic).
@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "../common/fast_math.h"
-#include "cma_common.h"
+#include "cross_modal_attention_common.h"
 #include "cpu_blas.h"
 
 namespace mmkernels::cpu {
@@ -27,7 +27,7 @@ constexpr int64_t kBwdRows = 64;   // row block (query positions x grouped heads
 constexpr int64_t kBwdKeys = 128;  // key block
 
 template <typename scalar_t>
-void cma_bwd_impl(const CmaProblem& p, const at::Tensor& go, const at::Tensor* glse,
+void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const at::Tensor& go, const at::Tensor* glse,
                   const at::Tensor& q, at::TensorList keys, at::TensorList values,
                   const at::Tensor& o_raw, const at::Tensor& lse_in, double scale_d,
                   at::Tensor& dq, std::vector<at::Tensor>& dk, std::vector<at::Tensor>& dv,
@@ -240,14 +240,14 @@ at::Tensor grad_like(const at::Tensor& t) {
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor>
-cma_bwd_cpu(const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad_lse,
+cross_modal_attention_bwd_cpu(const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad_lse,
             const at::Tensor& q_in, at::TensorList keys_in, at::TensorList values_in,
             const at::Tensor& out_raw_in, const at::Tensor& lse,
             const std::optional<at::Tensor>& kv_lengths,
             const std::optional<at::Tensor>& q_lengths,
             const std::optional<at::Tensor>& modality_bias,
             const std::optional<at::Tensor>& head_gate, double scale, bool causal) {
-  const CmaProblem p = make_problem(q_in, keys_in, values_in, kv_lengths, q_lengths,
+  const CrossModalAttentionProblem p = make_problem(q_in, keys_in, values_in, kv_lengths, q_lengths,
                                     modality_bias, head_gate, causal);
   TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == p.B &&
                   grad_out_in.size(1) == p.Lq && grad_out_in.size(2) == p.Hq &&
@@ -278,8 +278,8 @@ cma_bwd_cpu(const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad
   at::Tensor gbias = at::zeros({p.Hq, p.M}, q.options().dtype(acc_type));
   at::Tensor ggate = at::zeros({p.Hq}, q.options().dtype(acc_type));
   const at::Tensor* glse = grad_lse.has_value() ? &*grad_lse : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "cma_bwd_cpu", [&] {
-    cma_bwd_impl<scalar_t>(p, go, glse, q, keys, values, o_raw, lse, scale, dq, dk, dv, gbias,
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "cross_modal_attention_bwd_cpu", [&] {
+    cross_modal_attention_bwd_impl<scalar_t>(p, go, glse, q, keys, values, o_raw, lse, scale, dq, dk, dv, gbias,
                            ggate);
   });
   return {dq, dk, dv, gbias, ggate};
@@ -287,6 +287,6 @@ cma_bwd_cpu(const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mmkernels, CPU, m) { m.impl("cma_bwd", &cma_bwd_cpu); }
+TORCH_LIBRARY_IMPL(mmkernels, CPU, m) { m.impl("cross_modal_attention_bwd", &cross_modal_attention_bwd_cpu); }
 
 }  // namespace mmkernels::cpu

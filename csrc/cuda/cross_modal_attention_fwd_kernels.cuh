@@ -1,4 +1,4 @@
-// Device code of attention_fwd.cu (no torch headers: also compiled by the host emulator test in emu/).
+// Device code of cross_modal_attention_fwd.cu (no torch headers: also compiled by the host emulator test in emu/).
 #pragma once
 
 #include <cstdint>
@@ -25,7 +25,7 @@ constexpr size_t fwd_smem_bytes() {
 
 template <typename T, int BM, int BN, int DPAD>
 __global__ void __launch_bounds__(kFwdThreads)
-    cma_fwd_kernel(const __grid_constant__ AttnParams p, T* __restrict__ out, T* __restrict__ out_ung, float* __restrict__ lse) {
+    cross_modal_attention_fwd_kernel(const __grid_constant__ AttnParams p, T* __restrict__ out, T* __restrict__ out_ung, float* __restrict__ lse) {
   constexpr int NT = kFwdThreads;
   constexpr int TM = BM / 16;   // query rows per thread
   constexpr int TN = BN / 8;    // score columns per thread
@@ -205,7 +205,7 @@ constexpr size_t fwd_tc_smem_bytes() {
 
 template <typename T, int BN, int DPAD>
 __global__ void __launch_bounds__(kFwdThreads)
-    cma_fwd_tc_kernel(const __grid_constant__ AttnParams p, T* __restrict__ out, T* __restrict__ out_ung,
+    cross_modal_attention_fwd_tc_kernel(const __grid_constant__ AttnParams p, T* __restrict__ out, T* __restrict__ out_ung,
                       float* __restrict__ lse) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using namespace nvcuda;

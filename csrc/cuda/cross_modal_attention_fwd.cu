@@ -14,16 +14,16 @@
 #include <tuple>
 #include <type_traits>
 
-#include "cma_host.h"
+#include "cross_modal_attention_host.h"
 #include "cuda_common.cuh"
-#include "attention_fwd_kernels.cuh"
+#include "cross_modal_attention_fwd_kernels.cuh"
 
 namespace mmkernels {
 namespace cuda {
 namespace {
 
 template <typename T, int DPAD>
-void launch_fwd(const CmaPrepared& r, at::Tensor& out, at::Tensor& out_ung, at::Tensor& lse, cudaStream_t stream) {
+void launch_fwd(const CrossModalAttentionPrepared& r, at::Tensor& out, at::Tensor& out_ung, at::Tensor& lse, cudaStream_t stream) {
   const int device = r.q.get_device();
   T* outp = static_cast<T*>(out.data_ptr());
   T* outup = out_ung.numel() ? static_cast<T*>(out_ung.data_ptr()) : nullptr;
@@ -34,7 +34,7 @@ void launch_fwd(const CmaPrepared& r, at::Tensor& out, at::Tensor& out_ung, at::
       constexpr int BM = FwdTcCfg<DPAD>::BM;
       constexpr int BN = FwdTcCfg<DPAD>::BN;
       constexpr size_t smem = fwd_tc_smem_bytes<T, BM, BN, DPAD>();
-      auto kernel = cma_fwd_tc_kernel<T, BN, DPAD>;
+      auto kernel = cross_modal_attention_fwd_tc_kernel<T, BN, DPAD>;
       set_smem(kernel, smem, device);
       const dim3 grid((unsigned)((r.Lq + BM - 1) / BM), (unsigned)r.Hq, (unsigned)r.B);
       kernel<<<grid, kFwdThreads, smem, stream>>>(r.p, outp, outup, lse.data_ptr<float>());
@@ -45,19 +45,19 @@ void launch_fwd(const CmaPrepared& r, at::Tensor& out, at::Tensor& out_ung, at::
   constexpr int BM = FwdCfg<DPAD>::BM;
   constexpr int BN = FwdCfg<DPAD>::BN;
   constexpr size_t smem = fwd_smem_bytes<BM, BN, DPAD>();
-  auto kernel = cma_fwd_kernel<T, BM, BN, DPAD>;
+  auto kernel = cross_modal_attention_fwd_kernel<T, BM, BN, DPAD>;
   set_smem(kernel, smem, device);
   const dim3 grid((unsigned)((r.Lq + BM - 1) / BM), (unsigned)r.Hq, (unsigned)r.B);
   kernel<<<grid, kFwdThreads, smem, stream>>>(r.p, outp, outup, lse.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cma_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_fwd_cuda(
     const at::Tensor& q, at::TensorList keys, at::TensorList values, const std::optional<at::Tensor>& kv_lengths,
     const std::optional<at::Tensor>& q_lengths, const std::optional<at::Tensor>& modality_bias,
     const std::optional<at::Tensor>& head_gate, double scale, bool causal) {
   c10::cuda::CUDAGuard guard(q.device());
-  CmaPrepared r = prepare_cma(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal);
+  CrossModalAttentionPrepared r = prepare_cross_modal_attention(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal);
   at::Tensor out = at::empty({r.B, r.Lq, r.Hq, r.Dv}, q.options());
   at::Tensor lse = at::empty({r.B, r.Hq, r.Lq}, q.options().dtype(at::kFloat));
   const bool gated = r.gate.defined();
@@ -76,5 +76,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cma_fwd_cuda(
 }  // namespace mmkernels
 
 TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
-  m.impl("cma_fwd", &mmkernels::cuda::cma_fwd_cuda);
+  m.impl("cross_modal_attention_fwd", &mmkernels::cuda::cross_modal_attention_fwd_cuda);
 }

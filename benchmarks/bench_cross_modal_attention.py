@@ -9,8 +9,8 @@ Reports medians, GFLOP/s on valid tokens (forward 4*Lq*Lk*D per head, backward
 2.5x), each as a fraction of a large matrix product's rate measured in the same
 run, the speedup of mmkernels over the best baseline, and peak extra memory.
 
-    python benchmarks/bench_attention.py            # the CPU table of benchmarks/README.md
-    python benchmarks/bench_attention.py --quick    # one shape, few repetitions
+    python benchmarks/bench_cross_modal_attention.py            # the CPU table of benchmarks/README.md
+    python benchmarks/bench_cross_modal_attention.py --quick    # one shape, few repetitions
 """
 from __future__ import annotations
 

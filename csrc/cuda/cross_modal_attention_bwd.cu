@@ -24,9 +24,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "cma_host.h"
+#include "cross_modal_attention_host.h"
 #include "cuda_common.cuh"
-#include "attention_bwd_kernels.cuh"
+#include "cross_modal_attention_bwd_kernels.cuh"
 
 namespace mmkernels {
 namespace cuda {
@@ -34,7 +34,7 @@ namespace {
 
 // ------------------------------------------------------------------ host
 template <typename T, int DPAD>
-void launch_bwd(CmaPrepared& r, const at::Tensor& go, const at::Tensor& out_ung, const at::Tensor& glse,
+void launch_bwd(CrossModalAttentionPrepared& r, const at::Tensor& go, const at::Tensor& out_ung, const at::Tensor& glse,
                 const at::Tensor& lse, at::Tensor& delta, at::Tensor& rowdot, at::Tensor& grad_q,
                 at::Tensor& bias_part, cudaStream_t stream) {
   const int device = r.q.get_device();
@@ -44,8 +44,8 @@ void launch_bwd(CmaPrepared& r, const at::Tensor& go, const at::Tensor& out_ung,
   const int64_t rows = r.B * r.Lq * r.Hq;
   if (rows > 0) {
     const int64_t blocks = (rows + kBwdThreads / 32 - 1) / (kBwdThreads / 32);
-    TORCH_CHECK(blocks < (int64_t(1) << 31), "mmkernels CUDA cma_bwd: too many rows");
-    cma_bwd_pre_kernel<T><<<(unsigned)blocks, kBwdThreads, 0, stream>>>(
+    TORCH_CHECK(blocks < (int64_t(1) << 31), "mmkernels CUDA cross_modal_attention_bwd: too many rows");
+    cross_modal_attention_bwd_pre_kernel<T><<<(unsigned)blocks, kBwdThreads, 0, stream>>>(
         static_cast<const T*>(go.data_ptr()), static_cast<const T*>(out_ung.data_ptr()),
         glse.defined() ? glse.data_ptr<float>() : nullptr, r.p.gate, r.p.q_lengths, (int)r.B, (int)r.Lq, (int)r.Hq,
         (int)r.Dv, delta.data_ptr<float>(), rowdot.data_ptr<float>());
@@ -70,13 +70,13 @@ void launch_bwd(CmaPrepared& r, const at::Tensor& go, const at::Tensor& out_ung,
       p.seg[m].blk_start = total;
       total += (p.seg[m].len + kb - 1) / kb;
     }
-    TORCH_CHECK(total < (int64_t(1) << 31), "mmkernels CUDA cma_bwd: too many key blocks");
+    TORCH_CHECK(total < (int64_t(1) << 31), "mmkernels CUDA cross_modal_attention_bwd: too many key blocks");
     if (total > 0 && r.B > 0) {
       const dim3 grid((unsigned)total, (unsigned)r.Hkv, (unsigned)r.B);
       if (use_tc) {
         if constexpr (!std::is_same_v<T, float> && DPAD <= 128) {
           constexpr size_t smem = dkdv_tc_smem_bytes<T, DPAD>();
-          auto kernel = cma_bwd_dkdv_tc_kernel<T, DPAD>;
+          auto kernel = cross_modal_attention_bwd_dkdv_tc_kernel<T, DPAD>;
           set_smem(kernel, smem, device);
           kernel<<<grid, kBwdThreads, smem, stream>>>(p, static_cast<const T*>(go.data_ptr()), go_vec4 ? 1 : 0,
                                                       lse.data_ptr<float>(), delta.data_ptr<float>());
@@ -84,7 +84,7 @@ void launch_bwd(CmaPrepared& r, const at::Tensor& go, const at::Tensor& out_ung,
         }
       } else {
         constexpr size_t smem = dkdv_smem_bytes<BN, BMQ, DPAD>();
-        auto kernel = cma_bwd_dkdv_kernel<T, BN, BMQ, DPAD>;
+        auto kernel = cross_modal_attention_bwd_dkdv_kernel<T, BN, BMQ, DPAD>;
         set_smem(kernel, smem, device);
         kernel<<<grid, kBwdThreads, smem, stream>>>(p, static_cast<const T*>(go.data_ptr()), go_vec4 ? 1 : 0,
                                                     lse.data_ptr<float>(), delta.data_ptr<float>());
@@ -107,7 +107,7 @@ void launch_bwd(CmaPrepared& r, const at::Tensor& go, const at::Tensor& out_ung,
       if (use_tc) {
         if constexpr (!std::is_same_v<T, float> && DPAD <= 128) {
           constexpr size_t smem = dq_tc_smem_bytes<T, DPAD>();
-          auto kernel = cma_bwd_dq_tc_kernel<T, DPAD>;
+          auto kernel = cross_modal_attention_bwd_dq_tc_kernel<T, DPAD>;
           set_smem(kernel, smem, device);
           kernel<<<grid, kBwdThreads, smem, stream>>>(r.p, static_cast<const T*>(go.data_ptr()), go_vec4 ? 1 : 0,
                                                       lse.data_ptr<float>(), delta.data_ptr<float>(), dqp,
@@ -116,7 +116,7 @@ void launch_bwd(CmaPrepared& r, const at::Tensor& go, const at::Tensor& out_ung,
         }
       } else {
         constexpr size_t smem = dq_smem_bytes<BM, BN, DPAD>();
-        auto kernel = cma_bwd_dq_kernel<T, BM, BN, DPAD>;
+        auto kernel = cross_modal_attention_bwd_dq_kernel<T, BM, BN, DPAD>;
         set_smem(kernel, smem, device);
         kernel<<<grid, kBwdThreads, smem, stream>>>(r.p, static_cast<const T*>(go.data_ptr()), go_vec4 ? 1 : 0,
                                                     lse.data_ptr<float>(), delta.data_ptr<float>(), dqp,
@@ -127,34 +127,34 @@ void launch_bwd(CmaPrepared& r, const at::Tensor& go, const at::Tensor& out_ung,
   }
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> cma_bwd_cuda(
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> cross_modal_attention_bwd_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, at::TensorList keys,
     at::TensorList values, const at::Tensor& out_ungated, const at::Tensor& lse,
     const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& q_lengths,
     const std::optional<at::Tensor>& modality_bias, const std::optional<at::Tensor>& head_gate, double scale,
     bool causal) {
   c10::cuda::CUDAGuard guard(q.device());
-  CmaPrepared r = prepare_cma(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal);
+  CrossModalAttentionPrepared r = prepare_cross_modal_attention(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal);
   const auto fopts = q.options().dtype(at::kFloat);
 
   TORCH_CHECK(grad_out.device() == q.device() && grad_out.scalar_type() == q.scalar_type(),
-              "mmkernels CUDA cma_bwd: grad_out must be on q's device with q's dtype");
+              "mmkernels CUDA cross_modal_attention_bwd: grad_out must be on q's device with q's dtype");
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == r.B && grad_out.size(1) == r.Lq && grad_out.size(2) == r.Hq &&
                   grad_out.size(3) == r.Dv,
-              "mmkernels CUDA cma_bwd: grad_out must have shape (B, Lq, Hq, Dv), got ", grad_out.sizes());
+              "mmkernels CUDA cross_modal_attention_bwd: grad_out must have shape (B, Lq, Hq, Dv), got ", grad_out.sizes());
   TORCH_CHECK(out_ungated.device() == q.device() && out_ungated.scalar_type() == q.scalar_type() &&
                   out_ungated.sizes() == grad_out.sizes(),
-              "mmkernels CUDA cma_bwd: out_ungated must be (B, Lq, Hq, Dv) with q's dtype, got ", out_ungated.sizes());
+              "mmkernels CUDA cross_modal_attention_bwd: out_ungated must be (B, Lq, Hq, Dv) with q's dtype, got ", out_ungated.sizes());
   TORCH_CHECK(lse.device() == q.device() && lse.dim() == 3 && lse.size(0) == r.B && lse.size(1) == r.Hq &&
                   lse.size(2) == r.Lq,
-              "mmkernels CUDA cma_bwd: lse must have shape (B, Hq, Lq), got ", lse.sizes());
+              "mmkernels CUDA cross_modal_attention_bwd: lse must have shape (B, Hq, Lq), got ", lse.sizes());
   at::Tensor go = grad_out.contiguous();  // grads may arrive expanded (stride 0) or strided
   at::Tensor o = out_ungated.contiguous();
   at::Tensor lse_c = lse.to(at::kFloat).contiguous();
   at::Tensor glse;
   if (grad_lse.has_value() && grad_lse->defined()) {
     TORCH_CHECK(grad_lse->device() == q.device() && grad_lse->sizes() == lse.sizes(),
-                "mmkernels CUDA cma_bwd: grad_lse must have lse's shape (B, Hq, Lq), got ", grad_lse->sizes());
+                "mmkernels CUDA cross_modal_attention_bwd: grad_lse must have lse's shape (B, Hq, Lq), got ", grad_lse->sizes());
     glse = grad_lse->to(at::kFloat).contiguous();
   }
 
@@ -199,5 +199,5 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
 }  // namespace mmkernels
 
 TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
-  m.impl("cma_bwd", &mmkernels::cuda::cma_bwd_cuda);
+  m.impl("cross_modal_attention_bwd", &mmkernels::cuda::cross_modal_attention_bwd_cuda);
 }

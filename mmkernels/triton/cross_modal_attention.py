@@ -1,3 +1,4 @@
+# GENERATED from cross_modal_attention.py.in by `python -m mmkernels.triton._codegen`: edit the template.
 """Triton kernels of cross-modal attention: forward (with a split-KV path) and backward.
 
 Layout of the work (FlashAttention-2 with the contract of DESIGN.md 2.1):
@@ -251,9 +252,16 @@ def _store_out(OUT, OUTU, sob, som, soh, LSE, GATE_T, b, i_row, h, Lq, Hq, o, ls
 # ------------------------------------------------------------------ forward
 @_tuned(_FWD_CONFIGS, _KEY + ["SPLIT"])
 @triton.jit
-def _cma_fwd_kernel(
+def _cross_modal_attention_fwd_kernel(
     Q, sqb, sqm, sqh,
-#SEG_PARAMS#
+    K0, V0, sk0b, sk0n, sk0h, sv0b, sv0n, sv0h, LK0,
+    K1, V1, sk1b, sk1n, sk1h, sv1b, sv1n, sv1h, LK1,
+    K2, V2, sk2b, sk2n, sk2h, sv2b, sv2n, sv2h, LK2,
+    K3, V3, sk3b, sk3n, sk3h, sv3b, sv3n, sv3h, LK3,
+    K4, V4, sk4b, sk4n, sk4h, sv4b, sv4n, sv4h, LK4,
+    K5, V5, sk5b, sk5n, sk5h, sv5b, sv5n, sv5h, LK5,
+    K6, V6, sk6b, sk6n, sk6h, sv6b, sv6n, sv6h, LK6,
+    K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h, LK7,
     KVLEN, skvb, skvm, QLEN, BIAS, sbh, sbm, GATE_T,
     OUT, OUTU, sob, som, soh, LSE, OPART, LPART,
     Lq, G, Hkv, num_splits, qk_scale, lq_bucket,
@@ -282,7 +290,23 @@ def _cma_fwd_kernel(
         q_len = Lq
     # a tile whose first query is padding skips every key block
     active = ((pid_m * BLOCK_M) // G < q_len).to(tl.int32)
-#SEG_LENS#
+    kvl0 = _seg_valid(KVLEN, skvb, skvm, b, 0, LK0, NUM_SEG, HAS_KVLEN) * active
+    kvl1 = _seg_valid(KVLEN, skvb, skvm, b, 1, LK1, NUM_SEG, HAS_KVLEN) * active
+    kvl2 = _seg_valid(KVLEN, skvb, skvm, b, 2, LK2, NUM_SEG, HAS_KVLEN) * active
+    kvl3 = _seg_valid(KVLEN, skvb, skvm, b, 3, LK3, NUM_SEG, HAS_KVLEN) * active
+    kvl4 = _seg_valid(KVLEN, skvb, skvm, b, 4, LK4, NUM_SEG, HAS_KVLEN) * active
+    kvl5 = _seg_valid(KVLEN, skvb, skvm, b, 5, LK5, NUM_SEG, HAS_KVLEN) * active
+    kvl6 = _seg_valid(KVLEN, skvb, skvm, b, 6, LK6, NUM_SEG, HAS_KVLEN) * active
+    kvl7 = _seg_valid(KVLEN, skvb, skvm, b, 7, LK7, NUM_SEG, HAS_KVLEN) * active
+    off0 = 0
+    off1 = off0 + kvl0
+    off2 = off1 + kvl1
+    off3 = off2 + kvl2
+    off4 = off3 + kvl3
+    off5 = off4 + kvl4
+    off6 = off5 + kvl5
+    off7 = off6 + kvl6
+    total = off7 + kvl7
     if SPLIT:
         chunk = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
         s_lo = split * chunk
@@ -298,7 +322,78 @@ def _cma_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-#FWD_CALLS#
+    if NUM_SEG > 0:
+        lo = tl.minimum(tl.maximum(s_lo - off0, 0), kvl0)
+        hi = tl.minimum(tl.maximum(s_hi - off0, 0), kvl0)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 0, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K0, V0, sk0b, sk0n, sk0h, sv0b, sv0n, sv0h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+    if NUM_SEG > 1:
+        lo = tl.minimum(tl.maximum(s_lo - off1, 0), kvl1)
+        hi = tl.minimum(tl.maximum(s_hi - off1, 0), kvl1)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 1, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K1, V1, sk1b, sk1n, sk1h, sv1b, sv1n, sv1h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+    if NUM_SEG > 2:
+        lo = tl.minimum(tl.maximum(s_lo - off2, 0), kvl2)
+        hi = tl.minimum(tl.maximum(s_hi - off2, 0), kvl2)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 2, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K2, V2, sk2b, sk2n, sk2h, sv2b, sv2n, sv2h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+    if NUM_SEG > 3:
+        lo = tl.minimum(tl.maximum(s_lo - off3, 0), kvl3)
+        hi = tl.minimum(tl.maximum(s_hi - off3, 0), kvl3)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 3, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K3, V3, sk3b, sk3n, sk3h, sv3b, sv3n, sv3h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+    if NUM_SEG > 4:
+        lo = tl.minimum(tl.maximum(s_lo - off4, 0), kvl4)
+        hi = tl.minimum(tl.maximum(s_hi - off4, 0), kvl4)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 4, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K4, V4, sk4b, sk4n, sk4h, sv4b, sv4n, sv4h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+    if NUM_SEG > 5:
+        lo = tl.minimum(tl.maximum(s_lo - off5, 0), kvl5)
+        hi = tl.minimum(tl.maximum(s_hi - off5, 0), kvl5)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 5, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K5, V5, sk5b, sk5n, sk5h, sv5b, sv5n, sv5h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+    if NUM_SEG > 6:
+        lo = tl.minimum(tl.maximum(s_lo - off6, 0), kvl6)
+        hi = tl.minimum(tl.maximum(s_hi - off6, 0), kvl6)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 6, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K6, V6, sk6b, sk6n, sk6h, sv6b, sv6n, sv6h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+    if NUM_SEG > 7:
+        lo = tl.minimum(tl.maximum(s_lo - off7, 0), kvl7)
+        hi = tl.minimum(tl.maximum(s_hi - off7, 0), kvl7)
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 7, row_in, HAS_BIAS)
+        acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h,
+                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
     row_ok = row_in & (i_row < q_len) & (l_i > 0)
     l_safe = tl.where(row_ok, l_i, 1.0)
     o = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
@@ -314,7 +409,7 @@ def _cma_fwd_kernel(
 
 
 @triton.jit
-def _cma_merge_kernel(OPART, LPART, OUT, OUTU, sob, som, soh, LSE, GATE_T, Lq, G, Hkv, num_splits,
+def _cross_modal_attention_merge_kernel(OPART, LPART, OUT, OUTU, sob, som, soh, LSE, GATE_T, Lq, G, Hkv, num_splits,
                       DV: tl.constexpr, BLOCK_DV: tl.constexpr, NS_P2: tl.constexpr, HAS_GATE: tl.constexpr):
     """Merge the split-KV partials of one row by their lse (log2 domain)."""
     r = tl.program_id(0).to(tl.int64)
@@ -350,7 +445,7 @@ def _cma_merge_kernel(OPART, LPART, OUT, OUTU, sob, som, soh, LSE, GATE_T, Lq, G
 
 # ------------------------------------------------------------------ backward
 @triton.jit
-def _cma_bwd_pre_kernel(DO, sdb, sdm, sdh, O, sob, som, soh, RD, Lq, Hq, n_rows,
+def _cross_modal_attention_bwd_pre_kernel(DO, sdb, sdm, sdh, O, sob, som, soh, RD, Lq, Hq, n_rows,
                         DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr):
     """rowdot[b, h, i] = sum_d dO[b, i, h, d] * O_ungated[b, i, h, d] (fp32)."""
     rr = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -397,9 +492,16 @@ def _dq_segment(dq, q, do, t_row, L2, dlt, K, V, skb, skn, skh, svb, svn, svh,
 
 @_tuned(_DQ_CONFIGS, _KEY)
 @triton.jit
-def _cma_bwd_dq_kernel(
+def _cross_modal_attention_bwd_dq_kernel(
     Q, sqb, sqm, sqh, DO, sdb, sdm, sdh,
-#SEG_PARAMS#
+    K0, V0, sk0b, sk0n, sk0h, sv0b, sv0n, sv0h, LK0,
+    K1, V1, sk1b, sk1n, sk1h, sv1b, sv1n, sv1h, LK1,
+    K2, V2, sk2b, sk2n, sk2h, sv2b, sv2n, sv2h, LK2,
+    K3, V3, sk3b, sk3n, sk3h, sv3b, sv3n, sv3h, LK3,
+    K4, V4, sk4b, sk4n, sk4h, sv4b, sv4n, sv4h, LK4,
+    K5, V5, sk5b, sk5n, sk5h, sv5b, sv5n, sv5h, LK5,
+    K6, V6, sk6b, sk6n, sk6h, sv6b, sv6n, sv6h, LK6,
+    K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h, LK7,
     KVLEN, skvb, skvm, QLEN, BIAS, sbh, sbm, GATE_T, LSE, DLT,
     DQ, sdqb, sdqm, sdqh, DBIAS,
     Lq, G, Hkv, qk_scale, scale, lq_bucket,
@@ -426,7 +528,23 @@ def _cma_bwd_dq_kernel(
     else:
         q_len = Lq
     active = ((pid_m * BLOCK_M) // G < q_len).to(tl.int32)
-#SEG_LENS#
+    kvl0 = _seg_valid(KVLEN, skvb, skvm, b, 0, LK0, NUM_SEG, HAS_KVLEN) * active
+    kvl1 = _seg_valid(KVLEN, skvb, skvm, b, 1, LK1, NUM_SEG, HAS_KVLEN) * active
+    kvl2 = _seg_valid(KVLEN, skvb, skvm, b, 2, LK2, NUM_SEG, HAS_KVLEN) * active
+    kvl3 = _seg_valid(KVLEN, skvb, skvm, b, 3, LK3, NUM_SEG, HAS_KVLEN) * active
+    kvl4 = _seg_valid(KVLEN, skvb, skvm, b, 4, LK4, NUM_SEG, HAS_KVLEN) * active
+    kvl5 = _seg_valid(KVLEN, skvb, skvm, b, 5, LK5, NUM_SEG, HAS_KVLEN) * active
+    kvl6 = _seg_valid(KVLEN, skvb, skvm, b, 6, LK6, NUM_SEG, HAS_KVLEN) * active
+    kvl7 = _seg_valid(KVLEN, skvb, skvm, b, 7, LK7, NUM_SEG, HAS_KVLEN) * active
+    off0 = 0
+    off1 = off0 + kvl0
+    off2 = off1 + kvl1
+    off3 = off2 + kvl2
+    off4 = off3 + kvl3
+    off5 = off4 + kvl4
+    off6 = off5 + kvl5
+    off7 = off6 + kvl6
+    total = off7 + kvl7
     causal_off = kvl0 - q_len
     causal_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, q_len - 1) + causal_off + 1
     q = tl.load(Q + b * sqb + i_row.to(tl.int64)[:, None] * sqm + h.to(tl.int64)[:, None] * sqh + offs_d[None, :],
@@ -444,14 +562,93 @@ def _cma_bwd_dq_kernel(
     dlt = tl.where(row_ok, tl.load(DLT + lrow, mask=row_in, other=0.0), 0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dbias_base = (bh.to(tl.int64) * LqG + r) * NUM_SEG
-#DQ_CALLS#
+    if NUM_SEG > 0:
+        hi = kvl0
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 0, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K0, V0, sk0b, sk0n, sk0h, sv0b, sv0n, sv0h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 0, dbr, mask=row_in)
+    if NUM_SEG > 1:
+        hi = kvl1
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 1, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K1, V1, sk1b, sk1n, sk1h, sv1b, sv1n, sv1h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 1, dbr, mask=row_in)
+    if NUM_SEG > 2:
+        hi = kvl2
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 2, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K2, V2, sk2b, sk2n, sk2h, sv2b, sv2n, sv2h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 2, dbr, mask=row_in)
+    if NUM_SEG > 3:
+        hi = kvl3
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 3, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K3, V3, sk3b, sk3n, sk3h, sv3b, sv3n, sv3h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 3, dbr, mask=row_in)
+    if NUM_SEG > 4:
+        hi = kvl4
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 4, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K4, V4, sk4b, sk4n, sk4h, sv4b, sv4n, sv4h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 4, dbr, mask=row_in)
+    if NUM_SEG > 5:
+        hi = kvl5
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 5, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K5, V5, sk5b, sk5n, sk5h, sv5b, sv5n, sv5h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 5, dbr, mask=row_in)
+    if NUM_SEG > 6:
+        hi = kvl6
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 6, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K6, V6, sk6b, sk6n, sk6h, sv6b, sv6n, sv6h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 6, dbr, mask=row_in)
+    if NUM_SEG > 7:
+        hi = kvl7
+        if CAUSAL:
+            hi = tl.minimum(hi, causal_hi)
+        brow = _bias_row(BIAS, sbh, sbm, h, 7, row_in, HAS_BIAS)
+        dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h,
+                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
+                              D, DV, BLOCK_N, CAUSAL, IEEE)
+        if HAS_BIAS:
+            tl.store(DBIAS + dbias_base + 7, dbr, mask=row_in)
     tl.store(DQ + b * sdqb + i_row.to(tl.int64)[:, None] * sdqm + h.to(tl.int64)[:, None] * sdqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=row_in[:, None] & (offs_d[None, :] < D))
 
 
 @_tuned(_DKDV_CONFIGS, _KEY)
 @triton.jit
-def _cma_bwd_dkdv_kernel(
+def _cross_modal_attention_bwd_dkdv_kernel(
     Q, sqb, sqm, sqh, DO, sdb, sdm, sdh,
     K, V, skb, skn, skh, svb, svn, svh, LK, seg,
     KVLEN, skvb, skvm, QLEN, BIAS, sbh, sbm, GATE_T, LSE, DLT,
@@ -587,8 +784,8 @@ def _optional_args(q, kv_lengths, q_lengths, modality_bias, gate_t):
             gate_t if gate_t is not None else q]
 
 
-@triton_op("mmkernels::triton_cma_fwd", mutates_args=())
-def triton_cma_fwd(
+@triton_op("mmkernels::triton_cross_modal_attention_fwd", mutates_args=())
+def triton_cross_modal_attention_fwd(
     q: torch.Tensor,
     keys: List[torch.Tensor],
     values: List[torch.Tensor],
@@ -627,7 +824,7 @@ def triton_cma_fwd(
     def grid(meta):
         return (triton.cdiv(LqG, meta["BLOCK_M"]), B * Hkv, ns)
 
-    wrap_triton(_cma_fwd_kernel)[grid](
+    wrap_triton(_cross_modal_attention_fwd_kernel)[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
         *_segment_args(keys, values),
         *_optional_args(q, kv_lengths, q_lengths, modality_bias, gate_t),
@@ -637,7 +834,7 @@ def triton_cma_fwd(
         D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, SPLIT=split, **flags, **_fixed_blocks(),
     )
     if split:
-        wrap_triton(_cma_merge_kernel)[(LqG, B * Hkv)](
+        wrap_triton(_cross_modal_attention_merge_kernel)[(LqG, B * Hkv)](
             opart, lpart, out, out_u if head_gate is not None else dummy,
             out.stride(0), out.stride(1), out.stride(2), lse, gate_t if gate_t is not None else q,
             Lq, G, Hkv, ns,
@@ -646,8 +843,8 @@ def triton_cma_fwd(
     return out, lse, out_u
 
 
-@triton_op("mmkernels::triton_cma_bwd", mutates_args=())
-def triton_cma_bwd(
+@triton_op("mmkernels::triton_cross_modal_attention_bwd", mutates_args=())
+def triton_cross_modal_attention_bwd(
     grad_out: torch.Tensor,
     grad_lse: Optional[torch.Tensor],
     q: torch.Tensor,
@@ -684,7 +881,7 @@ def triton_cma_bwd(
     n_rows = B * Lq * Hq
     if n_rows > 0:
         BLOCK_R = 16 if INTERPRET else max(1, min(64, 4096 // BDV))
-        wrap_triton(_cma_bwd_pre_kernel)[(triton.cdiv(n_rows, BLOCK_R),)](
+        wrap_triton(_cross_modal_attention_bwd_pre_kernel)[(triton.cdiv(n_rows, BLOCK_R),)](
             grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             out_ungated, out_ungated.stride(0), out_ungated.stride(1), out_ungated.stride(2),
             rowdot, Lq, Hq, n_rows, DV=Dv, BLOCK_DV=BDV, BLOCK_R=BLOCK_R,
@@ -697,7 +894,7 @@ def triton_cma_bwd(
              else q.new_empty((1,), dtype=torch.float32))
     common = dict(D=D, DV=Dv, BLOCK_D=BD, BLOCK_DV=BDV, **flags, **_fixed_blocks())
     if LqG > 0:
-        wrap_triton(_cma_bwd_dq_kernel)[lambda meta: (triton.cdiv(LqG, meta["BLOCK_M"]), B * Hkv)](
+        wrap_triton(_cross_modal_attention_bwd_dq_kernel)[lambda meta: (triton.cdiv(LqG, meta["BLOCK_M"]), B * Hkv)](
             q, q.stride(0), q.stride(1), q.stride(2),
             grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             *_segment_args(keys, values), *opt, lse, dlt,
@@ -713,7 +910,7 @@ def triton_cma_bwd(
         def grid_kv(meta, Lk=Lk):
             return (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
 
-        wrap_triton(_cma_bwd_dkdv_kernel)[grid_kv](
+        wrap_triton(_cross_modal_attention_bwd_dkdv_kernel)[grid_kv](
             q, q.stride(0), q.stride(1), q.stride(2),
             grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), Lk, m,

@@ -1,4 +1,4 @@
-// Device code of attention_bwd.cu (no torch headers: also compiled by the host emulator test in emu/).
+// Device code of cross_modal_attention_bwd.cu (no torch headers: also compiled by the host emulator test in emu/).
 #pragma once
 
 #include <cstdint>
@@ -23,7 +23,7 @@ struct BwdCfg {
 // ------------------------------------------------------------------ 1. preprocess
 template <typename T>
 __global__ void __launch_bounds__(kBwdThreads)
-    cma_bwd_pre_kernel(const T* __restrict__ go, const T* __restrict__ o, const float* __restrict__ glse,
+    cross_modal_attention_bwd_pre_kernel(const T* __restrict__ go, const T* __restrict__ o, const float* __restrict__ glse,
                        const float* __restrict__ gate, const int64_t* __restrict__ q_lengths, int B, int Lq, int Hq,
                        int Dv, float* __restrict__ delta, float* __restrict__ rowdot) {
   const int64_t row = (int64_t)blockIdx.x * (kBwdThreads / 32) + threadIdx.x / 32;  // (b, i, h) row of go
@@ -57,7 +57,7 @@ constexpr size_t dkdv_smem_bytes() {
 // (queries) cg + 8*c (c < TQ), gradient columns k*32 + cg*4 + e.
 template <typename T, int BN, int BMQ, int DPAD>
 __global__ void __launch_bounds__(kBwdThreads)
-    cma_bwd_dkdv_kernel(const __grid_constant__ AttnParams p, const T* __restrict__ go, int go_vec4,
+    cross_modal_attention_bwd_dkdv_kernel(const __grid_constant__ AttnParams p, const T* __restrict__ go, int go_vec4,
                         const float* __restrict__ lse, const float* __restrict__ delta) {
   constexpr int NT = kBwdThreads;
   constexpr int TN = BN / 16;
@@ -240,7 +240,7 @@ constexpr size_t dq_smem_bytes() {
 // cg + 8*jj, gradient columns k*32 + cg*4 + e.
 template <typename T, int BM, int BN, int DPAD>
 __global__ void __launch_bounds__(kBwdThreads)
-    cma_bwd_dq_kernel(const __grid_constant__ AttnParams p, const T* __restrict__ go, int go_vec4,
+    cross_modal_attention_bwd_dq_kernel(const __grid_constant__ AttnParams p, const T* __restrict__ go, int go_vec4,
                       const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, int64_t dq_sb,
                       int64_t dq_sl, int64_t dq_sh, float* __restrict__ bias_part, int64_t nqb) {
   constexpr int NT = kBwdThreads;
@@ -450,7 +450,7 @@ __device__ __forceinline__ void split_store(T* hi_p, T* lo_p, float x) {
 
 template <typename T, int DPAD>
 __global__ void __launch_bounds__(kBwdThreads)
-    cma_bwd_dkdv_tc_kernel(const __grid_constant__ AttnParams p, const T* __restrict__ go, int go_vec4,
+    cross_modal_attention_bwd_dkdv_tc_kernel(const __grid_constant__ AttnParams p, const T* __restrict__ go, int go_vec4,
                            const float* __restrict__ lse, const float* __restrict__ delta) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using namespace nvcuda;
@@ -608,7 +608,7 @@ __global__ void __launch_bounds__(kBwdThreads)
 
 template <typename T, int DPAD>
 __global__ void __launch_bounds__(kBwdThreads)
-    cma_bwd_dq_tc_kernel(const __grid_constant__ AttnParams p, const T* __restrict__ go, int go_vec4,
+    cross_modal_attention_bwd_dq_tc_kernel(const __grid_constant__ AttnParams p, const T* __restrict__ go, int go_vec4,
                          const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq,
                          int64_t dq_sb, int64_t dq_sl, int64_t dq_sh, float* __restrict__ bias_part, int64_t nqb) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800

@@ -18,7 +18,7 @@
 namespace mmkernels::cpu {
 
 // Everything the kernels need besides the data pointers, read once on the host.
-struct CmaProblem {
+struct CrossModalAttentionProblem {
   int64_t B = 0, Lq = 0, Hq = 0, Hkv = 0, D = 0, Dv = 0, M = 0, G = 1;
   std::vector<int64_t> Lk;      // (M,) segment lengths (padded)
   std::vector<int64_t> kv_len;  // (B*M,) valid keys, clamped to [0, Lk_m]
@@ -46,12 +46,12 @@ inline std::vector<int64_t> read_lengths(const std::optional<at::Tensor>& t, int
   return out;
 }
 
-inline CmaProblem make_problem(const at::Tensor& q, at::TensorList keys, at::TensorList values,
+inline CrossModalAttentionProblem make_problem(const at::Tensor& q, at::TensorList keys, at::TensorList values,
                                const std::optional<at::Tensor>& kv_lengths,
                                const std::optional<at::Tensor>& q_lengths,
                                const std::optional<at::Tensor>& modality_bias,
                                const std::optional<at::Tensor>& head_gate, bool causal) {
-  CmaProblem p;
+  CrossModalAttentionProblem p;
   TORCH_CHECK(q.dim() == 4, "q: expected (B, Lq, Hq, D), got ", q.sizes());
   p.B = q.size(0);
   p.Lq = q.size(1);

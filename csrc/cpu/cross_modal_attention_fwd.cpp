@@ -1,4 +1,4 @@
-// CPU forward of mmkernels::cma_fwd: blocked online-softmax attention over M key segments.
+// CPU forward of mmkernels::cross_modal_attention_fwd: blocked online-softmax attention over M key segments.
 // Parallel over (batch, kv head, query block) tasks; each task stacks the G query heads that
 // share its kv head into one row block so every K/V tile is read once per task. Q·K^T and P·V
 // are small GEMMs on thread-local tiles; key blocks past the valid length are never visited.
@@ -16,7 +16,7 @@
 
 #include "../common/fast_math.h"
 #include "../common/online_softmax.h"
-#include "cma_common.h"
+#include "cross_modal_attention_common.h"
 #include "cpu_blas.h"
 
 namespace mmkernels::cpu {
@@ -26,7 +26,7 @@ constexpr int64_t kFwdRows = 64;   // target query rows (positions x grouped hea
 constexpr int64_t kFwdKeys = 256;  // key block
 
 template <typename scalar_t>
-void cma_fwd_impl(const CmaProblem& p, const at::Tensor& q, at::TensorList keys,
+void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const at::Tensor& q, at::TensorList keys,
                   at::TensorList values, double scale_d, at::Tensor& out, at::Tensor& lse,
                   at::Tensor* out_raw) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -169,12 +169,12 @@ void cma_fwd_impl(const CmaProblem& p, const at::Tensor& q, at::TensorList keys,
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cma_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_fwd_cpu(
     const at::Tensor& q_in, at::TensorList keys_in, at::TensorList values_in,
     const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& q_lengths,
     const std::optional<at::Tensor>& modality_bias, const std::optional<at::Tensor>& head_gate,
     double scale, bool causal) {
-  const CmaProblem p = make_problem(q_in, keys_in, values_in, kv_lengths, q_lengths,
+  const CrossModalAttentionProblem p = make_problem(q_in, keys_in, values_in, kv_lengths, q_lengths,
                                     modality_bias, head_gate, causal);
   const at::Tensor q = last_dim_contiguous(q_in);
   std::vector<at::Tensor> keys, values;
@@ -191,8 +191,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cma_fwd_cpu(
   } else {
     out_raw = at::empty({0}, q.options());
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cma_fwd_cpu", [&] {
-    cma_fwd_impl<scalar_t>(p, q, keys, values, scale, out, lse,
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cross_modal_attention_fwd_cpu", [&] {
+    cross_modal_attention_fwd_impl<scalar_t>(p, q, keys, values, scale, out, lse,
                            head_gate.has_value() ? &out_raw : nullptr);
   });
   return {out, lse, out_raw};
@@ -200,6 +200,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cma_fwd_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mmkernels, CPU, m) { m.impl("cma_fwd", &cma_fwd_cpu); }
+TORCH_LIBRARY_IMPL(mmkernels, CPU, m) { m.impl("cross_modal_attention_fwd", &cross_modal_attention_fwd_cpu); }
 
 }  // namespace mmkernels::cpu
