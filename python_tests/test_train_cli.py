@@ -34,7 +34,7 @@ def weights(run_dir):
 def cache(tmp_path_factory):
     from mmkernels.data.avmnist import build_avmnist
     from mmkernels.train.config import load_config
-    from mmkernels.train.trainer import data_config_of
+    from mmkernels.train.data import data_config_of
     c = str(tmp_path_factory.mktemp("cache"))
     cfg = load_config(None, tiny_overrides(c, "unused"))
     build_avmnist(data_config_of(cfg), cache_dir=c, progress=False)

@@ -21,7 +21,7 @@ def test_ddp_two_processes_match_single(tmp_path, capsys):
     from safetensors.torch import load_file
     from mmkernels.data.avmnist import build_avmnist
     from mmkernels.train.config import load_config
-    from mmkernels.train.trainer import data_config_of
+    from mmkernels.train.data import data_config_of
     cache = str(tmp_path / "cache")
     extra = ["model.dropout=0.0", "train.epochs=1"]
     build_avmnist(data_config_of(load_config(None, tiny_overrides(cache, "x"))), cache_dir=cache, progress=False)
@@ -44,7 +44,7 @@ def test_ddp_two_processes_match_single(tmp_path, capsys):
     # that the frozen word embeddings kept them (the rebuild is exact) and that most others moved.
     from mmkernels.data.avmnist import ANSWERS
     from mmkernels.models import FusionModel
-    from mmkernels.train.trainer import seed_everything
+    from mmkernels.train.checkpoint import seed_everything
     cfg = load_config(None, tiny_overrides(cache, single) + extra)
     cfg.model.labels = list(ANSWERS)
     seed_everything(cfg.train.seed)

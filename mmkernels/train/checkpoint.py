@@ -1,6 +1,6 @@
 """Training checkpoints: plain data only (tensors, dicts, lists, numbers, strings), written atomically and
 loaded with `torch.load(weights_only=True)`, so a crafted file cannot run code; RNG states as tensors and
-lists; what in a checkpoint must match the run that resumes it."""
+lists; what in a checkpoint must match the run that resumes it, and the loading of its states into that run."""
 from __future__ import annotations
 
 import os
@@ -56,7 +56,13 @@ def load_checkpoint(path: str) -> dict:
     return ck
 
 
-# ----------------------------------------------------------------------------- RNG states as plain data
+# ----------------------------------------------------------------------------- RNG: seed, states as plain data
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
@@ -104,3 +110,42 @@ def does_not_fit(path: str, what: str, ck_config: Dict, config: Dict, detail: st
     why = "; ".join(changes) if changes else detail
     return CheckpointError(f"checkpoint {path}: its {what} does not fit this run ({why}): resume with the "
                            f"checkpoint's {section} settings, or start a new run in another train.output_dir")
+
+
+def check_fits(ck: dict, path: str, world: int, labels: Sequence[str], config: Dict) -> None:
+    """Refuses a checkpoint that another number of processes wrote (per-process RNG states and sample
+    split: exact only with as many), trained with other labels, or with other train settings of the
+    batches and learning rates (EXACT_RESUME_TRAIN_KEYS)."""
+    ck_world = int(ck.get("world_size", 1))
+    if ck_world != world:
+        how = ("python -m mmkernels.train, without torchrun" if ck_world == 1 else
+               f"python -m torch.distributed.run --nproc_per_node {ck_world} -m mmkernels.train ...")
+        raise CheckpointError(f"checkpoint {path} was written by {ck_world} processes, this run has "
+                              f"{world}: resume it with {ck_world} ({how}), or start a new run in "
+                              "another train.output_dir")
+    ck_labels = ck["config"].get("model", {}).get("labels")
+    if ck_labels is not None and list(ck_labels) != list(labels):
+        raise CheckpointError(f"checkpoint {path} was trained with labels {ck_labels}, this run has "
+                              f"{labels} (did the train file change?)")
+    if config_changes(ck["config"], config, "train", EXACT_RESUME_TRAIN_KEYS):
+        raise does_not_fit(path, "data order or learning-rate schedule", ck["config"], config, section="train",
+                           keys=EXACT_RESUME_TRAIN_KEYS)
+
+
+def load_training_state(ck: dict, path: str, config: Dict, model: torch.nn.Module, optimizer, scheduler, scaler,
+                        trainable: List[str]) -> None:
+    """The model, optimizer, scheduler and scaler states of `ck` into the run's; `trainable`: the names
+    of the run's trained parameters. What does not fit is named (does_not_fit)."""
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise does_not_fit(path, "model", ck["config"], config, "other parameter names or shapes") from e
+    if "trainable" in ck and list(ck["trainable"]) != trainable:
+        n = len(set(ck["trainable"]) ^ set(trainable))
+        raise does_not_fit(path, "optimizer", ck["config"], config, f"{n} parameters trained in one and not the other")
+    try:
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck.get("scaler", {}))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise does_not_fit(path, "optimizer", ck["config"], config, "other parameter groups") from e

@@ -1,4 +1,5 @@
-"""Command-line entry points: mmkernels-train, mmkernels-eval, mmkernels-predict."""
+"""Command-line entry points: mmkernels-train, mmkernels-eval, mmkernels-predict (eval and predict import
+nothing of the training loop)."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ EPILOG = "overrides: section.key=value, e.g. train.epochs=3 model.d_model=128 da
 
 def _fail(msg: str) -> int:
     """One `error:` line on stderr (from the first process only, under torchrun), exit code 2."""
-    from mmkernels.train.trainer import is_main
+    from mmkernels.train.distributed import is_main
 
     if is_main():
         print("error: " + " ".join(str(msg).split()), file=sys.stderr)
@@ -26,7 +27,8 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     from mmkernels.data.speech import MissingPackageError
     from mmkernels.train.config import ConfigError, load_config
     from mmkernels.train.checkpoint import CheckpointError
-    from mmkernels.train.trainer import Trainer, cleanup_distributed
+    from mmkernels.train.distributed import cleanup_distributed
+    from mmkernels.train.trainer import Trainer
 
     p = argparse.ArgumentParser(prog="mmkernels-train", description="Train the text+image+audio fusion model.",
                                 epilog=EPILOG)
@@ -65,7 +67,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     from mmkernels.models.fusion_model import FusionModel
     from mmkernels.models.text import saved_tokenizer
     from mmkernels.train.config import ConfigError, load_config
-    from mmkernels.train.trainer import check_labels_fit, evaluation_report, format_report, prepare_data_dir
+    from mmkernels.train.data import prepare_data_dir
+    from mmkernels.train.evaluation import check_labels_fit, evaluation_report, format_report
 
     p = argparse.ArgumentParser(prog="mmkernels-eval", description="Evaluation report of a saved model: accuracy "
                                 "overall and per question type, held-out phrasings, each modality removed.",

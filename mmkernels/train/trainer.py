@@ -1,6 +1,6 @@
-"""Trainer: AdamW + warmup/cosine, clipping, early stopping, bf16 autocast on GPU, atomic checkpoints
-(mmkernels/train/checkpoint.py) with exact resume, DDP under torchrun (gloo on CPU, nccl on GPU), metrics
-log, learning-curve plot, final evaluation report.
+"""Trainer: AdamW + warmup/cosine (optim.py), clipping, early stopping, bf16 autocast on GPU, atomic
+checkpoints (checkpoint.py) with exact resume, DDP under torchrun (distributed.py: gloo on CPU, nccl on
+GPU), metrics log and learning-curve plot (run_folder.py), final evaluation report (evaluation.py).
 
 Resume is exact with the number of processes that wrote the checkpoint and its settings that decide
 the batches and learning rates (checkpoint.EXACT_RESUME_TRAIN_KEYS; others are refused, naming the
@@ -8,210 +8,47 @@ changes); the metrics log is cut back to the checkpoint's step. A training step 
 device: the running loss / accuracy are read once per log interval."""
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
-import random
 import signal
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import fields
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
-from mmkernels.data.avmnist import ANSWERS, AVMNISTConfig, AVMNISTQA, build_avmnist
+from mmkernels.data.avmnist import ANSWERS
 from mmkernels.models.fusion_model import FusionModel
-from mmkernels.models.text import load_tokenizer
-from mmkernels.train import metrics as M
-from mmkernels.train.checkpoint import (CKPT_FORMAT, CKPT_NAME, EXACT_RESUME_TRAIN_KEYS, CheckpointError,
-                                        atomic_torch_save, config_changes, does_not_fit, load_checkpoint,
-                                        rng_state, set_rng_state)
+from mmkernels.train import run_folder
+from mmkernels.train.checkpoint import (CKPT_FORMAT, CKPT_NAME, atomic_torch_save, check_fits, load_checkpoint,
+                                        load_training_state, rng_state, seed_everything, set_rng_state)
 from mmkernels.train.config import Config, ConfigError
-from mmkernels.utils.atomic import atomic_write, remove_stale_temp, write_json
+from mmkernels.train.data import epoch_indices, model_tokenizer, prepare_data_dir, training_datasets
+from mmkernels.train.distributed import (all_gather_objects, barrier, broadcast_, ddp_model, device_type, dist_info,
+                                         process_device, setup_distributed)
+from mmkernels.train.evaluation import evaluate, evaluation_report, format_report
+from mmkernels.train.optim import lr_factor, make_optimizer
+from mmkernels.utils.atomic import write_json
 
-
-# ----------------------------------------------------------------------------- distributed
-def dist_info():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return world, rank, local
-
-
-def setup_distributed(device_type: str):
-    world, rank, local = dist_info()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return world, rank, local
-
-
-def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def is_main():
-    return dist_info()[1] == 0
-
-
-# ----------------------------------------------------------------------------- data
-def data_config_of(cfg: Config) -> AVMNISTConfig:
-    return AVMNISTConfig(**{f.name: getattr(cfg.data, f.name) for f in fields(AVMNISTConfig)})
-
-
-def prepare_data_dir(cfg: Config, progress: bool = True) -> Optional[str]:
-    """The built AV-MNIST folder (None for data.dataset=jsonl, which reads its files directly)."""
-    if cfg.data.dataset == "jsonl":
-        return None
-    if cfg.data.data_dir:
-        return cfg.data.data_dir
-    out = None
-    if is_main():
-        out = build_avmnist(data_config_of(cfg), cache_dir=cfg.data.cache_dir, progress=progress)
-    barrier()
-    if out is None:
-        out = build_avmnist(data_config_of(cfg), cache_dir=cfg.data.cache_dir, progress=False)
-    return out
-
-
-def load_dataset(data_dir: str, split: str, max_text_len: int, tokenizer=None) -> AVMNISTQA:
-    return AVMNISTQA(os.path.join(data_dir, f"{split}.pt"), tokenizer or load_tokenizer(), max_text_len)
-
-
-def jsonl_dataset(cfg: Config, model_config, split: str, tokenizer, progress: bool = False):
-    """One split of data.dataset=jsonl, prepared for the model (its task, modalities and labels)."""
-    from mmkernels.data.jsonl import JsonlDataset
-
-    return JsonlDataset(getattr(cfg.data, f"{split}_file"), tokenizer, model_config.labels, model_config.task,
-                        model_config.modalities, cfg.data.max_text_len, cfg.data.max_audio_seconds, progress)
-
-
-def model_tokenizer(model_config):
-    """The tokenizer of the model's text encoder (model.text_model_path, else the package's MiniLM)."""
-    return load_tokenizer(getattr(model_config, "text_model_path", None))
-
-
-def epoch_indices(n: int, epoch: int, seed: int, world: int, rank: int) -> List[int]:
-    """This rank's sample order for `epoch` (DistributedSampler: same global permutation on every rank)."""
-    from torch.utils.data.distributed import DistributedSampler
-
-    class _Len:
-        def __len__(self):
-            return n
-
-    s = DistributedSampler(_Len(), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    s.set_epoch(epoch)
-    return list(iter(s))
-
-
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(model: FusionModel, ds: AVMNISTQA, batch_size: int = 256, drop: Sequence[str] = (),
-             device="cpu", amp_dtype=None, progress: bool = False, desc: str = "eval") -> Dict:
-    from tqdm.auto import tqdm
-    was = model.training
-    model.eval()
-    preds, golds, qts, losses = [], [], [], []
-    tagging = model.config.task == "token_classification"
-    n = len(ds)
-    for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-        b = model.prepare_batch(ds.__getitems__(list(range(i, min(n, i + batch_size)))), device)
-        ctx = torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-        with ctx:
-            out = model(b, drop=drop)
-        losses.append(out["loss"].detach().float() * len(b["labels"]))  # read back once, after the loop
-        preds.append(out["logits"].argmax(-1))
-        golds.append(b["labels"])
-        qts.append(b["qtype"])
-    model.train(was)
-    p, g, q = (torch.cat(x).cpu().numpy() for x in (preds, golds, qts))
-    losses = float(torch.stack(losses).sum()) if losses else 0.0
-    num_labels = model.config.num_labels
-    if tagging:  # per token, on the words' first sub-tokens (the rest are -100), plus entity-level F1
-        names = model.config.labels or [str(i) for i in range(num_labels)]
-        keep = g != -100
-        seqs = [([names[t] for t in pr[k]], [names[t] for t in go[k]]) for pr, go, k in zip(p, g, keep)]
-        ent = M.entity_f1([s[0] for s in seqs], [s[1] for s in seqs])
-        return {"loss": losses / max(1, n), "accuracy": M.accuracy(p[keep], g[keep]),
-                "macro_f1": M.macro_f1(p[keep], g[keep], num_labels), "entity_f1": ent["f1"], "n": int(n),
-                "per_type": {}}
-    types = getattr(ds, "question_types", None)
-    return {"loss": losses / max(1, n), "accuracy": M.accuracy(p, g),
-            "macro_f1": M.macro_f1(p, g, num_labels), "n": int(n),
-            "per_type": M.grouped_accuracy(p, g, q, types) if types else {}}
-
-
-def check_labels_fit(model_config, dataset: str) -> None:
-    """A model trained on its own labels cannot be scored on the AV-MNIST answers (and back)."""
-    own = model_config.labels is not None and list(model_config.labels) != list(ANSWERS)
-    if dataset == "avmnist" and own:
-        raise ValueError(f"this model's labels {list(model_config.labels)[:5]} are not the AV-MNIST answers: "
-                         "evaluate it on its own data (a config with data.dataset=jsonl and data.test_file)")
-
-
-def evaluation_report(model: FusionModel, data_dir: Optional[str], max_text_len: int, batch_size: int = 256,
-                      device="cpu", amp_dtype=None, progress: bool = False, cfg: Optional[Config] = None,
-                      tokenizer=None) -> Dict:
-    """Accuracy overall and per question type on test, on the held-out phrasings, and on test with
-    each modality removed in turn (data.dataset=jsonl: its test file, given through cfg)."""
-    rep = {}
-    tok = tokenizer or model_tokenizer(model.config)
-    heldout = None
-    if data_dir is None:
-        if cfg is None or cfg.data.dataset != "jsonl":
-            raise ValueError("evaluation_report: no data folder and no data.dataset=jsonl config")
-        test = jsonl_dataset(cfg, model.config, "test", tok)
-    else:
-        check_labels_fit(model.config, "avmnist")
-        test = load_dataset(data_dir, "test", max_text_len, tok)
-        if os.path.exists(os.path.join(data_dir, "test_heldout.pt")):
-            heldout = load_dataset(data_dir, "test_heldout", max_text_len, tok)
-    rep["test"] = evaluate(model, test, batch_size, (), device, amp_dtype, progress, "test")
-    if heldout is not None:
-        rep["test_heldout_phrasings"] = evaluate(model, heldout, batch_size, (), device, amp_dtype, progress,
-                                                 "held-out")
-    if len(model.modalities) > 1:
-        for m in model.modalities:
-            rep[f"test_without_{m}"] = evaluate(model, test, batch_size, (m,), device, amp_dtype, progress, f"-{m}")
-    return rep
-
-
-def format_report(rep: Dict) -> str:
-    """One line per split: accuracy, macro-F1, entity F1 (tagging) and accuracy per question type."""
-    cols = list(dict.fromkeys(c for r in rep.values() for c in r.get("per_type", {})))
-    ent = any("entity_f1" in r for r in rep.values())
-    head = f"{'split':<26} {'acc':>6} {'mF1':>6} " + (f"{'entF1':>6} " if ent else "")
-    lines = [head + " ".join(f"{c:>7}" for c in cols), "-" * (len(head) + 8 * len(cols))]
-    for k, r in rep.items():
-        lines.append(f"{k:<26} {100 * r['accuracy']:6.2f} {100 * r['macro_f1']:6.2f} "
-                     + (f"{100 * r.get('entity_f1', float('nan')):6.2f} " if ent else "")
-                     + " ".join(f"{100 * r['per_type'].get(c, float('nan')):7.2f}" for c in cols))
-    return "\n".join(lines)
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------- trainer
-# Tests only: SIGKILL this process right after step N / inside the checkpoint write of step N, between
-# the complete temporary file and its rename.
+# ----------------------------------------------------------------------------- test hooks
+# The environment variables by which the tests interrupt a real run (a subprocess) at a known point, as
+# a crash or a kill would; unset (or 0) in any other run:
+#   MMKERNELS_KILL_AT_STEP=N          SIGKILL this process right after step N (its checkpoint, if due, written)
+#   MMKERNELS_KILL_IN_SAVE_AT_STEP=N  SIGKILL it inside the checkpoint write of step N, between the complete
+#                                     temporary file and its rename
 KILL_AT_STEP = "MMKERNELS_KILL_AT_STEP"
 KILL_IN_SAVE_AT_STEP = "MMKERNELS_KILL_IN_SAVE_AT_STEP"
-METRICS_JSONL, METRICS_CSV = "metrics.jsonl", "metrics.csv"
 
 
 def _env_step(name: str) -> int:
     return int(os.environ.get(name, "0") or 0)
 
 
+def _kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None):
         self.cfg = cfg
@@ -220,56 +57,21 @@ class Trainer:
         if t.batch_size % world:  # before any process group starts
             raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes "
                               f"({world})")
-        dev = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if dev == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda, but no CUDA device is available (train.device=auto uses one "
-                              "when there is)")
+        dev = device_type(t.device)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         self.world, self.rank, local = setup_distributed(dev)
-        self.device = torch.device(f"cuda:{local}" if dev == "cuda" else "cpu")
-        if dev == "cuda":
-            torch.cuda.set_device(self.device)
+        self.device = process_device(dev, local)
         self.main = self.rank == 0
-        self.amp_dtype = torch.bfloat16 if (t.amp == "bf16" or (t.amp == "auto" and dev == "cuda")) else None
-        if self.amp_dtype is not None and dev != "cuda":
-            self.amp_dtype = None
+        # bf16 autocast on GPU only (train.amp bf16 or auto); none on CPU
+        self.amp_dtype = torch.bfloat16 if dev == "cuda" and t.amp in ("bf16", "auto") else None
         self.out = t.output_dir
-        if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise ConfigError(f"train.output_dir {self.out} is not a folder")
-        try:
-            os.makedirs(self.out, exist_ok=True)
-        except OSError as e:  # a parent is a file, no permission, read-only file system...
-            raise ConfigError(f"train.output_dir {self.out} cannot be made: {e.strerror or e}") from e
-        if self.main:  # what a killed run was writing (its complete files are in place)
-            remove_stale_temp(self.out)
+        run_folder.make_run_folder(self.out, self.main)
         self.log_rows: List[dict] = []
 
         self.data_dir = prepare_data_dir(cfg, progress=t.progress and self.main)
-        tok = model_tokenizer(cfg.model)
-        if cfg.data.dataset == "jsonl":
-            from mmkernels.data.jsonl import label_names, read_jsonl
-
-            for split in ("train", "val", "test"):  # run_config.json must work from any folder
-                f = getattr(cfg.data, f"{split}_file")
-                setattr(cfg.data, f"{split}_file", os.path.abspath(f) if f else f)
-
-            def labels_of(split):  # the JSON alone: cheap next to the images and audio loaded below
-                return label_names(read_jsonl(getattr(cfg.data, f"{split}_file"), cfg.model.task,
-                                              cfg.model.modalities), cfg.model.task)
-
-            if cfg.model.labels is None:  # the train file's labels (kept with the saved model)
-                cfg.model.labels = labels_of("train")
-            cfg.model.num_labels = len(cfg.model.labels)
-            if t.final_eval:  # a bad test file must fail now, not after the training
-                unknown = sorted(set(labels_of("test")) - set(cfg.model.labels))
-                if unknown:
-                    raise ConfigError(f"{cfg.data.test_file}: labels {unknown} are not in the train file's")
-            self.train_ds = jsonl_dataset(cfg, cfg.model, "train", tok, t.progress and self.main)
-            self.val_ds = jsonl_dataset(cfg, cfg.model, "val", tok, t.progress and self.main)
-        else:
-            self.train_ds = load_dataset(self.data_dir, "train", cfg.data.max_text_len, tok)
-            self.val_ds = load_dataset(self.data_dir, "val", cfg.data.max_text_len, tok)
+        self.train_ds, self.val_ds = training_datasets(cfg, self.data_dir, model_tokenizer(cfg.model), t.final_eval,
+                                                       t.progress and self.main)
         self.steps_per_epoch = len(self.train_ds) // t.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(f"train set has {len(self.train_ds)} samples, fewer than one batch "
@@ -289,11 +91,8 @@ class Trainer:
         if positions is not None and cfg.data.max_text_len > positions:
             raise ConfigError(f"data.max_text_len ({cfg.data.max_text_len}) is more than the text encoder's "
                               f"{positions} positions")
-        self.ddp = None
-        if self.world > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.opt = self._make_optimizer()
+        self.ddp = ddp_model(self.model, self.device, self.world)
+        self.opt = make_optimizer(self.model, t)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_lambda)
         self.scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for the checkpoint format
@@ -304,48 +103,18 @@ class Trainer:
         if resume:
             self._resume(resume)
         elif self.main:  # a fresh run starts a fresh log
-            for f in (METRICS_JSONL, METRICS_CSV):
-                if os.path.exists(os.path.join(self.out, f)):
-                    os.remove(os.path.join(self.out, f))
+            run_folder.remove_logs(self.out)
 
     # -------------------------------------------------------------- setup helpers
-    def _make_optimizer(self):
-        t = self.cfg.train
-        groups = {"decay": [], "no_decay": [], "text_decay": [], "text_no_decay": []}
-        for n, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            nd = p.dim() < 2 or "norm" in n.lower() or n.endswith("head_gate") or n.endswith("ff_gate") \
-                or n.endswith("modality_bias") or ".pos" in n or n.startswith("image.pos") or n.startswith("audio.pos")
-            key = ("text_" if n.startswith("text.") else "") + ("no_decay" if nd else "decay")
-            groups[key].append(p)
-        tl = t.text_lr if t.text_lr is not None else t.lr
-        pg = [{"params": groups["decay"], "weight_decay": t.weight_decay, "lr": t.lr},
-              {"params": groups["no_decay"], "weight_decay": 0.0, "lr": t.lr},
-              {"params": groups["text_decay"], "weight_decay": t.weight_decay, "lr": tl},
-              {"params": groups["text_no_decay"], "weight_decay": 0.0, "lr": tl}]
-        return torch.optim.AdamW([g for g in pg if g["params"]])
-
     def _trainable(self) -> List[str]:
         return [n for n, p in self.model.named_parameters() if p.requires_grad]
 
     def _lr_lambda(self, step: int) -> float:
-        t = self.cfg.train
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        prog = min(1.0, (step - t.warmup_steps) / max(1, self.total_steps - t.warmup_steps))
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+        return lr_factor(step, self.cfg.train, self.total_steps)
 
+    # -------------------------------------------------------------- saved models and checkpoints
     def checkpoint_path(self):
         return os.path.join(self.out, CKPT_NAME)
-
-    def _gather_rng(self):
-        st = rng_state()
-        if self.world > 1:
-            allst = [None] * self.world
-            dist.all_gather_object(allst, st)
-            return allst
-        return [st]
 
     def save_model(self, name: str):
         """runs/NAME/{best,last}: weights, config, tokenizer and the input preparation of training."""
@@ -358,7 +127,7 @@ class Trainer:
                                    tokenizer=model_tokenizer(self.cfg.model))
 
     def save_checkpoint(self):
-        rngs = self._gather_rng()
+        rngs = all_gather_objects(rng_state(), self.world)
         if not self.main:
             return
         ck = {"format": CKPT_FORMAT, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
@@ -366,100 +135,40 @@ class Trainer:
               "state": dict(self.state), "config": self.cfg.to_dict(), "world_size": self.world,
               "trainable": self._trainable(), "log": self.log_rows,
               "run_metrics": self._run.tolist()}  # the log interval so far (read back here, rank 0 only)
-        kill = None
         step = self.state["global_step"]
-        if step and _env_step(KILL_IN_SAVE_AT_STEP) == step:
-            def kill():
-                os.kill(os.getpid(), signal.SIGKILL)
+        kill = _kill_self if step and _env_step(KILL_IN_SAVE_AT_STEP) == step else None  # test hook
         atomic_torch_save(ck, self.checkpoint_path(), before_replace=kill)
 
     def _resume(self, path: str):
         if os.path.isdir(path):
             path = os.path.join(path, CKPT_NAME)
         ck = load_checkpoint(path)
-        ck_world = int(ck.get("world_size", 1))
-        if ck_world != self.world:  # per-process RNG states and sample split: exact only with as many
-            how = ("python -m mmkernels.train, without torchrun" if ck_world == 1 else
-                   f"python -m torch.distributed.run --nproc_per_node {ck_world} -m mmkernels.train ...")
-            raise CheckpointError(f"checkpoint {path} was written by {ck_world} processes, this run has "
-                                  f"{self.world}: resume it with {ck_world} ({how}), or start a new run in "
-                                  "another train.output_dir")
-        ck_labels = ck["config"].get("model", {}).get("labels")
-        if ck_labels is not None and list(ck_labels) != list(self.cfg.model.labels):
-            raise CheckpointError(f"checkpoint {path} was trained with labels {ck_labels}, this run has "
-                                  f"{self.cfg.model.labels} (did the train file change?)")
         cfg = self.cfg.to_dict()
-        if config_changes(ck["config"], cfg, "train", EXACT_RESUME_TRAIN_KEYS):
-            raise does_not_fit(path, "data order or learning-rate schedule", ck["config"], cfg, section="train",
-                               keys=EXACT_RESUME_TRAIN_KEYS)
-        try:
-            self.model.load_state_dict(ck["model"])
-        except RuntimeError as e:
-            raise does_not_fit(path, "model", ck["config"], cfg, "other parameter names or shapes") from e
-        if "trainable" in ck and list(ck["trainable"]) != self._trainable():
-            n = len(set(ck["trainable"]) ^ set(self._trainable()))
-            raise does_not_fit(path, "optimizer", ck["config"], cfg, f"{n} parameters trained in one and not the other")
-        try:
-            self.opt.load_state_dict(ck["optimizer"])
-            self.sched.load_state_dict(ck["scheduler"])
-            self.scaler.load_state_dict(ck.get("scaler", {}))
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise does_not_fit(path, "optimizer", ck["config"], cfg, "other parameter groups") from e
+        check_fits(ck, path, self.world, self.cfg.model.labels, cfg)
+        load_training_state(ck, path, cfg, self.model, self.opt, self.sched, self.scaler, self._trainable())
         set_rng_state(ck["rng"][self.rank])
         self.state.update(ck["state"])
         self._run = torch.tensor(ck.get("run_metrics", [0.0] * 4), dtype=torch.float32, device=self.device)
         self.log_rows = list(ck.get("log", []))
         if self.main:  # the log as of the checkpoint: rows of later steps are written again
-            atomic_write(os.path.join(self.out, METRICS_JSONL),
-                         lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.log_rows)), mode="w")
+            run_folder.rewrite_jsonl(self.out, self.log_rows)
             self.write_logs()
             print(f"resumed from {path}: epoch {self.state['epoch']}, step {self.state['global_step']}", flush=True)
 
     # -------------------------------------------------------------- logging
     def log(self, row: dict):
-        if not self.main:
-            return
-        self.log_rows.append(row)
-        with open(os.path.join(self.out, METRICS_JSONL), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.main:
+            self.log_rows.append(row)
+            run_folder.append_row(self.out, row)
 
     def write_logs(self):
-        if not self.main:
-            return
-        keys = sorted({k for r in self.log_rows for k in r if not isinstance(r[k], dict)})
-
-        def write(f):
-            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            w.writeheader()
-            for r in self.log_rows:
-                w.writerow(r)
-
-        atomic_write(os.path.join(self.out, METRICS_CSV), write, mode="w")
+        if self.main:
+            run_folder.write_csv(self.out, self.log_rows)
 
     def plot(self):
         if not self.main or not self.cfg.train.plot:
             return None
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("matplotlib not installed: no learning-curve plot", file=sys.stderr)
-            return None
-        tr = [r for r in self.log_rows if r.get("split") == "train"]
-        va = [r for r in self.log_rows if r.get("split") == "val"]
-        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-        ax[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train")
-        ax[0].plot([r["step"] for r in va], [r["loss"] for r in va], "o-", label="val")
-        ax[0].set_xlabel("step"); ax[0].set_ylabel("loss"); ax[0].set_yscale("log"); ax[0].legend()
-        ax[1].plot([r["step"] for r in tr], [r["accuracy"] for r in tr], label="train (running)")
-        ax[1].plot([r["step"] for r in va], [r["accuracy"] for r in va], "o-", label="val")
-        ax[1].set_xlabel("step"); ax[1].set_ylabel("accuracy"); ax[1].legend()
-        fig.tight_layout()
-        p = os.path.join(self.out, "learning_curves.png")
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        return p
+        return run_folder.plot_learning_curves(self.out, self.log_rows)
 
     # -------------------------------------------------------------- loop
     def _validate(self):
@@ -483,8 +192,7 @@ class Trainer:
             if t.early_stopping_patience and s["bad_evals"] >= t.early_stopping_patience:
                 print(f"early stopping: no improvement of val {t.metric} for {s['bad_evals']} evaluations", flush=True)
                 stop[0] = 1
-        if self.world > 1:
-            dist.broadcast(stop, 0)
+        broadcast_(stop, self.world)
         return bool(stop[0])
 
     def _train_step(self, model, batch: Dict) -> None:
@@ -559,8 +267,8 @@ class Trainer:
                 if (t.ckpt_every and s["global_step"] % t.ckpt_every == 0) or s["step_in_epoch"] == 0 or stop:
                     self.save_checkpoint()
                     self.write_logs()
-                if kill_at and s["global_step"] == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                if kill_at and s["global_step"] == kill_at:  # test hook
+                    _kill_self()
                 if stop or s["step_in_epoch"] == 0:
                     break
             bar.close()
@@ -590,7 +298,3 @@ class Trainer:
         barrier()
         return result
 
-
-def cleanup_distributed():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
