@@ -221,7 +221,7 @@ def test_prepare_batch_without_attention_mask():
 def test_frozen_text_encoder_forward_reads_nothing_back_from_the_device():
     """On a GPU each `.tolist()` / `.item()` / `.cpu()` is a device sync: the cache keys are read from the
     host batch by prepare_batch, before it is moved; the forward itself reads nothing back."""
-    from mmkernels.train.testing import count_host_reads
+    from train_fixtures import count_host_reads
 
     torch.manual_seed(0)
     m = FusionModel(ModelConfig(**TINY, text_finetune="frozen")).train()

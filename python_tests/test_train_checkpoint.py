@@ -188,7 +188,7 @@ def test_run_config_and_report_are_written_atomically(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     from mmkernels.train import trainer
     from mmkernels.train.cli import train_main
-    from mmkernels.train.testing import jsonl_overrides, write_digit_jsonl
+    from train_fixtures import jsonl_overrides, write_digit_jsonl
 
     files = write_digit_jsonl(str(tmp_path / "data"), n_train=16, n_val=16, n_test=16)
     written = []

@@ -13,7 +13,7 @@ pytest.importorskip("espeakng_loader")
 pytest.importorskip("mnist")
 pytest.importorskip("transformers")
 
-from mmkernels.train.testing import tiny_overrides  # noqa: E402
+from train_fixtures import tiny_overrides  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

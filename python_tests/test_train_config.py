@@ -185,7 +185,7 @@ def test_only_the_first_process_prints_the_error_line(monkeypatch, capsys):
 def test_tiny_and_jsonl_test_runs_share_their_train_settings():
     """The two test-run helpers draw their train settings from one dict (TINY_TRAIN): each adds only
     what differs, and keyword arguments win over both."""
-    from mmkernels.train.testing import TINY_TRAIN, jsonl_overrides, tiny_overrides
+    from train_fixtures import TINY_TRAIN, jsonl_overrides, tiny_overrides
 
     def train_of(overrides):
         return load_config(None, overrides).train

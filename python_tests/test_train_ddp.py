@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed unavailable", allow_module_level=True)
 
-from mmkernels.train.testing import tiny_overrides  # noqa: E402
+from train_fixtures import tiny_overrides  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,7 @@ pytest.importorskip("espeakng_loader")
 pytest.importorskip("mnist")
 pytest.importorskip("transformers")
 
-from mmkernels.train.testing import TINY_MODEL  # noqa: E402
+from train_fixtures import TINY_MODEL  # noqa: E402
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

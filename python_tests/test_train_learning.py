@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("mnist")
 pytest.importorskip("transformers")
 
-from mmkernels.train.testing import jsonl_overrides, write_digit_jsonl  # noqa: E402
+from train_fixtures import jsonl_overrides, write_digit_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="module")

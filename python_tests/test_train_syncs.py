@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("mnist")
 pytest.importorskip("transformers")
 
-from mmkernels.train.testing import count_host_reads, jsonl_overrides, write_digit_jsonl  # noqa: E402
+from train_fixtures import count_host_reads, jsonl_overrides, write_digit_jsonl  # noqa: E402
 
 # evaluation and checkpoints read back by design (once per evaluation / checkpoint, not per step);
 # prepare_batch reads the cache keys of a frozen text encoder from the batch before it is moved

@@ -1,4 +1,5 @@
-"""Tiny configurations for fast tests (tiny data set, tiny model, CPU)."""
+"""Test fixtures of the training tests: tiny configurations (tiny data set, tiny model, CPU), an easy data
+set as JSON lines, a counter of the reads of tensor values back to the host."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +7,8 @@ import json
 import os
 import sys
 from typing import List, NamedTuple
+
+import mmkernels
 
 TINY_DATA = ["data.n_train=64", "data.n_val=32", "data.n_test=32", "data.speakers_train=3", "data.speakers_val=2",
              "data.speakers_test=2", "data.images_train=300", "data.images_val=100", "data.images_test=100"]
@@ -34,7 +37,7 @@ class HostRead(NamedTuple):
 READ_METHODS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
 
 
-_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PKG = os.path.dirname(os.path.abspath(mmkernels.__file__))
 # the trainer, the model, its attention / fusion blocks and the ops they call
 FORWARD_PATH = tuple(os.path.join(_PKG, d) + os.sep for d in ("train", "models", "nn", "ops"))
 # the ops' argument checks read values on the CPU only (never a device sync), by design
