@@ -230,6 +230,39 @@ def test_eval_and_predict(full_run, tmp_path, capsys):
     assert "missing.wav" in capsys.readouterr().err
 
 
+def test_eval_and_predict_do_not_import_the_training_loop(full_run, tmp_path):
+    """mmkernels-eval and mmkernels-predict, run to the end in a fresh process (an error path too), load
+    nothing of the training loop: mmkernels.train.trainer stays out of sys.modules."""
+    import wave
+
+    import numpy as np
+    from PIL import Image
+    out, _ = full_run
+    best = os.path.join(out, "best")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "d.png")
+    with wave.open(str(tmp_path / "x.wav"), "wb") as f:
+        f.setnchannels(1); f.setsampwidth(2); f.setframerate(8000)
+        f.writeframes(np.zeros(4000, np.int16).tobytes())
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"image": "d.png", "audio": "x.wav", "question": "Which digit is spoken?"}) + "\n")
+    code = "\n".join([
+        "import sys",
+        "import mmkernels.train.eval, mmkernels.train.predict",
+        "from mmkernels.train.cli import eval_main, predict_main",
+        f"assert eval_main(['--model', {best!r}, '--backend', 'reference', '-o', {str(tmp_path / 'r.json')!r}]) == 0",
+        f"assert predict_main(['--model', {best!r}, '--input', {str(q)!r}, '-o', {str(tmp_path / 'p.jsonl')!r}]) == 0",
+        f"assert predict_main(['--model', {best!r}]) == 2",
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('mmkernels.train'))))"])
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    loaded = r.stdout.splitlines()[-1].split()
+    assert "mmkernels.train.evaluation" in loaded and "mmkernels.train.cli" in loaded, loaded
+    assert "mmkernels.train.trainer" not in loaded, loaded
+    assert json.load(open(tmp_path / "r.json"))["test"]["n"] == 32
+    assert len(open(tmp_path / "p.jsonl").read().splitlines()) == 1
+
+
 def test_print_config_shows_every_key_with_overrides(capsys):
     import yaml
     from mmkernels.train.cli import train_main
