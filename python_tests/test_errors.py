@@ -281,3 +281,29 @@ def test_double_backward_is_an_error_not_a_silent_zero(backend):
             assert gg.abs().sum() > 0
         else:
             _raises(RuntimeError, r"has no second derivative .* backend='reference'", g.sum().backward)
+
+
+def test_raw_cpu_op_checks_its_arguments_like_the_cuda_one():
+    """torch.ops.mmkernels.* called directly (no Python checks in front): the shared C++ checks
+    (csrc/cross_modal_attention_checks.h) name the argument, on CPU as on CUDA."""
+    from utils import require_backend
+
+    require_backend("cpu", "cpu")
+    op = torch.ops.mmkernels.cross_modal_attention_fwd
+    q = torch.randn(2, 3, 4, 8)
+    k = torch.randn(2, 5, 2, 8)
+    good = (q, [k], [k], None, None, None, None, 0.5, False)
+    assert op(*good)[0].shape == (2, 3, 4, 8)
+    cases = [
+        ((q, [k], [k], torch.ones(2, 1), None, None, None, 0.5, False), r"kv_lengths: expected int32/int64"),
+        ((q, [k], [k], torch.ones(2, 2, dtype=torch.int32), None, None, None, 0.5, False), r"kv_lengths: expected \[2, 1\]"),
+        ((q, [k], [k], None, torch.ones(3, dtype=torch.long), None, None, 0.5, False), r"q_lengths: expected \[2\]"),
+        ((q, [k], [k], None, None, torch.ones(4, 2), None, 0.5, False), r"modality_bias: expected \[4, 1\]"),
+        ((q, [k], [k], None, None, None, torch.ones(4, dtype=torch.long), 0.5, False), r"head_gate: expected float32"),
+        ((q, [k, k], [k, k], None, None, None, None, 0.5, True), r"causal=True requires exactly one"),
+        ((q, [torch.randn(2, 5, 3, 8)], [torch.randn(2, 5, 3, 8)], None, None, None, None, 0.5, False),
+         r"Hq \(4\) must be a multiple of Hkv \(3\)"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)

@@ -12,7 +12,7 @@
 #include <optional>
 #include <vector>
 
-#include "../common/limits.h"
+#include "../cross_modal_attention_checks.h"
 #include "../common/online_softmax.h"
 
 namespace mmkernels::cpu {
@@ -52,47 +52,13 @@ inline CrossModalAttentionProblem make_problem(const at::Tensor& q, at::TensorLi
                                const std::optional<at::Tensor>& modality_bias,
                                const std::optional<at::Tensor>& head_gate, bool causal) {
   CrossModalAttentionProblem p;
-  TORCH_CHECK(q.dim() == 4, "q: expected (B, Lq, Hq, D), got ", q.sizes());
-  p.B = q.size(0);
-  p.Lq = q.size(1);
-  p.Hq = q.size(2);
-  p.D = q.size(3);
-  p.M = static_cast<int64_t>(keys.size());
-  TORCH_CHECK(p.M >= 1 && p.M <= kMaxSegments, "keys: expected 1 to ", kMaxSegments, " segments, got ", p.M);
-  TORCH_CHECK(values.size() == keys.size(), "values: expected ", p.M, " tensors, got ",
-              values.size());
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ||
-                  q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "q: expected float32/float64/float16/bfloat16, got ", q.scalar_type());
-  for (int64_t m = 0; m < p.M; ++m) {
-    const at::Tensor& k = keys[m];
-    const at::Tensor& v = values[m];
-    TORCH_CHECK(k.dim() == 4 && v.dim() == 4, "keys/values[", m, "]: expected 4-D tensors");
-    TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-                "keys/values[", m, "]: dtype must match q (", q.scalar_type(), ")");
-    TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu(), "keys/values[", m, "]: not on CPU");
-    if (m == 0) {
-      p.Hkv = k.size(2);
-      p.Dv = v.size(3);
-    }
-    TORCH_CHECK(k.size(0) == p.B && k.size(2) == p.Hkv && k.size(3) == p.D, "keys[", m,
-                "]: expected (", p.B, ", Lk, ", p.Hkv, ", ", p.D, "), got ", k.sizes());
-    TORCH_CHECK(v.size(0) == p.B && v.size(1) == k.size(1) && v.size(2) == p.Hkv &&
-                    v.size(3) == p.Dv,
-                "values[", m, "]: expected (", p.B, ", ", k.size(1), ", ", p.Hkv, ", ", p.Dv,
-                "), got ", v.sizes());
-    p.Lk.push_back(k.size(1));
-  }
-  TORCH_CHECK(p.Hkv >= 1 && p.Hq % p.Hkv == 0, "q/keys: Hq (", p.Hq,
-              ") must be a multiple of Hkv (", p.Hkv, ")");
-  p.G = p.Hq / p.Hkv;
+  const CrossModalAttentionSizes s = check_cross_modal_attention_args(
+      q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, causal, /*max_head_dim=*/0, /*float64=*/true);
+  p.B = s.B, p.Lq = s.Lq, p.Hq = s.Hq, p.Hkv = s.Hkv, p.D = s.D, p.Dv = s.Dv, p.M = s.M, p.G = s.G;
+  p.Lk = s.Lk;
   p.causal = causal;
-  TORCH_CHECK(!causal || p.M == 1, "causal=True requires exactly one key/value segment");
 
   if (kv_lengths.has_value()) {
-    TORCH_CHECK(kv_lengths->dim() == 2 && kv_lengths->size(0) == p.B &&
-                    kv_lengths->size(1) == p.M,
-                "kv_lengths: expected (", p.B, ", ", p.M, "), got ", kv_lengths->sizes());
     p.kv_len = read_lengths(kv_lengths, p.B * p.M, "kv_lengths");
   } else {
     p.kv_len.assign(static_cast<size_t>(p.B * p.M), 0);
@@ -105,24 +71,16 @@ inline CrossModalAttentionProblem make_problem(const at::Tensor& q, at::TensorLi
       v = std::clamp<int64_t>(v, 0, p.Lk[m]);
     }
   if (q_lengths.has_value()) {
-    TORCH_CHECK(q_lengths->dim() == 1 && q_lengths->size(0) == p.B, "q_lengths: expected (",
-                p.B, ",), got ", q_lengths->sizes());
     p.q_len = read_lengths(q_lengths, p.B, "q_lengths");
     for (auto& v : p.q_len) v = std::clamp<int64_t>(v, 0, p.Lq);
   } else {
     p.q_len.assign(static_cast<size_t>(p.B), p.Lq);
   }
   if (modality_bias.has_value()) {
-    TORCH_CHECK(modality_bias->dim() == 2 && modality_bias->size(0) == p.Hq &&
-                    modality_bias->size(1) == p.M,
-                "modality_bias: expected (", p.Hq, ", ", p.M, "), got ",
-                modality_bias->sizes());
     const at::Tensor c = modality_bias->to(at::kCPU, at::kDouble).contiguous();
     p.bias.assign(c.data_ptr<double>(), c.data_ptr<double>() + p.Hq * p.M);
   }
   if (head_gate.has_value()) {
-    TORCH_CHECK(head_gate->dim() == 1 && head_gate->size(0) == p.Hq, "head_gate: expected (",
-                p.Hq, ",), got ", head_gate->sizes());
     const at::Tensor c = head_gate->to(at::kCPU, at::kDouble).contiguous();
     p.gate_t.resize(static_cast<size_t>(p.Hq));
     for (int64_t h = 0; h < p.Hq; ++h) p.gate_t[h] = std::tanh(c.data_ptr<double>()[h]);

@@ -13,6 +13,7 @@
 #include <optional>
 #include <vector>
 
+#include "../cross_modal_attention_checks.h"
 #include "cuda_common.cuh"
 
 namespace mmkernels {
@@ -46,12 +47,6 @@ inline at::Tensor grad_like(const at::Tensor& t) {
   return g;
 }
 
-inline void check_float_dtype(const at::Tensor& t, const char* name) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "mmkernels CUDA: ", name,
-              " must be float32, float16 or bfloat16, got ", st);
-}
-
 struct CrossModalAttentionPrepared {
   AttnParams p;
   at::Tensor q;
@@ -74,36 +69,17 @@ inline CrossModalAttentionPrepared prepare_cross_modal_attention(const at::Tenso
     TORCH_CHECK(major * 10 + minor >= kMinCudaCapability, "mmkernels CUDA cross_modal_attention: needs compute capability ",
                 kMinCudaCapability / 10, ".", kMinCudaCapability % 10, " or newer, got ", major, ".", minor);
   }
-  TORCH_CHECK(q_in.dim() == 4, "mmkernels CUDA cross_modal_attention: q must have shape (B, Lq, Hq, D), got ", q_in.sizes());
-  check_float_dtype(q_in, "q");
-  const int64_t M = static_cast<int64_t>(keys_in.size());
-  TORCH_CHECK(M >= 1 && M <= kMaxSegments, "mmkernels CUDA cross_modal_attention: number of modalities must be in [1, ",
-              kMaxSegments, "], got ", M);
-  TORCH_CHECK(static_cast<int64_t>(values_in.size()) == M, "mmkernels CUDA cross_modal_attention: keys and values differ in length");
-  TORCH_CHECK(!causal || M == 1, "mmkernels CUDA cross_modal_attention: causal=True needs M == 1, got M=", M);
+  const CrossModalAttentionSizes sz = check_cross_modal_attention_args(
+      q_in, keys_in, values_in, kv_lengths, q_lengths, modality_bias, head_gate, causal, kMaxGpuHeadDim,
+      /*float64=*/false);
+  const int64_t B = sz.B, Lq = sz.Lq, Hq = sz.Hq, Hkv = sz.Hkv, D = sz.D, Dv = sz.Dv, M = sz.M;
   r.q = last_dim_contig(q_in);
-  const int64_t B = q_in.size(0), Lq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
-  const int64_t Hkv = keys_in[0].dim() == 4 ? keys_in[0].size(2) : -1;
-  const int64_t Dv = values_in[0].dim() == 4 ? values_in[0].size(3) : -1;
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "mmkernels CUDA cross_modal_attention: Hq (", Hq, ") must be a multiple of Hkv (", Hkv, ")");
-  TORCH_CHECK(D >= 1 && D <= kMaxGpuHeadDim && Dv >= 1 && Dv <= kMaxGpuHeadDim,
-              "mmkernels CUDA cross_modal_attention: head dims D and Dv must be in [1, ", kMaxGpuHeadDim, "], got D=", D,
-              " Dv=", Dv);
+  // Limits of the CUDA launch grid and of the kernels' 32-bit row indices.
   TORCH_CHECK(B <= 65535 && Hq <= 65535 && Hkv <= 65535, "mmkernels CUDA cross_modal_attention: B and H must be <= 65535");
   TORCH_CHECK(Lq < (int64_t(1) << 31), "mmkernels CUDA cross_modal_attention: Lq too large");
   for (int64_t m = 0; m < M; ++m) {
     const at::Tensor& k = keys_in[m];
     const at::Tensor& v = values_in[m];
-    TORCH_CHECK(k.dim() == 4 && v.dim() == 4, "mmkernels CUDA cross_modal_attention: keys[", m, "] and values[", m, "] must be 4-D");
-    TORCH_CHECK(k.device() == q_in.device() && v.device() == q_in.device(),
-                "mmkernels CUDA cross_modal_attention: keys[", m, "]/values[", m, "] must be on q's device");
-    TORCH_CHECK(k.scalar_type() == q_in.scalar_type() && v.scalar_type() == q_in.scalar_type(),
-                "mmkernels CUDA cross_modal_attention: keys[", m, "]/values[", m, "] must have q's dtype");
-    TORCH_CHECK(k.size(0) == B && k.size(2) == Hkv && k.size(3) == D, "mmkernels CUDA cross_modal_attention: keys[", m,
-                "] must have shape (B, Lk, Hkv, D) = (", B, ", Lk, ", Hkv, ", ", D, "), got ", k.sizes());
-    TORCH_CHECK(v.size(0) == B && v.size(1) == k.size(1) && v.size(2) == Hkv && v.size(3) == Dv,
-                "mmkernels CUDA cross_modal_attention: values[", m, "] must have shape (B, Lk, Hkv, Dv) = (", B, ", ", k.size(1),
-                ", ", Hkv, ", ", Dv, "), got ", v.sizes());
     TORCH_CHECK(k.size(1) < (int64_t(1) << 31), "mmkernels CUDA cross_modal_attention: Lk too large");
     r.keys.push_back(last_dim_contig(k));
     r.values.push_back(last_dim_contig(v));
@@ -129,35 +105,21 @@ inline CrossModalAttentionPrepared prepare_cross_modal_attention(const at::Tenso
   p.causal = causal ? 1 : 0;
   if (kv_lengths.has_value() && kv_lengths->defined()) {
     const at::Tensor& t = *kv_lengths;
-    TORCH_CHECK(t.device() == q_in.device(), "mmkernels CUDA cross_modal_attention: kv_lengths must be on q's device");
-    TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "mmkernels CUDA cross_modal_attention: kv_lengths must be int32/int64");
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == M, "mmkernels CUDA cross_modal_attention: kv_lengths must have shape (B, M) = (",
-                B, ", ", M, "), got ", t.sizes());
     r.kvl = t.to(at::kLong).contiguous();
     p.kv_lengths = r.kvl.data_ptr<int64_t>();
   }
   if (q_lengths.has_value() && q_lengths->defined()) {
     const at::Tensor& t = *q_lengths;
-    TORCH_CHECK(t.device() == q_in.device(), "mmkernels CUDA cross_modal_attention: q_lengths must be on q's device");
-    TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "mmkernels CUDA cross_modal_attention: q_lengths must be int32/int64");
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == B, "mmkernels CUDA cross_modal_attention: q_lengths must have shape (B,) = (", B, ",), got ", t.sizes());
     r.ql = t.to(at::kLong).contiguous();
     p.q_lengths = r.ql.data_ptr<int64_t>();
   }
   if (modality_bias.has_value() && modality_bias->defined()) {
     const at::Tensor& t = *modality_bias;
-    TORCH_CHECK(t.device() == q_in.device(), "mmkernels CUDA cross_modal_attention: modality_bias must be on q's device");
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == Hq && t.size(1) == M, "mmkernels CUDA cross_modal_attention: modality_bias must have shape (Hq, M) = (",
-                Hq, ", ", M, "), got ", t.sizes());
-    check_float_dtype(t, "modality_bias");
     r.bias = t.to(at::kFloat).contiguous();
     p.bias = r.bias.data_ptr<float>();
   }
   if (head_gate.has_value() && head_gate->defined()) {
     const at::Tensor& t = *head_gate;
-    TORCH_CHECK(t.device() == q_in.device(), "mmkernels CUDA cross_modal_attention: head_gate must be on q's device");
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == Hq, "mmkernels CUDA cross_modal_attention: head_gate must have shape (Hq,) = (", Hq, ",), got ", t.sizes());
-    check_float_dtype(t, "head_gate");
     r.gate = t.to(at::kFloat).contiguous();
     p.gate = r.gate.data_ptr<float>();
   }
