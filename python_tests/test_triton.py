@@ -539,3 +539,27 @@ def test_offsets_past_2_31_elements(kind, backend):
     r = subprocess.run([sys.executable, "-c", _BIG_OFFSETS_SCRIPT, DEVICE, kind, backend], capture_output=True,
                        text=True, timeout=600, cwd=repo)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+
+
+def test_first_call_loads_the_backend_and_selection_alone_does_not():
+    """In a fresh process: choosing the triton backend loads nothing; the first call of each op
+    on it imports the kernels and registers their fake kernels and autograd (the load step)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, mmkernels\n"
+        "from mmkernels import backends\n"
+        f"dev = {DEVICE!r}\n"
+        "assert backends.select(backends.Call('gated_fusion', dev, torch.float32, 2), 'triton') == 'triton'\n"
+        "assert 'mmkernels.ops._load_triton' not in sys.modules\n"
+        "q = torch.randn(1, 2, 2, 8, device=dev, requires_grad=True)\n"
+        "out = mmkernels.cross_modal_attention(q, [q.detach()], [q.detach()], backend='triton')\n"
+        "out.sum().backward()\n"
+        "f = torch.randn(2, 3, 4, device=dev, requires_grad=True)\n"
+        "mmkernels.gated_fusion(f, f.detach(), backend='triton').sum().backward()\n"
+        "assert 'mmkernels.ops._load_triton' in sys.modules and q.grad is not None and f.grad is not None\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr[-3000:]

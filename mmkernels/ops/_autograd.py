@@ -1,7 +1,14 @@
-"""Autograd registration shared by the ops' fused backward kernels."""
+"""Registration shared by the ops: the backends' load step, and autograd of the fused backward kernels."""
 from __future__ import annotations
 
+from typing import Callable, Dict
+
 import torch
+
+# Each op's `register(fwd_name, bwd_name)` (fake kernels + autograd), by op name. The op modules
+# fill it at import; the triton load step (_load_triton.py) applies it to the Triton ops without
+# importing the op modules, so there is no import circle.
+REGISTER: Dict[str, Callable[[str, str], None]] = {}
 
 
 def forbid_double_backward(bwd_name: str, op: str) -> None:

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from mmkernels import backends, reference
-from mmkernels.ops._autograd import forbid_double_backward
+from mmkernels.ops._autograd import REGISTER, forbid_double_backward
 from mmkernels.ops._checks import check_dtype, check_lengths, check_same_device
 
 
@@ -153,18 +153,7 @@ def register(fwd_name: str, bwd_name: str) -> None:
 if backends.extension_error() is None:
     register("cross_modal_attention_fwd", "cross_modal_attention_bwd")
 
-_triton_loaded = False
-
-
-def load(backend: str) -> None:
-    """A backend's load step: import its kernels, register their fake kernels and autograd
-    (once). The C++ ops were registered above, when the extension loaded."""
-    global _triton_loaded
-    if backend == "triton" and not _triton_loaded:
-        from mmkernels.triton import cross_modal_attention  # noqa: F401  (defines the triton ops)
-
-        register("triton_cross_modal_attention_fwd", "triton_cross_modal_attention_bwd")
-        _triton_loaded = True
+REGISTER["cross_modal_attention"] = register
 
 
 # ---------------------------------------------------------------- entry point
@@ -174,8 +163,8 @@ def _run_backend(name, q, keys, values, kv_lengths, q_lengths, modality_bias, he
             q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal, return_lse=True
         )
     if name == "triton":
-        if not _triton_loaded:
-            load("triton")
+        from mmkernels.ops import _load_triton  # noqa: F401  (the backend's load step, once)
+
         op = torch.ops.mmkernels.triton_cross_modal_attention_fwd
     else:  # cpu and cuda: the C++ op, dispatched on the device of q
         op = torch.ops.mmkernels.cross_modal_attention_fwd

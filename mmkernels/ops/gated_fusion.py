@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from mmkernels import backends, reference
-from mmkernels.ops._autograd import forbid_double_backward
+from mmkernels.ops._autograd import REGISTER, forbid_double_backward
 from mmkernels.ops._checks import check_dtype, check_same_device
 
 ACTIVATIONS = {"tanh": 0, "identity": 1}
@@ -89,18 +89,7 @@ def register(fwd_name: str, bwd_name: str) -> None:
 if backends.extension_error() is None:
     register("gated_fusion_fwd", "gated_fusion_bwd")
 
-_triton_loaded = False
-
-
-def load(backend: str) -> None:
-    """A backend's load step: import its kernels, register their fake kernels and autograd
-    (once). The C++ ops were registered above, when the extension loaded."""
-    global _triton_loaded
-    if backend == "triton" and not _triton_loaded:
-        from mmkernels.triton import gated_fusion  # noqa: F401  (defines the triton ops)
-
-        register("triton_gated_fusion_fwd", "triton_gated_fusion_bwd")
-        _triton_loaded = True
+REGISTER["gated_fusion"] = register
 
 
 # ---------------------------------------------------------------- entry point
@@ -123,8 +112,8 @@ def gated_fusion(
     if name == "reference":
         return reference.gated_fusion_reference(features, gate_logits, present, activation, return_gates)
     if name == "triton":
-        if not _triton_loaded:
-            load("triton")
+        from mmkernels.ops import _load_triton  # noqa: F401  (the backend's load step, once)
+
         op = torch.ops.mmkernels.triton_gated_fusion_fwd
     else:
         op = torch.ops.mmkernels.gated_fusion_fwd

@@ -4,8 +4,9 @@ The kernel modules import only torch and triton. Importing `attention` and
 `gated_fusion` defines the ops `mmkernels::triton_cross_modal_attention_fwd/bwd` and
 `mmkernels::triton_gated_fusion_fwd/bwd` (torch.library.triton_op); their fake
 kernels and autograd live beside the Python entry points and are registered by
-`mmkernels.ops.load_backend("triton")`, which the entry points call the first
-time they run this backend. What the backend can serve is declared in
+the backend's load step, `mmkernels/ops/_load_triton.py`, which the entry points
+import the first time they run this backend (`mmkernels.ops.load_backend("triton")`
+does it up front). What the backend can serve is declared in
 `mmkernels.backends.TritonBackend`. On CPU tensors the kernels run only under
 TRITON_INTERPRET=1, which must be set before triton is first imported.
 """
