@@ -20,6 +20,14 @@ Layout of the work (FlashAttention-2 with the contract of DESIGN.md 2.1):
   key blocks, one launch per segment (a row tile covers all query heads of the
   kv head, so dK/dV of a GQA group needs no cross-program reduction). The bias
   and gate grads are reduced with torch afterwards: deterministic, no atomics.
+
+Why the 8 segment slots are generated (_codegen.py) rather than passed as tuples
+indexed inside `tl.static_range`: with triton 3.8 here, tuple arguments of
+tensors work under `triton_op` + `wrap_triton` in eager (the interpreter) and
+compile for sm_90 ahead of time, but torch.compile(fullgraph=True) of a Triton op
+cannot be run without a GPU (the interpreter fails it for every op), so whether
+inductor's user-kernel path takes tuple arguments on triton 3.6 (the H200
+image) is unchecked. The switch waits for a GPU run that checks it.
 """
 from __future__ import annotations
 
