@@ -159,7 +159,7 @@ def test_metrics():
     pred = [["B-PER", "I-PER", "O", "B-PER"], ["O", "B-ORG"]]
     r = metrics.entity_f1(pred, gold)
     assert r["precision"] == pytest.approx(2 / 3) and r["recall"] == pytest.approx(2 / 3)
-    assert metrics.bio_entities(["I-X", "I-X", "O"]) == {("X", 0, 2)}
+    assert metrics.entity_f1([["I-X", "I-X", "O"]], [["B-X", "I-X", "O"]])["f1"] == 1.0  # as conlleval
 
 
 def test_frozen_text_encoder_runs_in_eval_mode_and_dedups_exactly():

@@ -69,6 +69,9 @@ def test_classification_trains_reports_evaluates_and_predicts(files, tmp_path, c
     rep = json.load(open(os.path.join(out, "report.json")))
     assert set(rep) >= {"train", "test", "test_without_text", "test_without_image", "test_without_audio"}
     assert 0.0 <= rep["test"]["accuracy"] <= 1.0 and rep["test"]["n"] == 16 and rep["test"]["per_type"] == {}
+    per_class = rep["test"]["per_class"]  # sklearn's classification report, for the test split only
+    assert set(per_class) <= {"no", "yes"} and sum(r["support"] for r in per_class.values()) == 16
+    assert "per_class" not in rep["test_without_audio"]
     saved = json.load(open(os.path.join(out, "best", "config.json")))
     assert saved["labels"] == ["no", "yes"] and saved["num_labels"] == 2
     capsys.readouterr()
@@ -100,6 +103,8 @@ def test_token_classification_reports_entity_f1(files, tmp_path):
     assert train_main(_overrides(files, "tag", "token_classification", out, metric="entity_f1", epochs=4)) == 0
     rep = json.load(open(os.path.join(out, "report.json")))
     assert 0.0 <= rep["test"]["entity_f1"] <= 1.0 and 0.0 <= rep["test"]["accuracy"] <= 1.0
+    per_entity = rep["test"]["per_entity"]  # seqeval's per-type report
+    assert set(per_entity) <= {"HEARD", "SEEN"} and all(r["support"] == 16 for r in per_entity.values())
     saved = json.load(open(os.path.join(out, "best", "config.json")))
     assert saved["labels"] == ["O", "B-HEARD", "B-SEEN"]
     logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]

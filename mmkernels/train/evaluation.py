@@ -18,7 +18,9 @@ from mmkernels.train.data import jsonl_dataset, load_dataset, model_tokenizer
 
 @torch.no_grad()
 def evaluate(model: FusionModel, ds: AVMNISTQA, batch_size: int = 256, drop: Sequence[str] = (),
-             device="cpu", amp_dtype=None, progress: bool = False, desc: str = "eval") -> Dict:
+             device="cpu", amp_dtype=None, progress: bool = False, desc: str = "eval", detail: bool = False) -> Dict:
+    """Loss, accuracy, macro-F1 (tagging: per scored word, plus entity F1) and accuracy per question type;
+    with `detail`, the per-class report (`per_class`; tagging: the per-entity-type one, `per_entity`)."""
     from tqdm.auto import tqdm
     was = model.training
     model.eval()
@@ -37,19 +39,23 @@ def evaluate(model: FusionModel, ds: AVMNISTQA, batch_size: int = 256, drop: Seq
     model.train(was)
     p, g, q = (torch.cat(x).cpu().numpy() for x in (preds, golds, qts))
     losses = float(torch.stack(losses).sum()) if losses else 0.0
-    num_labels = model.config.num_labels
+    names = model.config.labels or [str(i) for i in range(model.config.num_labels)]
     if tagging:  # per token, on the words' first sub-tokens (the rest are -100), plus entity-level F1
-        names = model.config.labels or [str(i) for i in range(num_labels)]
         keep = g != -100
-        seqs = [([names[t] for t in pr[k]], [names[t] for t in go[k]]) for pr, go, k in zip(p, g, keep)]
-        ent = M.entity_f1([s[0] for s in seqs], [s[1] for s in seqs])
-        return {"loss": losses / max(1, n), "accuracy": M.accuracy(p[keep], g[keep]),
-                "macro_f1": M.macro_f1(p[keep], g[keep], num_labels), "entity_f1": ent["f1"], "n": int(n),
-                "per_type": {}}
+        pred_tags = [[names[t] for t in pr[k]] for pr, k in zip(p, keep)]
+        gold_tags = [[names[t] for t in go[k]] for go, k in zip(g, keep)]
+        r = {"loss": losses / max(1, n), "accuracy": M.accuracy(p[keep], g[keep]),
+             "macro_f1": M.macro_f1(p[keep], g[keep]), "entity_f1": M.entity_f1(pred_tags, gold_tags)["f1"],
+             "n": int(n), "per_type": {}}
+        if detail:
+            r["per_entity"] = M.entity_report(pred_tags, gold_tags)
+        return r
     types = getattr(ds, "question_types", None)
-    return {"loss": losses / max(1, n), "accuracy": M.accuracy(p, g),
-            "macro_f1": M.macro_f1(p, g, num_labels), "n": int(n),
-            "per_type": M.grouped_accuracy(p, g, q, types) if types else {}}
+    r = {"loss": losses / max(1, n), "accuracy": M.accuracy(p, g), "macro_f1": M.macro_f1(p, g), "n": int(n),
+         "per_type": M.grouped_accuracy(p, g, q, types) if types else {}}
+    if detail:
+        r["per_class"] = M.class_report(p, g, names)
+    return r
 
 
 def check_labels_fit(model_config, dataset: str) -> None:
@@ -77,7 +83,7 @@ def evaluation_report(model: FusionModel, data_dir: Optional[str], max_text_len:
         test = load_dataset(data_dir, "test", max_text_len, tok)
         if os.path.exists(os.path.join(data_dir, "test_heldout.pt")):
             heldout = load_dataset(data_dir, "test_heldout", max_text_len, tok)
-    rep["test"] = evaluate(model, test, batch_size, (), device, amp_dtype, progress, "test")
+    rep["test"] = evaluate(model, test, batch_size, (), device, amp_dtype, progress, "test", detail=True)
     if heldout is not None:
         rep["test_heldout_phrasings"] = evaluate(model, heldout, batch_size, (), device, amp_dtype, progress,
                                                  "held-out")
@@ -88,7 +94,8 @@ def evaluation_report(model: FusionModel, data_dir: Optional[str], max_text_len:
 
 
 def format_report(rep: Dict) -> str:
-    """One line per split: accuracy, macro-F1, entity F1 (tagging) and accuracy per question type."""
+    """One line per split: accuracy, macro-F1, entity F1 (tagging) and accuracy per question type; then
+    the test split's per-class (tagging: per-entity-type) precision, recall, F1 and support."""
     cols = list(dict.fromkeys(c for r in rep.values() for c in r.get("per_type", {})))
     ent = any("entity_f1" in r for r in rep.values())
     head = f"{'split':<26} {'acc':>6} {'mF1':>6} " + (f"{'entF1':>6} " if ent else "")
@@ -97,4 +104,13 @@ def format_report(rep: Dict) -> str:
         lines.append(f"{k:<26} {100 * r['accuracy']:6.2f} {100 * r['macro_f1']:6.2f} "
                      + (f"{100 * r.get('entity_f1', float('nan')):6.2f} " if ent else "")
                      + " ".join(f"{100 * r['per_type'].get(c, float('nan')):7.2f}" for c in cols))
+    test = rep.get("test", {})
+    for key, title, first in (("per_class", "per class", "class"), ("per_entity", "per entity type", "type")):
+        rows = test.get(key)
+        if not rows:
+            continue
+        w = max(12, *(len(str(k)) for k in rows))
+        lines += ["", f"test, {title}", f"{first:<{w}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}"]
+        lines += [f"{k:<{w}} {100 * v['precision']:9.2f} {100 * v['recall']:9.2f} {100 * v['f1']:9.2f} "
+                  f"{v['support']:8d}" for k, v in rows.items()]
     return "\n".join(lines)
