@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "cuda_common.cuh"
+#include "mask.cuh"
 
 namespace mmkernels {
 namespace cuda {
@@ -105,7 +106,7 @@ __global__ void __launch_bounds__(kBwdThreads)
     load_tile<T, BN, DPAD, KS, NT>(Vs, static_cast<const T*>(sg.v) + (int64_t)b * sg.v_sb + (int64_t)hk * sg.v_sh + j0 * sg.v_sl,
                                    sg.v_sl, nk, Dv, vec);
     const int64_t qlen = q_valid_len(p, b);
-    const int64_t off = kvlen - qlen;  // causal: row i sees key j iff j <= i + off
+    const int64_t off = causal_offset(kvlen, qlen);
     int64_t i_start = 0;
     if (p.causal) {
       const int64_t lo = j0 - off;
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(kBwdThreads)
     for (int g = 0; g < G; ++g) {
       const int h = hk * G + g;
       const float t = p.gate ? tanhf(p.gate[h]) : 1.f;
-      const float bias2 = p.bias ? p.bias[h * p.num_seg + m] * kLog2e : 0.f;
+      const float bias2 = bias_log2(p, h, m);
       const T* qbase = static_cast<const T*>(p.q) + (int64_t)b * p.q_sb + (int64_t)h * p.q_sh;
       const int64_t stat_base = ((int64_t)b * p.Hq + h) * p.Lq;
       for (int64_t i0 = i_start; i0 < qlen; i0 += BMQ) {
@@ -172,7 +173,7 @@ __global__ void __launch_bounds__(kBwdThreads)
           for (int c = 0; c < TQ; ++c) {
             const int il = cg + 8 * c;
             const float l2 = lse_s[il];
-            const bool ok = jl < nk && l2 != NEG_INF && (!p.causal || jg <= i0 + il + off);
+            const bool ok = key_visible(p, jl < nk && l2 != NEG_INF, i0 + il, jg, off);
             const float pv = ok ? exp2f(s[a][c] * p.scale_log2 + bias2 - l2) : 0.f;
             Ps[jl * PS + il] = pv;
             dSs[jl * PS + il] = ok ? pv * (dp[a][c] - del_s[il]) : 0.f;  // no 0 * inf
@@ -293,10 +294,10 @@ __global__ void __launch_bounds__(kBwdThreads)
     for (int m = 0; m < p.num_seg; ++m) {
       const Segment& sg = p.seg[m];
       const int64_t kvlen = seg_valid_len(p, b, m);
-      const int64_t off = kvlen - qlen;
+      const int64_t off = causal_offset(kvlen, qlen);
       int64_t limit = kvlen;
       if (p.causal) limit = clamp_len(last_row + 1 + off, kvlen);
-      const float bias2 = p.bias ? p.bias[h * p.num_seg + m] * kLog2e : 0.f;
+      const float bias2 = bias_log2(p, h, m);
       const T* kbase = static_cast<const T*>(sg.k) + (int64_t)b * sg.k_sb + (int64_t)hk * sg.k_sh;
       const T* vbase = static_cast<const T*>(sg.v) + (int64_t)b * sg.v_sb + (int64_t)hk * sg.v_sh;
       const bool vec = sg.vec4 != 0;
@@ -353,7 +354,7 @@ __global__ void __launch_bounds__(kBwdThreads)
           for (int jj = 0; jj < TN; ++jj) {
             const int jl = cg + 8 * jj;
             const int64_t col = j0 + jl;
-            const bool ok = jl < nvalid && l2 != NEG_INF && (!p.causal || col <= row + off);
+            const bool ok = key_visible(p, jl < nvalid && l2 != NEG_INF, row, col, off);
             const float pv = ok ? exp2f(s[i][jj] * p.scale_log2 + bias2 - l2) : 0.f;
             const float ds = ok ? pv * (dp[i][jj] - dl) : 0.f;  // no 0 * inf
             bsum += ds;
@@ -504,7 +505,7 @@ __global__ void __launch_bounds__(kBwdThreads)
     load_tile_raw<T, KB, DPAD, HS, NT>(Vh, static_cast<const T*>(sg.v) + (int64_t)b * sg.v_sb + (int64_t)hk * sg.v_sh + j0 * sg.v_sl,
                                        sg.v_sl, nk, Dv, vec);
     const int64_t qlen = q_valid_len(p, b);
-    const int64_t off = kvlen - qlen;
+    const int64_t off = causal_offset(kvlen, qlen);
     int64_t i_start = 0;
     if (p.causal) {
       const int64_t lo = j0 - off;
@@ -513,7 +514,7 @@ __global__ void __launch_bounds__(kBwdThreads)
     for (int g = 0; g < G; ++g) {
       const int h = hk * G + g;
       const float t = p.gate ? tanhf(p.gate[h]) : 1.f;
-      const float bias2 = p.bias ? p.bias[h * p.num_seg + m] * kLog2e : 0.f;
+      const float bias2 = bias_log2(p, h, m);
       const T* qbase = static_cast<const T*>(p.q) + (int64_t)b * p.q_sb + (int64_t)h * p.q_sh;
       const int64_t stat_base = ((int64_t)b * p.Hq + h) * p.Lq;
       for (int64_t i0 = i_start; i0 < qlen; i0 += QB) {
@@ -553,7 +554,7 @@ __global__ void __launch_bounds__(kBwdThreads)
         for (int idx = tid; idx < KB * QB; idx += NT) {
           const int jl = idx / QB, il = idx - jl * QB;
           const float l2 = lse_s[il];
-          const bool ok = jl < nk && l2 != NEG_INF && (!p.causal || j0 + jl <= i0 + il + off);
+          const bool ok = key_visible(p, jl < nk && l2 != NEG_INF, i0 + il, j0 + jl, off);
           const float pv = ok ? exp2f(Sf[jl * SS + il] * p.scale_log2 + bias2 - l2) : 0.f;
           const float ds = ok ? pv * (t * dPf[jl * SS + il] - del_s[il]) : 0.f;
           split_store(Phi + jl * PS + il, Plo + jl * PS + il, t * pv);
@@ -666,10 +667,10 @@ __global__ void __launch_bounds__(kBwdThreads)
     for (int m = 0; m < p.num_seg; ++m) {
       const Segment& sg = p.seg[m];
       const int64_t kvlen = seg_valid_len(p, b, m);
-      const int64_t off = kvlen - qlen;
+      const int64_t off = causal_offset(kvlen, qlen);
       int64_t limit = kvlen;
       if (p.causal) limit = clamp_len(last_row + 1 + off, kvlen);
-      const float bias2 = p.bias ? p.bias[h * p.num_seg + m] * kLog2e : 0.f;
+      const float bias2 = bias_log2(p, h, m);
       const T* kbase = static_cast<const T*>(sg.k) + (int64_t)b * sg.k_sb + (int64_t)hk * sg.k_sh;
       const T* vbase = static_cast<const T*>(sg.v) + (int64_t)b * sg.v_sb + (int64_t)hk * sg.v_sh;
       const bool vec = sg.vec4 != 0;
@@ -713,7 +714,7 @@ __global__ void __launch_bounds__(kBwdThreads)
 #pragma unroll
           for (int jj = 0; jj < TN; ++jj) {
             const int jl = cg + 8 * jj;
-            const bool ok = jl < nvalid && l2 != NEG_INF && (!p.causal || j0 + jl <= row + off);
+            const bool ok = key_visible(p, jl < nvalid && l2 != NEG_INF, row, j0 + jl, off);
             const float pv = ok ? exp2f(Sf[il * SS + jl] * p.scale_log2 + bias2 - l2) : 0.f;
             const float ds = ok ? pv * (t * dPf[il * SS + jl] - dl) : 0.f;
             bsum += ds;

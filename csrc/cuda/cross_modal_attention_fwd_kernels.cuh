@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "cuda_common.cuh"
+#include "mask.cuh"
 
 namespace mmkernels {
 namespace cuda {
@@ -67,10 +68,10 @@ __global__ void __launch_bounds__(kFwdThreads)
     for (int m = 0; m < p.num_seg; ++m) {
       const Segment& sg = p.seg[m];
       const int64_t kvlen = seg_valid_len(p, b, m);
-      const int64_t off = kvlen - qlen;  // causal: row i sees key j iff j <= i + off
+      const int64_t off = causal_offset(kvlen, qlen);
       int64_t limit = kvlen;
       if (p.causal) limit = clamp_len(last_row + 1 + off, kvlen);
-      const float bias2 = p.bias ? p.bias[h * p.num_seg + m] * kLog2e : 0.f;
+      const float bias2 = bias_log2(p, h, m);
       const T* kbase = static_cast<const T*>(sg.k) + (int64_t)b * sg.k_sb + (int64_t)hk * sg.k_sh;
       const T* vbase = static_cast<const T*>(sg.v) + (int64_t)b * sg.v_sb + (int64_t)hk * sg.v_sh;
       const bool vec = sg.vec4 != 0;
@@ -110,7 +111,7 @@ __global__ void __launch_bounds__(kFwdThreads)
           for (int jj = 0; jj < TN; ++jj) {
             const int jl = cg + 8 * jj;
             const int64_t col = j0 + jl;
-            const bool ok = jl < nvalid && (!p.causal || col <= row + off);
+            const bool ok = key_visible(p, jl < nvalid, row, col, off);
             s[i][jj] = ok ? s[i][jj] * p.scale_log2 + bias2 : NEG_INF;
             tmax = fmaxf(tmax, s[i][jj]);
           }
@@ -252,10 +253,10 @@ __global__ void __launch_bounds__(kFwdThreads)
     for (int m = 0; m < p.num_seg; ++m) {
       const Segment& sg = p.seg[m];
       const int64_t kvlen = seg_valid_len(p, b, m);
-      const int64_t off = kvlen - qlen;
+      const int64_t off = causal_offset(kvlen, qlen);
       int64_t limit = kvlen;
       if (p.causal) limit = clamp_len(last_row + 1 + off, kvlen);
-      const float bias2 = p.bias ? p.bias[h * p.num_seg + m] * kLog2e : 0.f;
+      const float bias2 = bias_log2(p, h, m);
       const T* kbase = static_cast<const T*>(sg.k) + (int64_t)b * sg.k_sb + (int64_t)hk * sg.k_sh;
       const T* vbase = static_cast<const T*>(sg.v) + (int64_t)b * sg.v_sb + (int64_t)hk * sg.v_sh;
       const bool vec = sg.vec4 != 0;
@@ -293,7 +294,7 @@ __global__ void __launch_bounds__(kFwdThreads)
           for (int jj = 0; jj < TN; ++jj) {
             const int jl = cg + 8 * jj;
             const int64_t col = j0 + jl;
-            const bool ok = jl < nvalid && (!p.causal || col <= row + off);
+            const bool ok = key_visible(p, jl < nvalid, row, col, off);
             sv[jj] = ok ? Sf[rl * SS + jl] * p.scale_log2 + bias2 : NEG_INF;
             tmax = fmaxf(tmax, sv[jj]);
           }

@@ -1,0 +1,31 @@
+// Masking and bias shared by every attention kernel (forward SIMT and tensor-core, dQ, dK/dV):
+// which keys of a segment a query row sees, the bound of the key loop, and the modality bias in
+// the log2 units the kernels' exp2 works in. The causal rule is the CPU kernels' one
+// (causal_visible_keys in csrc/common/online_softmax.h): bottom-right aligned on the valid lengths.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda_common.cuh"
+
+namespace mmkernels {
+namespace cuda {
+
+// Causal: query row i (of q_len valid rows) sees key j (of kv_len valid keys) iff j <= i + offset.
+__device__ __forceinline__ int64_t causal_offset(int64_t kv_len, int64_t q_len) { return kv_len - q_len; }
+
+// Whether query row `row` sees key `col` (absolute positions), given the caller's in-range test.
+// Row and Col keep the caller's index types (32-bit in the inner loops): widening them here
+// costs registers (spills in the 64x64 forward).
+template <typename Row, typename Col>
+__device__ __forceinline__ bool key_visible(const AttnParams& p, bool in_range, Row row, Col col, int64_t offset) {
+  return in_range && (!p.causal || col <= row + offset);
+}
+
+// modality_bias[h, m] in log2 units (0 without a bias).
+__device__ __forceinline__ float bias_log2(const AttnParams& p, int h, int m) {
+  return p.bias ? p.bias[h * p.num_seg + m] * kLog2e : 0.f;
+}
+
+}  // namespace cuda
+}  // namespace mmkernels
