@@ -6,74 +6,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# the config and the files of a saved folder: config.py (read without the model's code)
+from mmkernels.models.config import (ALL_MODALITIES, CONFIG_NAME, PREPROCESSING_NAME, WEIGHTS_NAME,  # noqa: F401
+                                     ModelConfig, load_preprocessing, read_config)
 from mmkernels.models.encoders import AudioEncoder, ImageEncoder
 from mmkernels.models.text import apply_finetune_policy, build_text_encoder
 from mmkernels.nn.attention import CrossModalBlock
 from mmkernels.nn.fusion import GatedMultimodalUnit
 from mmkernels.utils.atomic import fsync_tree, replace_dir, temp_path
-
-ALL_MODALITIES = ("text", "image", "audio")
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-# How inputs were prepared in training (text length, audio length and rate): a served model
-# must prepare its inputs the same way.
-PREPROCESSING_NAME = "preprocessing.json"
-
-
-@dataclass
-class ModelConfig:
-    modalities: List[str] = field(default_factory=lambda: list(ALL_MODALITIES))
-    d_model: int = 64
-    num_heads: int = 4
-    fusion_layers: int = 1
-    ffn_mult: int = 2
-    dropout: float = 0.1
-    text_encoder: str = "random"        # random | minilm
-    text_model_path: Optional[str] = None  # a local BERT-family folder (weights + tokenizer) instead of the package's MiniLM
-    text_hidden: int = 64               # random encoder only
-    text_layers: int = 2
-    text_heads: int = 2
-    text_finetune: str = "all"          # all | frozen | top_k
-    text_top_k: int = 2
-    text_freeze_embeddings: bool = True  # word embeddings (vocab x hidden) frozen: most of the cost, few tokens used
-    image_channels: int = 16
-    image_layers: int = 0
-    audio_layers: int = 1
-    n_mels: int = 40
-    gmu_hidden: int = 128
-    task: str = "answer"                # answer | classification | token_classification
-    num_labels: int = 21
-    aux_digit_loss: float = 0.0         # weight of auxiliary digit losses on the pooled image / audio encodings
-    labels: Optional[List[str]] = None  # id -> label name (answers), kept with the saved model
-    kernel_backend: Optional[str] = None  # None: mmkernels ops (default dispatch) | "reference" | "cpu" | ...
-    bert_config: Optional[dict] = None  # set by save_pretrained: rebuild the text encoder without its source
-
-    def __post_init__(self):
-        for k in ("d_model", "num_heads", "ffn_mult", "text_hidden", "text_layers", "text_heads", "image_channels",
-                  "n_mels", "gmu_hidden", "num_labels"):
-            if not getattr(self, k) >= 1:
-                raise ValueError(f"model.{k} must be >= 1, got {getattr(self, k)!r}")
-        for k in ("fusion_layers", "image_layers", "audio_layers", "text_top_k", "aux_digit_loss"):
-            if not getattr(self, k) >= 0:  # NaN too
-                raise ValueError(f"model.{k} must be >= 0, got {getattr(self, k)!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.d_model % self.num_heads:
-            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads})")
-        bad = [m for m in self.modalities if m not in ALL_MODALITIES]
-        if bad or not self.modalities:
-            raise ValueError(f"model.modalities must be a non-empty subset of {list(ALL_MODALITIES)}, got {self.modalities}")
-        if "text" not in self.modalities and self.task == "token_classification":
-            raise ValueError("model.task token_classification needs the text modality")
-        if self.task not in ("answer", "classification", "token_classification"):
-            raise ValueError(f"model.task must be answer|classification|token_classification, got {self.task!r}")
 
 
 def pool(m: str, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -276,18 +223,11 @@ class FusionModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, kernel_backend: Optional[str] = "keep", map_location="cpu") -> "FusionModel":
         from safetensors.torch import load_file
-        cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
-        for p in (cfg_path, w_path):
+        w_path = os.path.join(path, WEIGHTS_NAME)
+        for p in (os.path.join(path, CONFIG_NAME), w_path):
             if not os.path.exists(p):
                 raise FileNotFoundError(f"not a saved mmkernels model: {p} is missing")
-        with open(cfg_path) as f:
-            d = json.load(f)
-        d.pop("model_type", None)
-        known = {f.name for f in fields(ModelConfig)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{cfg_path}: unknown config key(s) {unknown}")
-        cfg = ModelConfig(**d)
+        cfg = read_config(path)
         if kernel_backend != "keep":
             cfg.kernel_backend = kernel_backend
         model = cls(cfg, load_pretrained_text=False)
@@ -303,12 +243,3 @@ def _write_json(path: str, obj) -> None:
     """A plain write: the files of save_pretrained's temporary folder are fsynced together afterwards."""
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, default=str)
-
-
-def load_preprocessing(path: str) -> dict:
-    """The preprocessing settings saved beside a model ({} for a folder saved without them)."""
-    p = os.path.join(path, PREPROCESSING_NAME)
-    if not os.path.exists(p):
-        return {}
-    with open(p) as f:
-        return json.load(f)

@@ -47,11 +47,17 @@ _TOKENIZERS = {}
 
 def _tokenizer_of(path: str, what: str):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
     if path not in _TOKENIZERS:
+        v = hf_logging.get_verbosity()
+        # a saved model's folder: its config.json is the fusion model's, which transformers would warn about
+        hf_logging.set_verbosity_error()
         try:
             _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:  # e.g. no tokenizer files in the folder
             raise ModelFolderError(f"{what}: no tokenizer can be loaded from {path} ({_first_line(e)})") from e
+        finally:
+            hf_logging.set_verbosity(v)
     return _TOKENIZERS[path]
 
 
