@@ -82,3 +82,37 @@ def test_output_dir_that_cannot_be_made(files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: train.output_dir {out} cannot be made: ") and err.count("\n") == 1, err
     assert "Not a directory" in err, err
+
+
+def test_unreadable_files_of_the_data_name_the_file_and_line(files, tmp_path, capsys):
+    """An image or WAV of a JSON lines file that cannot be read (train or eval), or a path that is not a
+    string: one error line naming the data file, its line and the file."""
+    import json
+    import os
+    from mmkernels.train.cli import eval_main, train_main
+    lines = open(files["train"]).read().splitlines()
+    (tmp_path / "corrupt.png").write_bytes(b"not a png")
+    bad = tmp_path / "train.jsonl"
+    base = os.path.dirname(files["train"])
+    recs = [dict(json.loads(line), image=os.path.join(base, json.loads(line)["image"]),
+                 audio=os.path.join(base, json.loads(line)["audio"])) for line in lines]
+    for field, value, message in (("image", str(tmp_path / "corrupt.png"),
+                                   f"cannot read image file {tmp_path / 'corrupt.png'}: not an image file Pillow can read"),
+                                  ("audio", str(tmp_path / "gone.wav"), f"audio file not found: {tmp_path / 'gone.wav'}"),
+                                  ("image", ["a.png"], "field 'image' must be a file path (a string), got [\"a.png\"]")):
+        bad.write_text("".join(json.dumps(dict(r, **({field: value} if i == 2 else {}))) + "\n"
+                               for i, r in enumerate(recs)))
+        ov = [o if not o.startswith("data.train_file=") else f"data.train_file={bad}"
+              for o in jsonl_overrides(files, str(tmp_path / "run"), epochs=1)]
+        assert train_main(ov) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {bad}:3: {message}\n", err
+    # eval of a trained model on a test file with a missing WAV
+    out = str(tmp_path / "good")
+    assert train_main(jsonl_overrides(files, out, epochs=1)) == 0
+    capsys.readouterr()
+    bad.write_text("".join(json.dumps(dict(r, **({"audio": str(tmp_path / "gone.wav")} if i == 5 else {}))) + "\n"
+                           for i, r in enumerate(recs)))
+    assert eval_main(["--model", os.path.join(out, "best"), f"data.test_file={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {bad}:6: audio file not found: {tmp_path / 'gone.wav'}\n", err

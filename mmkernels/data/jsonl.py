@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +29,11 @@ class JsonlFormatError(DataFormatError):
 
 
 def read_jsonl(path: str, task: str, modalities: Sequence[str]) -> List[dict]:
+    return [rec for _, rec in read_jsonl_lines(path, task, modalities)]
+
+
+def read_jsonl_lines(path: str, task: str, modalities: Sequence[str]) -> List[Tuple[int, dict]]:
+    """(line number, record) for each record of a data file, its fields checked."""
     if not path:
         raise JsonlFormatError("data.dataset=jsonl needs data.train_file, data.val_file and data.test_file")
     if not os.path.exists(path):
@@ -46,6 +51,8 @@ def read_jsonl(path: str, task: str, modalities: Sequence[str]) -> List[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise JsonlFormatError(f"{path}:{ln}: not valid JSON: {e}") from e
+            if not isinstance(rec, dict):
+                raise JsonlFormatError(f"{path}:{ln}: expected a JSON object, got {type(rec).__name__}")
             missing = [k for k in need if k not in rec]
             if missing:
                 raise JsonlFormatError(f"{path}:{ln}: missing field(s) {missing} (task {task}, modalities "
@@ -59,7 +66,11 @@ def read_jsonl(path: str, task: str, modalities: Sequence[str]) -> List[dict]:
                     raise JsonlFormatError(f"{path}:{ln}: tags must be BIO (O, B-TYPE, I-TYPE), got {bad[:3]}")
             else:
                 rec["label"] = str(rec["label"])
-            out.append(rec)
+            for k in ("image", "audio"):
+                if k in need and not isinstance(rec[k], str):
+                    raise JsonlFormatError(f"{path}:{ln}: field '{k}' must be a file path (a string), "
+                                           f"got {json.dumps(rec[k])}")
+            out.append((ln, rec))
     if not out:
         raise JsonlFormatError(f"{path}: no records")
     return out
@@ -79,7 +90,8 @@ class JsonlDataset(torch.utils.data.Dataset):
                  max_text_len: int = 24, max_audio_seconds: float = 1.0, progress: bool = False):
         if task not in TASKS:
             raise JsonlFormatError(f"data.dataset=jsonl trains model.task {TASKS}, got {task!r}")
-        records = read_jsonl(path, task, modalities)
+        numbered = read_jsonl_lines(path, task, modalities)
+        records = [rec for _, rec in numbered]
         base = os.path.dirname(os.path.abspath(path))
         index = {name: i for i, name in enumerate(labels)}
         n = len(records)
@@ -119,14 +131,17 @@ class JsonlDataset(torch.utils.data.Dataset):
         self.audio_lengths = torch.ones(n, dtype=torch.long)
         from tqdm.auto import tqdm
 
-        for i, r in enumerate(tqdm(records, desc=f"reading {os.path.basename(path)}", disable=not progress,
-                                   leave=False)):
-            if "image" in modalities:
-                self.images[i] = load_image(resolve(r["image"]))
-            if "audio" in modalities:
-                wav = load_audio(resolve(r["audio"]))[:max_len]
-                self.audio[i, : len(wav)] = torch.from_numpy(np.ascontiguousarray(wav))
-                self.audio_lengths[i] = max(1, len(wav))
+        for i, (ln, r) in enumerate(tqdm(numbered, desc=f"reading {os.path.basename(path)}", disable=not progress,
+                                         leave=False)):
+            try:
+                if "image" in modalities:
+                    self.images[i] = load_image(resolve(r["image"]))
+                if "audio" in modalities:
+                    wav = load_audio(resolve(r["audio"]), SAMPLE_RATE)[:max_len]
+                    self.audio[i, : len(wav)] = torch.from_numpy(np.ascontiguousarray(wav))
+                    self.audio_lengths[i] = max(1, len(wav))
+            except (OSError, ValueError) as e:  # missing or unreadable file: named with the data file's line
+                raise JsonlFormatError(f"{path}:{ln}: {e}") from e
 
     @staticmethod
     def _label(index: Dict[str, int], name: str, path: str) -> int:

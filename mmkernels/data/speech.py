@@ -162,32 +162,67 @@ def make_speakers(n: int, voices: Sequence[Tuple[str, str]], rng: np.random.Gene
 
 # ----------------------------------------------------------------------------- WAV / FSDD
 def read_wav(path: str) -> Tuple[np.ndarray, int]:
-    """Read a PCM WAV file (8/16/32-bit, any channels) as float32 mono; clear error when malformed."""
+    """Read a WAV file as float32 mono and its sample rate: PCM of 8/16/24/32 bits or IEEE float samples,
+    any number of channels (averaged). A missing file is a FileNotFoundError, anything unreadable a
+    ValueError, both naming the file."""
     try:
         with wave.open(path, "rb") as w:
             sr, ch, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
             raw = w.readframes(n)
-    except (wave.Error, EOFError) as e:
-        try:  # float WAV etc.: soundfile if installed
-            import soundfile as sf
-            x, sr = sf.read(path, dtype="float32", always_2d=True)
-            return x.mean(axis=1), int(sr)
-        except Exception:
-            raise ValueError(f"malformed WAV file {path}: {e}") from e
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"audio file not found: {path}") from e
+    except (wave.Error, EOFError) as e:  # float samples, WAVE_FORMAT_EXTENSIBLE (before Python 3.12), ...
+        return _read_wav_other(path, e)
+    except OSError as e:  # a folder, no permission...
+        raise ValueError(f"cannot read audio file {path}: {e.strerror or e}") from e
     dtype = {1: np.uint8, 2: np.int16, 4: np.int32}.get(width)
-    if dtype is None:
-        raise ValueError(f"malformed WAV file {path}: unsupported sample width {width} bytes")
-    x = np.frombuffer(raw, dtype=dtype).astype(np.float32)
+    if dtype is None:  # 24-bit
+        return _read_wav_other(path, f"unsupported sample width {width} bytes")
+    x = np.frombuffer(raw[: len(raw) - len(raw) % (width * max(1, ch))], dtype=dtype).astype(np.float32)
     x = (x - 128.0) / 128.0 if width == 1 else x / float(2 ** (8 * width - 1))
     if ch > 1:
         x = x.reshape(-1, ch).mean(axis=1)
-    return x, sr
+    return _checked_rate(x, sr, path)
 
 
-def load_audio(path: str) -> np.ndarray:
-    """WAV file -> float32 mono at SAMPLE_RATE, trimmed, peak-normalised (the model's input format)."""
+def _read_wav_other(path: str, why) -> Tuple[np.ndarray, int]:
+    """The WAVs Python's wave module does not read: scipy.io.wavfile, then soundfile where installed."""
+    import warnings
+    try:
+        from scipy.io import wavfile
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", wavfile.WavFileWarning)  # e.g. unknown chunks, which it skips
+            sr, x = wavfile.read(path)
+        if x.dtype.kind == "u":
+            x = (x.astype(np.float32) - 2 ** (8 * x.dtype.itemsize - 1)) / 2 ** (8 * x.dtype.itemsize - 1)
+        elif x.dtype.kind == "i":  # 24-bit samples come left-justified in int32
+            x = x.astype(np.float32) / float(2 ** (8 * x.dtype.itemsize - 1))
+        elif x.dtype.kind == "f":
+            x = x.astype(np.float32)
+        else:
+            raise ValueError(f"samples of type {x.dtype}")
+    except Exception as scipy_error:
+        try:
+            import soundfile as sf
+            x, sr = sf.read(path, dtype="float32", always_2d=True)
+        except Exception:
+            raise ValueError(f"malformed WAV file {path}: {why}") from scipy_error
+    if x.ndim > 1:
+        x = x.mean(axis=1)
+    return _checked_rate(np.ascontiguousarray(x, dtype=np.float32), int(sr), path)
+
+
+def _checked_rate(x: np.ndarray, sr: int, path: str) -> Tuple[np.ndarray, int]:
+    if not sr > 0:
+        raise ValueError(f"malformed WAV file {path}: sample rate {sr}")
+    return x, int(sr)
+
+
+def load_audio(path: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """WAV file -> float32 mono at `sample_rate` (the model's, 8 kHz; other rates are resampled),
+    trimmed, peak-normalised: the model's input format."""
     x, sr = read_wav(path)
-    return normalize(trim_silence(resample(x, sr)))
+    return normalize(trim_silence(resample(x, sr, sample_rate)))
 
 
 _FSDD_RE = re.compile(r"^(\d)_([A-Za-z0-9\-]+)_(\d+)\.wav$")
