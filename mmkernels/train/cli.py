@@ -13,6 +13,13 @@ import torch
 EPILOG = "overrides: section.key=value, e.g. train.epochs=3 model.d_model=128 data.speech_dir=/path/to/fsdd"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line and exit code 2, like every other user error."""
+
+    def error(self, message):
+        raise SystemExit(_fail(f"{self.prog}: {message}"))
+
+
 def _fail(msg: str) -> int:
     """One `error:` line on stderr (from the first process only, under torchrun), exit code 2."""
     from mmkernels.train.distributed import is_main
@@ -30,8 +37,7 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     from mmkernels.train.distributed import cleanup_distributed
     from mmkernels.train.trainer import Trainer
 
-    p = argparse.ArgumentParser(prog="mmkernels-train", description="Train the text+image+audio fusion model.",
-                                epilog=EPILOG)
+    p = _Parser(prog="mmkernels-train", description="Train the text+image+audio fusion model.", epilog=EPILOG)
     p.add_argument("--config", "-c", help="YAML config (configs/quick.yaml, configs/full.yaml, ...)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from a checkpoint file or run folder (default: the run's own checkpoint)")
@@ -70,9 +76,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     from mmkernels.train.data import prepare_data_dir
     from mmkernels.train.evaluation import check_labels_fit, evaluation_report, format_report
 
-    p = argparse.ArgumentParser(prog="mmkernels-eval", description="Evaluation report of a saved model: accuracy "
-                                "overall and per question type, held-out phrasings, each modality removed.",
-                                epilog=EPILOG)
+    p = _Parser(prog="mmkernels-eval", description="Evaluation report of a saved model: accuracy "
+                "overall and per question type, held-out phrasings, each modality removed.", epilog=EPILOG)
     p.add_argument("--model", "-m", required=True, help="folder written by save_pretrained (e.g. runs/quick/best)")
     p.add_argument("--config", "-c", help="data config; default: the run_config.json next to the model")
     p.add_argument("--data-dir", help="built data folder ({split}.pt)")
@@ -107,16 +112,13 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
 
 
 def predict_main(argv: Optional[List[str]] = None) -> int:
-    from mmkernels.data.images import load_image
-    from mmkernels.data.speech import load_audio
-    from mmkernels.models.fusion_model import FusionModel, load_preprocessing
-    from mmkernels.models.text import saved_tokenizer
+    from mmkernels.train.inference import Predictor, read_queries
 
-    p = argparse.ArgumentParser(prog="mmkernels-predict",
-                                description="Answer questions about an image + a spoken WAV; JSON lines out.")
+    p = _Parser(prog="mmkernels-predict",
+                description="Answer questions about an image + a spoken WAV; JSON lines out, in input order.")
     p.add_argument("--model", "-m", required=True, help="folder written by save_pretrained")
     p.add_argument("--image", help="image file (PNG/JPEG...) of a digit")
-    p.add_argument("--audio", help="WAV file of a spoken digit")
+    p.add_argument("--audio", help="WAV file of a spoken digit (any sample rate: resampled to the model's)")
     p.add_argument("--question", "-q", help="question text")
     p.add_argument("--input", "-i", help="JSON lines file with fields image, audio, question (one query a line)")
     p.add_argument("--output", "-o", help="output JSON lines file (default: stdout)")
@@ -126,67 +128,48 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-text-len", type=int, default=None,
                    help="question tokens (default: the model's training setting, else 24)")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="queries read and answered together (default 64); the model runs on blocks of 64 rows "
+                        "whatever it is, so an answer does not depend on the batch")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes reading the image and audio files (default 1; 0: in this process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal for long inputs)")
     a = p.parse_args(argv)
-    queries, base = [], os.getcwd()
-    if a.input:
-        base = os.path.dirname(os.path.abspath(a.input))  # relative paths: from the queries file, as in training
-        with open(a.input) as f:
-            for ln, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        queries.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        return _fail(f"{a.input}:{ln}: not valid JSON: {e}")
-    elif a.image or a.audio or a.question:
-        queries.append({k: v for k, v in (("image", a.image), ("audio", a.audio), ("question", a.question)) if v})
-    else:
-        return _fail("give --image, --audio and --question (those the model uses), or --input queries.jsonl")
+    for name, v, low in (("--batch-size", a.batch_size, 1), ("--workers", a.workers, 0), ("--top-k", a.top_k, 1),
+                         ("--max-text-len", a.max_text_len, 1), ("--max-audio-seconds", a.max_audio_seconds, 0)):
+        if v is not None and not (v > low if isinstance(v, float) else v >= low):
+            return _fail(f"{name} must be {'>' if isinstance(v, float) else '>='} {low}, got {v}")
     try:
-        backend = {"keep": "keep", "default": None}.get(a.backend, a.backend)
-        model = FusionModel.from_pretrained(a.model, kernel_backend=backend).eval()
-        if model.config.task == "token_classification":
-            raise ValueError("mmkernels-predict answers with one label per query; this model tags tokens "
-                             "(model.task token_classification): evaluate it with mmkernels-eval")
-        prep = load_preprocessing(a.model)
-        tok = saved_tokenizer(a.model, model.config.text_model_path)
-        labels = model.config.labels or [str(i) for i in range(model.config.num_labels)]
-        max_text_len = a.max_text_len or int(prep.get("max_text_len", 24))
-        seconds = a.max_audio_seconds or float(prep.get("max_audio_seconds", 1.0))
-        max_len = int(seconds * int(prep.get("sample_rate", 8000)))
-        # what each modality reads; "text" is the field name of the training JSON lines
-        fields = {"image": ("image",), "audio": ("audio",), "text": ("question", "text")}
-        mods = model.modalities
-
-        def path_of(p):
-            return p if os.path.isabs(p) else os.path.join(base, p)
-
-        results = []
-        for q in queries:
-            for m in mods:
-                if not any(k in q for k in fields[m]):
-                    raise ValueError(f"query {q} lacks the field '{fields[m][0]}' (the model uses {m})")
-            audio, lengths = torch.zeros(1, max_len), torch.tensor([1])
-            if "audio" in mods:
-                wav = load_audio(path_of(q["audio"]))[:max_len]
-                audio[0, :len(wav)] = torch.from_numpy(wav)
-                lengths = torch.tensor([max(1, len(wav))])
-            text = str(q.get("question", q.get("text", "")))
-            enc = tok([text], padding="max_length", truncation=True, max_length=max_text_len, return_tensors="pt")
-            image = load_image(path_of(q["image"]))[None] if "image" in mods else torch.zeros(1, 28, 28, dtype=torch.uint8)
-            batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                     "image": image, "audio": audio, "audio_lengths": lengths}
-            with torch.no_grad():
-                probs = model(batch)["logits"].float().softmax(-1)[0]
-            top = probs.topk(min(a.top_k, len(labels)))
-            results.append({**q, "answer": labels[int(top.indices[0])], "score": round(float(top.values[0]), 4),
-                            "top": [{"answer": labels[int(i)], "score": round(float(v), 4)}
-                                    for v, i in zip(top.values, top.indices)]})
-        lines = "".join(json.dumps(r) + "\n" for r in results)  # written once all queries succeeded
-        if a.output:
-            with open(a.output, "w") as f:
-                f.write(lines)
+        if a.input:
+            queries, where = read_queries(a.input), a.input
+            base = os.path.dirname(os.path.abspath(a.input))  # relative paths: from the queries file, as in training
+        elif a.image or a.audio or a.question:
+            queries = [(1, {k: v for k, v in (("image", a.image), ("audio", a.audio), ("question", a.question))
+                            if v})]
+            where, base = None, os.getcwd()
         else:
+            return _fail("give --image, --audio and --question (those the model uses), or --input queries.jsonl")
+        pred = Predictor(a.model, {"keep": "keep", "default": None}.get(a.backend, a.backend), a.max_text_len,
+                         a.max_audio_seconds)
+        progress = not a.no_progress and sys.stderr.isatty() and len(queries) > a.batch_size
+        answers = pred.predict(queries, where, base, a.batch_size, a.workers, a.top_k, progress)
+        if a.output:  # streamed to a temporary file, renamed over the output once every query is answered
+            from mmkernels.utils.atomic import atomic_write
+
+            def write(f):
+                for r in answers:
+                    f.write(json.dumps(r) + "\n")
+
+            try:
+                atomic_write(a.output, write, mode="w")
+            except IsADirectoryError as e:
+                raise ValueError(f"--output {a.output} is a folder") from e
+            except OSError as e:  # a parent that is a file, no permission, a full disk...
+                raise ValueError(f"--output {a.output} cannot be written: {e.strerror or e}") from e
+        else:
+            lines = "".join(json.dumps(r) + "\n" for r in answers)  # written once all queries succeeded
             sys.stdout.write(lines)
     except (FileNotFoundError, ValueError, ImportError) as e:
         return _fail(str(e))
     return 0
+
