@@ -116,7 +116,8 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
 
     p = _Parser(prog="mmkernels-predict",
                 description="Answer questions about an image + a spoken WAV; JSON lines out, in input order.")
-    p.add_argument("--model", "-m", required=True, help="folder written by save_pretrained")
+    p.add_argument("--model", "-m", required=True,
+                   help="folder written by save_pretrained, or by --export (a torch.export program)")
     p.add_argument("--image", help="image file (PNG/JPEG...) of a digit")
     p.add_argument("--audio", help="WAV file of a spoken digit (any sample rate: resampled to the model's)")
     p.add_argument("--question", "-q", help="question text")
@@ -134,12 +135,17 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=1,
                    help="processes reading the image and audio files (default 1; 0: in this process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal for long inputs)")
+    p.add_argument("--export", metavar="DIR",
+                   help="write the model as a torch.export program to the folder DIR (model.pt2, its config, "
+                        "preprocessing and tokenizer; --model DIR then serves it) and exit")
     a = p.parse_args(argv)
     for name, v, low in (("--batch-size", a.batch_size, 1), ("--workers", a.workers, 0), ("--top-k", a.top_k, 1),
                          ("--max-text-len", a.max_text_len, 1), ("--max-audio-seconds", a.max_audio_seconds, 0)):
         if v is not None and not (v > low if isinstance(v, float) else v >= low):
             return _fail(f"{name} must be {'>' if isinstance(v, float) else '>='} {low}, got {v}")
     try:
+        if a.export:
+            return _export(a)
         if a.input:
             queries, where = read_queries(a.input), a.input
             base = os.path.dirname(os.path.abspath(a.input))  # relative paths: from the queries file, as in training
@@ -173,3 +179,24 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
         return _fail(str(e))
     return 0
 
+
+def _export(a) -> int:
+    """mmkernels-predict --model DIR --export OUT: the saved model as a torch.export program folder."""
+    from mmkernels.models.export import mmkernels_ops, save_exported
+    from mmkernels.train.inference import Predictor
+
+    if a.input or a.image or a.audio or a.question:
+        return _fail("--export writes the exported model and answers no queries: give it without --input, "
+                     "--image, --audio and --question")
+    pred = Predictor(a.model, {"keep": "keep", "default": None}.get(a.backend, a.backend), a.max_text_len,
+                     a.max_audio_seconds)
+    if pred.exported:
+        return _fail(f"{a.model} is already an exported program")
+    prep = dict(pred.saved_preprocessing, max_text_len=pred.prep.max_text_len,
+                max_audio_seconds=pred.prep.max_audio_len / pred.prep.sample_rate, sample_rate=pred.prep.sample_rate)
+    try:
+        program = save_exported(pred.model, a.export, prep, pred.tokenizer)
+    except OSError as e:
+        return _fail(f"--export {a.export} cannot be written: {e.strerror or e}")
+    print(json.dumps({"exported": os.path.abspath(a.export), "mmkernels_ops": mmkernels_ops(program)}))
+    return 0

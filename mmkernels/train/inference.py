@@ -1,7 +1,7 @@
 """Answers of a saved model to queries (mmkernels-predict), in batches: the queries file read with its line
 numbers, the image and audio files read by a torch DataLoader (worker processes), the questions tokenized a
 batch at a time, one forward per batch, the answers in input order. The model is a save_pretrained folder
-(eager, on the mmkernels ops).
+(eager, on the mmkernels ops) or an exported folder (mmkernels/models/export.py: the torch.export program).
 Every query is prepared exactly as in training and alone: a row's answer does not depend on the batch.
 Imports nothing of the training loop."""
 from __future__ import annotations
@@ -13,8 +13,6 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-# the model's inputs
-INPUTS = ("input_ids", "attention_mask", "image", "audio", "audio_lengths")
 # rows of every model forward (see Predictor.logits)
 FORWARD_ROWS = 64
 # the fields each modality reads ("text": the field name of the training JSON lines)
@@ -128,16 +126,26 @@ def collate(items: List[Dict]) -> Dict:
 
 
 class Predictor:
-    """A saved model (save_pretrained folder) with its tokenizer and preprocessing."""
+    """A saved model (save_pretrained folder, or an exported folder) with its tokenizer and preprocessing."""
 
     def __init__(self, model_dir: str, backend: Optional[str] = "keep", max_text_len: Optional[int] = None,
                  max_audio_seconds: Optional[float] = None):
-        from mmkernels.models.config import load_preprocessing
-        from mmkernels.models.fusion_model import FusionModel
+        from mmkernels.models.config import WEIGHTS_NAME, load_preprocessing, read_config
+        from mmkernels.models.export import is_exported, load_exported
         from mmkernels.models.text import saved_tokenizer
 
-        self.model = FusionModel.from_pretrained(model_dir, kernel_backend=backend).eval()
-        self.config = self.model.config
+        self.exported = is_exported(model_dir) and not os.path.exists(os.path.join(model_dir, WEIGHTS_NAME))
+        if self.exported:
+            if backend not in ("keep", None):
+                raise ValueError(f"{model_dir} is an exported program: its ops are fixed at export "
+                                 f"(--backend {backend} does not apply)")
+            self.config = read_config(model_dir)
+            self.model = None
+            self.program = load_exported(model_dir)
+        else:
+            from mmkernels.models.fusion_model import FusionModel
+            self.model = FusionModel.from_pretrained(model_dir, kernel_backend=backend).eval()
+            self.config = self.model.config
         if self.config.task == "token_classification":
             raise ValueError("mmkernels-predict answers with one label per query; this model tags tokens "
                              "(model.task token_classification): evaluate it with mmkernels-eval")
@@ -160,6 +168,8 @@ class Predictor:
         of its last row): every forward has the same shape, so the matrix kernels take the same paths
         (below about 8 rows they take others, whose rounding differs) and a query's answer does not
         depend on the batch it came in, nor on its place there."""
+        from mmkernels.models.export import INPUTS
+
         n = inputs["image"].shape[0]
         out = []
         for s in range(0, n, FORWARD_ROWS):
@@ -167,7 +177,10 @@ class Predictor:
             pad = FORWARD_ROWS - block["image"].shape[0]
             if pad:
                 block = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in block.items()}
-            logits = self.model(block)["logits"]  # no text_keys: a frozen text encoder too runs on the whole block
+            if self.exported:
+                logits = self.program(*(block[k] for k in INPUTS))
+            else:  # no text_keys: a frozen text encoder too runs on the whole block, of the same shape
+                logits = self.model(block)["logits"]
             out.append(logits[:FORWARD_ROWS - pad])
         return torch.cat(out)
 
