@@ -96,6 +96,30 @@ def test_one_forward_per_64_rows(model_and_queries, tmp_path, monkeypatch):
     assert rows == [64, 64]
 
 
+def test_threads_set_for_the_run_and_restored(model_and_queries, tmp_path, monkeypatch):
+    import torch
+    from mmkernels.train import inference
+    model, queries = model_and_queries
+    seen = []
+    answers = inference.Predictor.answers
+
+    def spy(self, *a, **k):
+        seen.append(torch.get_num_threads())
+        return answers(self, *a, **k)
+
+    monkeypatch.setattr(inference.Predictor, "answers", spy)
+    before = torch.get_num_threads()
+    assert predict(model, queries, tmp_path / "p1.jsonl", "--threads", "1")
+    assert set(seen) == {1} and torch.get_num_threads() == before
+    seen.clear()
+    assert predict(model, queries, tmp_path / "p3.jsonl", "--threads", "3") and set(seen) == {3}
+    seen.clear()
+    default = max(1, len(os.sched_getaffinity(0)) - 1)  # a core left to the reading, whatever --workers
+    assert predict(model, queries, tmp_path / "p.jsonl", "--workers", "0") == \
+        predict(model, queries, tmp_path / "p2.jsonl", "--threads", str(default))
+    assert set(seen) == {default}
+
+
 def test_progress_bar_on_a_terminal_only(model_and_queries, tmp_path, capsys, monkeypatch):
     import sys
     model, queries = model_and_queries
@@ -118,6 +142,7 @@ def test_progress_bar_on_a_terminal_only(model_and_queries, tmp_path, capsys, mo
     (["--batch-size", "x"], "error: mmkernels-predict: argument --batch-size: invalid int value: 'x'"),
     (["--top-k", "0"], "error: --top-k must be >= 1, got 0"),
     (["--max-audio-seconds", "0"], "error: --max-audio-seconds must be > 0, got 0.0"),
+    (["--threads", "0"], "error: --threads must be >= 1, got 0"),
 ])
 def test_usage_errors_are_one_line(model_and_queries, tmp_path, capsys, args, message):
     from mmkernels.train.cli import predict_main

@@ -112,8 +112,6 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
 
 
 def predict_main(argv: Optional[List[str]] = None) -> int:
-    from mmkernels.train.inference import Predictor, read_queries
-
     p = _Parser(prog="mmkernels-predict",
                 description="Answer questions about an image + a spoken WAV; JSON lines out, in input order.")
     p.add_argument("--model", "-m", required=True,
@@ -134,15 +132,39 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
                         "whatever it is, so an answer does not depend on the batch")
     p.add_argument("--workers", type=int, default=1,
                    help="processes reading the image and audio files (default 1; 0: in this process)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of the model's forward (default: the CPU cores less one, kept for reading, at "
+                        "least 1); answers do not depend on --batch-size or --workers, their last digits may on this")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal for long inputs)")
     p.add_argument("--export", metavar="DIR",
                    help="write the model as a torch.export program to the folder DIR (model.pt2, its config, "
                         "preprocessing and tokenizer; --model DIR then serves it) and exit")
     a = p.parse_args(argv)
     for name, v, low in (("--batch-size", a.batch_size, 1), ("--workers", a.workers, 0), ("--top-k", a.top_k, 1),
-                         ("--max-text-len", a.max_text_len, 1), ("--max-audio-seconds", a.max_audio_seconds, 0)):
+                         ("--max-text-len", a.max_text_len, 1), ("--max-audio-seconds", a.max_audio_seconds, 0),
+                         ("--threads", a.threads, 1)):
         if v is not None and not (v > low if isinstance(v, float) else v >= low):
             return _fail(f"{name} must be {'>' if isinstance(v, float) else '>='} {low}, got {v}")
+    threads = torch.get_num_threads()
+    # one core is left to the reading (and to the rest of the machine): a thread of the forward that shares
+    # its core makes every parallel op wait for it. Not from --workers: answers must not depend on it.
+    torch.set_num_threads(a.threads or max(1, _cores() - 1))
+    try:
+        return _predict(a)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _predict(a) -> int:
+    from mmkernels.train.inference import Predictor, read_queries
+
     try:
         if a.export:
             return _export(a)

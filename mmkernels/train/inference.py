@@ -167,7 +167,7 @@ class Predictor:
         """The logits of a batch, computed FORWARD_ROWS rows at a time (the last block padded with copies
         of its last row): every forward has the same shape, so the matrix kernels take the same paths
         (below about 8 rows they take others, whose rounding differs) and a query's answer does not
-        depend on the batch it came in, nor on its place there."""
+        depend on the batch it came in, nor on its place there (the number of threads may change the last bits)."""
         from mmkernels.models.export import INPUTS
 
         n = inputs["image"].shape[0]
