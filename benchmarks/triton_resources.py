@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, if not
 
 import triton  # noqa: E402
 
-import mmkernels.triton.cross_modal_attention as A  # noqa: E402
+import mmkernels.triton.cross_modal_attention_kernels as A  # noqa: E402
 import mmkernels.triton.gated_fusion as GF  # noqa: E402
 from mmkernels.triton._aot import SM90_MAX_SHARED, compile_sm90, resource_usage  # noqa: E402
 

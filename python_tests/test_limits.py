@@ -43,7 +43,7 @@ def test_triton_segment_slots_match():
     from mmkernels.triton import _codegen
 
     assert _codegen.S == backends.MAX_SEGMENTS
-    text = open(os.path.join(REPO, "mmkernels", "triton", "cross_modal_attention.py.in")).read()
+    text = open(os.path.join(REPO, "mmkernels", "triton", "cross_modal_attention_kernels.py.in")).read()
     assert re.search(r"^MAX_SEGMENTS = (\d+)$", text, re.M).group(1) == str(backends.MAX_SEGMENTS)
 
 

@@ -412,7 +412,7 @@ def test_gated_fusion_low_precision_within_rule(dtype, activation):
 # ---------------------------------------------------------------- compiled for sm_90 without a GPU
 _AOT_SCRIPT = r'''
 import sys
-import mmkernels.triton.cross_modal_attention as A
+import mmkernels.triton.cross_modal_attention_kernels as A
 import mmkernels.triton.gated_fusion as GF
 from mmkernels.triton._aot import SM90_MAX_SHARED, compile_sm90, resource_usage
 
@@ -472,7 +472,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
 
 
 def test_generated_attention_module_is_up_to_date():
-    """cross_modal_attention.py is generated from cross_modal_attention.py.in: an edit of one alone must not land."""
+    """cross_modal_attention_kernels.py is generated from its .py.in template: an edit of one alone must not land."""
     import subprocess
     import sys
 

@@ -1,11 +1,16 @@
-"""Regenerate cross_modal_attention.py from cross_modal_attention.py.in (the 8 unrolled KV-segment slots).
+"""Regenerate cross_modal_attention_kernels.py from its template cross_modal_attention_kernels.py.in.
 
 The kernels take up to 8 KV segments as separate pointer/stride/length slots and
 walk them with constexpr-guarded blocks (`if NUM_SEG > m:`); those repetitive
-parts are written out by this script rather than by hand:
+parts (the #SEG_PARAMS#, #SEG_LENS#, #FWD_CALLS# and #DQ_CALLS# placeholders of the
+template) are written out by this script rather than by hand. Only the device code
+is generated: the host side, cross_modal_attention.py, is written by hand.
 
-    python -m mmkernels.triton._codegen          # rewrite cross_modal_attention.py
-    python -m mmkernels.triton._codegen --check  # exit 1 if cross_modal_attention.py is stale
+    python -m mmkernels.triton._codegen          # rewrite cross_modal_attention_kernels.py
+    python -m mmkernels.triton._codegen --check  # exit 1 if cross_modal_attention_kernels.py is stale
+
+The `-m` form imports the package, hence the generated module; where that module is
+missing, run the file itself: `python mmkernels/triton/_codegen.py` (it imports nothing of mmkernels).
 """
 from __future__ import annotations
 
@@ -54,9 +59,13 @@ def dq_calls(indent="    "):
     return "\n".join(out) + "\n"
 
 
+TEMPLATE = HERE / "cross_modal_attention_kernels.py.in"
+TARGET = HERE / "cross_modal_attention_kernels.py"
+
+
 def render() -> str:
-    src = (HERE / "cross_modal_attention.py.in").read_text()
-    header = "# GENERATED from cross_modal_attention.py.in by `python -m mmkernels.triton._codegen`: edit the template.\n"
+    src = TEMPLATE.read_text()
+    header = f"# GENERATED from {TEMPLATE.name} by `python -m mmkernels.triton._codegen`: edit the template.\n"
     return header + (src.replace("#SEG_PARAMS#\n", seg_params()).replace("#SEG_LENS#\n", seg_lens())
                      .replace("#FWD_CALLS#\n", fwd_calls()).replace("#DQ_CALLS#\n", dq_calls()))
 
@@ -64,13 +73,12 @@ def render() -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     out = render()
-    target = HERE / "cross_modal_attention.py"
     if "--check" in argv:
-        ok = target.read_text() == out
-        print("cross_modal_attention.py is up to date" if ok else "cross_modal_attention.py is stale: run python -m mmkernels.triton._codegen")
+        ok = TARGET.exists() and TARGET.read_text() == out
+        print(f"{TARGET.name} is up to date" if ok else f"{TARGET.name} is stale: run python -m mmkernels.triton._codegen")
         return 0 if ok else 1
-    target.write_text(out)
-    print(f"wrote {target}")
+    TARGET.write_text(out)
+    print(f"wrote {TARGET}")
     return 0
 
 
