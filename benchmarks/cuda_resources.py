@@ -4,7 +4,7 @@ Compiles each .cu file with nvcc -Xptxas -v (the flags setup.py uses) and prints
 one line per kernel instantiation. A kernel that spills moves registers through
 local memory: worth a look before the GPU time is spent.
 
-    python benchmarks/cuda_resources.py [--arch 90] [--only-spills]
+    python benchmarks/cuda_resources.py [--arch 90] [--only-spills] [--file fwd]
 """
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="90")
     ap.add_argument("--only-spills", action="store_true")
+    ap.add_argument("--file", action="append", default=None, metavar="NAME",
+                    help="only the .cu files whose name contains NAME (repeatable)")
     args = ap.parse_args(argv)
     from torch.utils.cpp_extension import include_paths
 
@@ -69,6 +71,8 @@ def main(argv=None) -> int:
     defines = ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", "-DMMKERNELS_WITH_CUDA=1"]
     rows = []
     for source in sorted((REPO / "csrc" / "cuda").glob("*.cu")):
+        if args.file and not any(name in source.name for name in args.file):
+            continue
         print(f"compiling {source.relative_to(REPO)} for sm_{args.arch} ...", flush=True)
         rows += ptxas_report(source, args.arch, includes, defines)
     width = max(len(r["kernel"]) for r in rows)

@@ -33,6 +33,44 @@ namespace cuda {
 namespace {
 
 // ------------------------------------------------------------------ host
+// 2. dK / dV over all key blocks of all segments (also zero-fills grads of padded keys), then
+// 3. dQ and the grad_bias partials.
+template <typename DkdvTiles, typename DqTiles, typename T>
+void launch_bwd_tiles(CrossModalAttentionPrepared& r, const at::Tensor& go, bool go_vec4, const at::Tensor& lse,
+                      at::Tensor& delta, at::Tensor& grad_q, at::Tensor& bias_part, int device, cudaStream_t stream) {
+  const T* gop = static_cast<const T*>(go.data_ptr());
+  {
+    AttnParams p = r.p;
+    int64_t total = 0;
+    for (int64_t m = 0; m < r.M; ++m) {
+      p.seg[m].blk_start = total;
+      total += (p.seg[m].len + DkdvTiles::BN - 1) / DkdvTiles::BN;
+    }
+    TORCH_CHECK(total < (int64_t(1) << 31), "mmkernels CUDA cross_modal_attention_bwd: too many key blocks");
+    if (total > 0 && r.B > 0) {
+      constexpr size_t smem = DkdvTiles::smem_bytes();
+      auto kernel = cross_modal_attention_bwd_dkdv_kernel<DkdvTiles, T>;
+      set_smem(kernel, smem, device);
+      const dim3 grid((unsigned)total, (unsigned)r.Hkv, (unsigned)r.B);
+      kernel<<<grid, kBwdThreads, smem, stream>>>(p, gop, go_vec4 ? 1 : 0, lse.data_ptr<float>(), delta.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  const int64_t nqb = (r.Lq + DqTiles::BM - 1) / DqTiles::BM;
+  if (r.bias.defined()) bias_part = at::zeros({r.Hq, r.M, r.B * nqb}, r.q.options().dtype(at::kFloat));
+  if (nqb > 0 && r.B > 0) {
+    constexpr size_t smem = DqTiles::smem_bytes();
+    auto kernel = cross_modal_attention_bwd_dq_kernel<DqTiles, T>;
+    set_smem(kernel, smem, device);
+    const dim3 grid((unsigned)nqb, (unsigned)r.Hq, (unsigned)r.B);
+    kernel<<<grid, kBwdThreads, smem, stream>>>(r.p, gop, go_vec4 ? 1 : 0, lse.data_ptr<float>(), delta.data_ptr<float>(),
+                                                static_cast<T*>(grad_q.data_ptr()), grad_q.stride(0), grad_q.stride(1),
+                                                grad_q.stride(2), bias_part.defined() ? bias_part.data_ptr<float>() : nullptr,
+                                                nqb);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 template <typename T, int DPAD>
 void launch_bwd(CrossModalAttentionPrepared& r, const at::Tensor& go, const at::Tensor& out_ung, const at::Tensor& glse,
                 const at::Tensor& lse, at::Tensor& delta, at::Tensor& rowdot, at::Tensor& grad_q,
@@ -52,79 +90,15 @@ void launch_bwd(CrossModalAttentionPrepared& r, const at::Tensor& go, const at::
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  bool use_tc = false;
   if constexpr (!std::is_same_v<T, float> && DPAD <= 128) {
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    use_tc = major >= 8;  // WMMA bf16 needs sm_80
-  }
-
-  // 2. dK / dV over all key blocks of all segments (also zero-fills grads of padded keys)
-  {
-    constexpr int BN = BwdCfg<DPAD>::KV_BN;
-    constexpr int BMQ = BwdCfg<DPAD>::KV_BMQ;
-    const int kb = use_tc ? kTcKB : BN;
-    AttnParams p = r.p;
-    int64_t total = 0;
-    for (int64_t m = 0; m < r.M; ++m) {
-      p.seg[m].blk_start = total;
-      total += (p.seg[m].len + kb - 1) / kb;
-    }
-    TORCH_CHECK(total < (int64_t(1) << 31), "mmkernels CUDA cross_modal_attention_bwd: too many key blocks");
-    if (total > 0 && r.B > 0) {
-      const dim3 grid((unsigned)total, (unsigned)r.Hkv, (unsigned)r.B);
-      if (use_tc) {
-        if constexpr (!std::is_same_v<T, float> && DPAD <= 128) {
-          constexpr size_t smem = dkdv_tc_smem_bytes<T, DPAD>();
-          auto kernel = cross_modal_attention_bwd_dkdv_tc_kernel<T, DPAD>;
-          set_smem(kernel, smem, device);
-          kernel<<<grid, kBwdThreads, smem, stream>>>(p, static_cast<const T*>(go.data_ptr()), go_vec4 ? 1 : 0,
-                                                      lse.data_ptr<float>(), delta.data_ptr<float>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-      } else {
-        constexpr size_t smem = dkdv_smem_bytes<BN, BMQ, DPAD>();
-        auto kernel = cross_modal_attention_bwd_dkdv_kernel<T, BN, BMQ, DPAD>;
-        set_smem(kernel, smem, device);
-        kernel<<<grid, kBwdThreads, smem, stream>>>(p, static_cast<const T*>(go.data_ptr()), go_vec4 ? 1 : 0,
-                                                    lse.data_ptr<float>(), delta.data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+    if (has_tensor_cores(device)) {
+      launch_bwd_tiles<DkdvTensorCoreTiles<T, DPAD>, DqTensorCoreTiles<T, DPAD>, T>(r, go, go_vec4, lse, delta, grad_q,
+                                                                                 bias_part, device, stream);
+      return;
     }
   }
-
-  // 3. dQ and grad_bias partials
-  {
-    constexpr int BM = BwdCfg<DPAD>::Q_BM;
-    constexpr int BN = BwdCfg<DPAD>::Q_BN;
-    const int bm = use_tc ? kTcBM : BM;
-    const int64_t nqb = (r.Lq + bm - 1) / bm;
-    if (r.bias.defined()) bias_part = at::zeros({r.Hq, r.M, r.B * nqb}, r.q.options().dtype(at::kFloat));
-    if (nqb > 0 && r.B > 0) {
-      const dim3 grid((unsigned)nqb, (unsigned)r.Hq, (unsigned)r.B);
-      T* dqp = static_cast<T*>(grad_q.data_ptr());
-      float* bp = bias_part.defined() ? bias_part.data_ptr<float>() : nullptr;
-      if (use_tc) {
-        if constexpr (!std::is_same_v<T, float> && DPAD <= 128) {
-          constexpr size_t smem = dq_tc_smem_bytes<T, DPAD>();
-          auto kernel = cross_modal_attention_bwd_dq_tc_kernel<T, DPAD>;
-          set_smem(kernel, smem, device);
-          kernel<<<grid, kBwdThreads, smem, stream>>>(r.p, static_cast<const T*>(go.data_ptr()), go_vec4 ? 1 : 0,
-                                                      lse.data_ptr<float>(), delta.data_ptr<float>(), dqp,
-                                                      grad_q.stride(0), grad_q.stride(1), grad_q.stride(2), bp, nqb);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-      } else {
-        constexpr size_t smem = dq_smem_bytes<BM, BN, DPAD>();
-        auto kernel = cross_modal_attention_bwd_dq_kernel<T, BM, BN, DPAD>;
-        set_smem(kernel, smem, device);
-        kernel<<<grid, kBwdThreads, smem, stream>>>(r.p, static_cast<const T*>(go.data_ptr()), go_vec4 ? 1 : 0,
-                                                    lse.data_ptr<float>(), delta.data_ptr<float>(), dqp,
-                                                    grad_q.stride(0), grad_q.stride(1), grad_q.stride(2), bp, nqb);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-    }
-  }
+  launch_bwd_tiles<DkdvSimtTiles<T, DPAD>, DqSimtTiles<T, DPAD>, T>(r, go, go_vec4, lse, delta, grad_q, bias_part, device,
+                                                                 stream);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> cross_modal_attention_bwd_cuda(

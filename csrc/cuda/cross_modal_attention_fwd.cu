@@ -1,11 +1,7 @@
 // Cross-modal attention forward (DESIGN.md 2.1) on CUDA: one launch over all M key/value
 // segments with one online softmax, no concatenation; key blocks past the valid length are
-// skipped. SIMT tiled kernel: one CTA (128 threads) per (query block, head, batch); Q, K and V
-// tiles staged in shared memory as fp32; fp32 accumulation in registers.
-//
-// Thread layout: tid = rg * 8 + cg, rg in [0, 16), cg in [0, 8). Thread owns query rows
-// rg*TM + i (i < TM), score columns cg + 8*jj (jj < TN), output columns k*32 + cg*4 + e.
-// The 8 threads sharing a row are consecutive lanes, so row reductions are 3 xor-shuffles.
+// skipped. One kernel body with two tile policies (cross_modal_attention_fwd_kernels.cuh): tensor
+// cores for fp16/bf16 up to head dim 128 on sm_80+, SIMT fp32 tiles otherwise.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -22,34 +18,28 @@ namespace mmkernels {
 namespace cuda {
 namespace {
 
+template <typename Tiles, typename T>
+void launch_fwd_tiles(const CrossModalAttentionPrepared& r, T* out, T* out_ung, float* lse, int device, cudaStream_t stream) {
+  constexpr size_t smem = Tiles::smem_bytes();
+  auto kernel = cross_modal_attention_fwd_kernel<Tiles, T>;
+  set_smem(kernel, smem, device);
+  const dim3 grid((unsigned)((r.Lq + Tiles::BM - 1) / Tiles::BM), (unsigned)r.Hq, (unsigned)r.B);
+  kernel<<<grid, kFwdThreads, smem, stream>>>(r.p, out, out_ung, lse);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int DPAD>
 void launch_fwd(const CrossModalAttentionPrepared& r, at::Tensor& out, at::Tensor& out_ung, at::Tensor& lse, cudaStream_t stream) {
   const int device = r.q.get_device();
   T* outp = static_cast<T*>(out.data_ptr());
   T* outup = out_ung.numel() ? static_cast<T*>(out_ung.data_ptr()) : nullptr;
   if constexpr (!std::is_same_v<T, float> && DPAD <= 128) {
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    if (major >= 8) {  // tensor-core path (WMMA bf16 needs sm_80)
-      constexpr int BM = FwdTcCfg<DPAD>::BM;
-      constexpr int BN = FwdTcCfg<DPAD>::BN;
-      constexpr size_t smem = fwd_tc_smem_bytes<T, BM, BN, DPAD>();
-      auto kernel = cross_modal_attention_fwd_tc_kernel<T, BN, DPAD>;
-      set_smem(kernel, smem, device);
-      const dim3 grid((unsigned)((r.Lq + BM - 1) / BM), (unsigned)r.Hq, (unsigned)r.B);
-      kernel<<<grid, kFwdThreads, smem, stream>>>(r.p, outp, outup, lse.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (has_tensor_cores(device)) {
+      launch_fwd_tiles<FwdTensorCoreTiles<T, DPAD>>(r, outp, outup, lse.data_ptr<float>(), device, stream);
       return;
     }
   }
-  constexpr int BM = FwdCfg<DPAD>::BM;
-  constexpr int BN = FwdCfg<DPAD>::BN;
-  constexpr size_t smem = fwd_smem_bytes<BM, BN, DPAD>();
-  auto kernel = cross_modal_attention_fwd_kernel<T, BM, BN, DPAD>;
-  set_smem(kernel, smem, device);
-  const dim3 grid((unsigned)((r.Lq + BM - 1) / BM), (unsigned)r.Hq, (unsigned)r.B);
-  kernel<<<grid, kFwdThreads, smem, stream>>>(r.p, outp, outup, lse.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_fwd_tiles<FwdSimtTiles<T, DPAD>>(r, outp, outup, lse.data_ptr<float>(), device, stream);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_fwd_cuda(

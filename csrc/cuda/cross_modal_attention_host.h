@@ -130,6 +130,13 @@ inline CrossModalAttentionPrepared prepare_cross_modal_attention(const at::Tenso
   return r;
 }
 
+// Tensor-core tile policies (WMMA bf16) need sm_80.
+inline bool has_tensor_cores(int device) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
+}
+
 // Opt in to the dynamic shared memory a kernel needs (> 48 KB needs it) and check the device has it.
 template <typename Kernel>
 inline void set_smem(Kernel kernel, size_t smem, int device) {

@@ -51,6 +51,17 @@ __device__ __forceinline__ int64_t clamp_len(int64_t x, int64_t hi) {
   return x < 0 ? 0 : (x > hi ? hi : x);
 }
 
+// Whether the architecture being compiled can run a kernel's tile policy: tensor-core tiles use
+// WMMA bf16 fragments, which need sm_80. The host pass and the emulator see every policy.
+template <bool kTensorCores>
+__host__ __device__ constexpr bool arch_has_tiles() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  return !kTensorCores;
+#else
+  return true;
+#endif
+}
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 

@@ -1,7 +1,6 @@
-// Masking and bias shared by every attention kernel (forward SIMT and tensor-core, dQ, dK/dV):
-// which keys of a segment a query row sees, and the modality bias in the log2 units the
-// kernels' exp2 works in. (The key loops' bound stays written out in each kernel: moving it into a
-// helper changed nvcc's register allocation and added spills.) The causal rule is the CPU kernels' one
+// Masking and bias shared by every attention kernel body (forward, dQ, dK/dV) and so by every tile
+// policy: which keys of a segment a query row sees, and the modality bias in the log2 units the
+// kernels' exp2 works in. The causal rule is the CPU kernels' one
 // (causal_visible_keys in csrc/common/online_softmax.h): bottom-right aligned on the valid lengths.
 #pragma once
 

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <random>
 #include <string>
+#include <type_traits>
 
 using namespace mmkernels::cuda;
 
@@ -261,20 +262,20 @@ static void run_case(const Case& c, double tol) {
   std::vector<T> out((size_t)c.B * c.Lq * c.Hq * c.Dv, cast_to<T>(555.0)), outu = out;
   std::vector<float> lse((size_t)c.B * c.Hq * c.Lq, 555.f);
   {
-    using C = FwdCfg<DPAD>;
+    using C = FwdSimtTiles<T, DPAD>;
     dim3 grid((c.Lq + C::BM - 1) / C::BM, c.Hq, c.B);
     T* outp = out.data(); T* outup = c.use_gate ? outu.data() : nullptr; float* lsep = lse.data();
-    mmk_emu::launch(grid, dim3(kFwdThreads), fwd_smem_bytes<C::BM, C::BN, DPAD>(),
-                    [&] { cross_modal_attention_fwd_kernel<T, C::BM, C::BN, DPAD>(p, outp, outup, lsep); });
+    mmk_emu::launch(grid, dim3(kFwdThreads), C::smem_bytes(),
+                    [&] { cross_modal_attention_fwd_kernel<C, T>(p, outp, outup, lsep); });
   }
   if constexpr (!std::is_same_v<T, float> && DPAD <= 128) {  // tensor-core variant: same checks below
-    using C = FwdTcCfg<DPAD>;
+    using C = FwdTensorCoreTiles<T, DPAD>;
     std::vector<T> out2(out.size(), cast_to<T>(555.0)), outu2 = out2;
     std::vector<float> lse2(lse.size(), 555.f);
     dim3 grid((c.Lq + C::BM - 1) / C::BM, c.Hq, c.B);
     T* outp = out2.data(); T* outup = c.use_gate ? outu2.data() : nullptr; float* lsep = lse2.data();
-    mmk_emu::launch(grid, dim3(kFwdThreads), fwd_tc_smem_bytes<T, C::BM, C::BN, DPAD>(),
-                    [&] { cross_modal_attention_fwd_tc_kernel<T, C::BN, DPAD>(p, outp, outup, lsep); });
+    mmk_emu::launch(grid, dim3(kFwdThreads), C::smem_bytes(),
+                    [&] { cross_modal_attention_fwd_kernel<C, T>(p, outp, outup, lsep); });
     for (size_t i = 0; i < out.size(); ++i) check("tc out", cast_from<T>(out2[i]), ref.out[i], tol);
     if (c.use_gate)
       for (size_t i = 0; i < out.size(); ++i) check("tc out_ungated", cast_from<T>(outu2[i]), ref.out_raw[i], tol);
@@ -326,45 +327,34 @@ static void run_case(const Case& c, double tol) {
     s.dv_sb = dV[m].s[0]; s.dv_sl = dV[m].s[1]; s.dv_sh = dV[m].s[2];
   }
   const bool go_vec4 = c.Dv % 4 == 0;
-  {
-    using C = BwdCfg<DPAD>;
-    AttnParams pk = p;
-    const int kb = tc ? kTcKB : C::KV_BN;
-    int64_t total = 0;
-    for (int m = 0; m < M; ++m) { pk.seg[m].blk_start = total; total += (c.Lk[m] + kb - 1) / kb; }
-    const float* lsep = lse.data(); const float* dp = delta.data(); const T* gop = go.data();
-    if (total > 0) {
-      if constexpr (TC_OK) {
-        if (tc)
-          mmk_emu::launch(dim3((unsigned)total, c.Hkv, c.B), dim3(kBwdThreads), dkdv_tc_smem_bytes<T, DPAD>(), [&] {
-            cross_modal_attention_bwd_dkdv_tc_kernel<T, DPAD>(pk, gop, go_vec4, lsep, dp);
-          });
-      }
-      if (!tc)
-        mmk_emu::launch(dim3((unsigned)total, c.Hkv, c.B), dim3(kBwdThreads), dkdv_smem_bytes<C::KV_BN, C::KV_BMQ, DPAD>(), [&] {
-          cross_modal_attention_bwd_dkdv_kernel<T, C::KV_BN, C::KV_BMQ, DPAD>(pk, gop, go_vec4, lsep, dp);
-        });
-    }
-  }
+  // dK/dV and dQ through the same launcher for either tile policy
   T4<T> dQ = make4<T>(c.B, c.Lq, c.Hq, c.D, true, 1, false);
   std::vector<float> bias_part;
-  {
-    using C = BwdCfg<DPAD>;
-    const int bm = tc ? kTcBM : C::Q_BM;
-    const int64_t nqb = (c.Lq + bm - 1) / bm;
-    bias_part.assign((size_t)c.Hq * M * c.B * nqb, 0.f);
+  auto run_bwd = [&](auto dkdv_tiles, auto dq_tiles) {
+    using KT = typename decltype(dkdv_tiles)::type;
+    using QT = typename decltype(dq_tiles)::type;
+    AttnParams pk = p;
+    int64_t total = 0;
+    for (int m = 0; m < M; ++m) { pk.seg[m].blk_start = total; total += (c.Lk[m] + KT::BN - 1) / KT::BN; }
     const float* lsep = lse.data(); const float* dp = delta.data(); const T* gop = go.data();
+    if (total > 0)
+      mmk_emu::launch(dim3((unsigned)total, c.Hkv, c.B), dim3(kBwdThreads), KT::smem_bytes(),
+                      [&] { cross_modal_attention_bwd_dkdv_kernel<KT, T>(pk, gop, go_vec4, lsep, dp); });
+    const int64_t nqb = (c.Lq + QT::BM - 1) / QT::BM;
+    bias_part.assign((size_t)c.Hq * M * c.B * nqb, 0.f);
     T* dqp = dQ.data(); float* bp = c.use_bias ? bias_part.data() : nullptr;
-    if constexpr (TC_OK) {
-      if (tc && nqb > 0)
-        mmk_emu::launch(dim3((unsigned)nqb, c.Hq, c.B), dim3(kBwdThreads), dq_tc_smem_bytes<T, DPAD>(), [&] {
-          cross_modal_attention_bwd_dq_tc_kernel<T, DPAD>(p, gop, go_vec4, lsep, dp, dqp, dQ.s[0], dQ.s[1], dQ.s[2], bp, nqb);
-        });
-    }
-    if (!tc && nqb > 0)
-      mmk_emu::launch(dim3((unsigned)nqb, c.Hq, c.B), dim3(kBwdThreads), dq_smem_bytes<C::Q_BM, C::Q_BN, DPAD>(), [&] {
-        cross_modal_attention_bwd_dq_kernel<T, C::Q_BM, C::Q_BN, DPAD>(p, gop, go_vec4, lsep, dp, dqp, dQ.s[0], dQ.s[1], dQ.s[2], bp, nqb);
+    if (nqb > 0)
+      mmk_emu::launch(dim3((unsigned)nqb, c.Hq, c.B), dim3(kBwdThreads), QT::smem_bytes(), [&] {
+        cross_modal_attention_bwd_dq_kernel<QT, T>(p, gop, go_vec4, lsep, dp, dqp, dQ.s[0], dQ.s[1], dQ.s[2], bp, nqb);
       });
+    return nqb;
+  };
+  int64_t nqb = 0;
+  if constexpr (TC_OK) {
+    if (tc) nqb = run_bwd(std::type_identity<DkdvTensorCoreTiles<T, DPAD>>(), std::type_identity<DqTensorCoreTiles<T, DPAD>>());
+  }
+  if (!tc) nqb = run_bwd(std::type_identity<DkdvSimtTiles<T, DPAD>>(), std::type_identity<DqSimtTiles<T, DPAD>>());
+  {
     if (c.use_bias)
       for (int hm = 0; hm < c.Hq * M; ++hm) {
         double s = 0;
