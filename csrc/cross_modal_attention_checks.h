@@ -82,4 +82,19 @@ inline CrossModalAttentionSizes check_cross_modal_attention_args(
   return s;
 }
 
+// kv_masks: None or M bool (B, Lk_m) tensors on q's device.
+inline void check_kv_masks(const std::optional<at::TensorList>& kv_masks, const at::Tensor& q,
+                           const CrossModalAttentionSizes& s) {
+  if (!kv_masks.has_value()) return;
+  TORCH_CHECK(static_cast<int64_t>(kv_masks->size()) == s.M, "kv_masks: expected ", s.M, " masks, got ",
+              kv_masks->size());
+  for (int64_t m = 0; m < s.M; ++m) {
+    const at::Tensor& t = (*kv_masks)[m];
+    TORCH_CHECK(t.scalar_type() == at::kBool, "kv_masks[", m, "]: expected bool, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == q.device(), "kv_masks[", m, "]: expected q's device ", q.device());
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == s.B && t.size(1) == s.Lk[m], "kv_masks[", m, "]: expected (", s.B, ", ",
+                s.Lk[m], "), got ", t.sizes());
+  }
+}
+
 }  // namespace mmkernels

@@ -96,6 +96,7 @@ class Call:
     num_segments: int = 1
     head_dim: int = 0
     value_dim: int = 0
+    key_masks: bool = False  # kv_masks given
 
 
 def _dtype_names(dtypes) -> str:
@@ -123,6 +124,7 @@ class Backend:
     max_head_dim: Optional[int] = None       # None: any
     max_segments: int = MAX_SEGMENTS
     min_capability: Optional[Tuple[int, int]] = None  # on CUDA tensors
+    key_masks: bool = True                   # serves kv_masks
 
     def not_supported_reasons(self, call: Call) -> List[str]:
         reasons: List[str] = []
@@ -135,6 +137,8 @@ class Backend:
                 and max(call.head_dim, call.value_dim) > self.max_head_dim):
             reasons.append(f"head dims up to {self.max_head_dim} on {self.name}, "
                            f"got D={call.head_dim}, Dv={call.value_dim}")
+        if call.key_masks and not self.key_masks:
+            reasons.append(f"key masks (kv_masks) are not implemented in the {self.name} kernels yet")
         if call.num_segments > self.max_segments:
             reasons.append(f"at most {self.max_segments} segments on {self.name}, got {call.num_segments}")
         if self.min_capability is not None and call.device_type == "cuda" and torch.cuda.is_available():
@@ -149,7 +153,7 @@ class Backend:
         """The declared limits, for `python -m mmkernels.info` and the agreement test."""
         return {"devices": self.device_types or ("any",), "dtypes": _dtype_names(self.dtypes),
                 "max_head_dim": self.max_head_dim, "max_segments": self.max_segments,
-                "min_capability": self.min_capability}
+                "min_capability": self.min_capability, "key_masks": self.key_masks}
 
 
 class ReferenceBackend(Backend):
@@ -175,6 +179,7 @@ class CudaBackend(Backend):
     dtypes = FLOAT_DTYPES
     max_head_dim = MAX_GPU_HEAD_DIM
     min_capability = (8, 0)
+    key_masks = False
 
     def not_supported_reasons(self, call: Call) -> List[str]:
         reasons = super().not_supported_reasons(call)
@@ -211,6 +216,7 @@ class TritonBackend(Backend):
     max_head_dim = MAX_GPU_HEAD_DIM
     min_capability = (7, 5)
     min_capability_bf16 = (8, 0)
+    key_masks = False
 
     def not_supported_reasons(self, call: Call) -> List[str]:
         if triton_error() is not None:

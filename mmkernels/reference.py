@@ -12,15 +12,19 @@ import torch
 import torch.nn.functional as F
 
 
-def _valid_keys_mask(keys, kv_lengths, batch: int, device) -> torch.Tensor:
-    """Boolean (B, sum Lk) mask: True where key j of the concatenated KV is valid."""
+def _valid_keys_mask(keys, kv_lengths, batch: int, device, kv_masks=None) -> torch.Tensor:
+    """Boolean (B, sum Lk) mask: True where key j of the concatenated KV is valid: within
+    kv_lengths[b, m] and, with kv_masks, where kv_masks[m][b, j] is True."""
     masks = []
     for m, k in enumerate(keys):
         pos = torch.arange(k.shape[1], device=device)
         if kv_lengths is None:
-            masks.append(torch.ones(batch, k.shape[1], dtype=torch.bool, device=device))
+            valid = torch.ones(batch, k.shape[1], dtype=torch.bool, device=device)
         else:
-            masks.append(pos[None, :] < kv_lengths[:, m : m + 1].to(device))
+            valid = pos[None, :] < kv_lengths[:, m : m + 1].to(device)
+        if kv_masks is not None and kv_masks[m] is not None:
+            valid = valid & kv_masks[m].to(device=device, dtype=torch.bool)
+        masks.append(valid)
     return torch.cat(masks, dim=1)
 
 
@@ -36,8 +40,14 @@ def cross_modal_attention_reference(
     causal: bool = False,
     return_lse: bool = False,
     upcast: bool = True,
+    kv_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ):
     """DESIGN.md 2.1, computed on the concatenated keys with explicit masks.
+
+    kv_masks: per segment None or a bool (B, Lk_m), True = attend. A key is valid
+    when it is within kv_lengths and its mask allows it; the causal offset still
+    comes from the lengths (kv_len - q_len), so a left-padded batch (masks, no
+    lengths) is aligned bottom-right on the tensor positions, as transformers does.
 
     Accumulates in fp32 for low-precision inputs (fp64 stays fp64) and returns
     the output in q's dtype; lse is fp32 (fp64 for fp64 inputs). upcast=False
@@ -65,7 +75,7 @@ def cross_modal_attention_reference(
     if modality_bias is not None:
         logits = logits + modality_bias.to(acc)[:, segment][None, :, None, :]
 
-    valid = _valid_keys_mask(keys, kv_lengths, B, device)[:, None, None, :]  # (B,1,1,Lk)
+    valid = _valid_keys_mask(keys, kv_lengths, B, device, kv_masks)[:, None, None, :]  # (B,1,1,Lk)
     if q_lengths is not None:
         q_valid = torch.arange(Lq, device=device)[None, :] < q_lengths.to(device)[:, None]
     else:

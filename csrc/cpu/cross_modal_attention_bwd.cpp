@@ -122,6 +122,7 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
         }
         const scalar_t* kbase = kp[m] + b * skb[m] + kvh * skh[m];
         const scalar_t* vbase = vp[m] + b * svb[m] + kvh * svh[m];
+        const bool* mask = p.mask_row(b, m);
         // Output grads: (B, Lk, Hkv, W) with the strides of empty_like(input) (unit last dim).
         const int64_t Lk = p.Lk[m];
         const at::Tensor& dkm = dk[m];
@@ -133,51 +134,54 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
         auto dv_row = [&](int64_t j) { return dv0 + j * dvs; };
         for (int64_t j0 = 0; j0 < maxlim; j0 += kBwdKeys) {
           const int64_t n = std::min(kBwdKeys, maxlim - j0);
-          int64_t ldk, ldv;
-          const acc_t* Kp = load_rows<scalar_t, acc_t>(kbase, skl[m], j0, n, D, Kt.data(), &ldk);
-          const acc_t* Vp = load_rows<scalar_t, acc_t>(vbase, svl[m], j0, n, Dv, Vt.data(), &ldv);
           std::fill(dKt.begin(), dKt.begin() + n * D, acc_t(0));
           std::fill(dVt.begin(), dVt.begin() + n * Dv, acc_t(0));
-          // Rows are ordered by query position, so (causal) visibility is nondecreasing in r
-          // except for rows with lse = -inf; skip leading blocks that see nothing.
-          int64_t rstart = 0;
-          if (p.causal) {
-            while (rstart < R && lim[rstart] <= j0) ++rstart;
-            rstart = (rstart / kBwdRows) * kBwdRows;
-          }
-          for (int64_t r0 = rstart; r0 < R; r0 += kBwdRows) {
-            const int64_t rb = std::min(kBwdRows, R - r0);
-            gemm(false, true, rb, n, D, acc_t(1), Qs.data() + r0 * D, D, Kp, ldk, acc_t(0),
-                 S.data(), kBwdKeys);
-            gemm(false, true, rb, n, Dv, acc_t(1), dO.data() + r0 * Dv, Dv, Vp, ldv, acc_t(0),
-                 dP.data(), kBwdKeys);
-            for (int64_t rr = 0; rr < rb; ++rr) {
-              const int64_t r = r0 + rr;
-              acc_t* s = S.data() + rr * kBwdKeys;
-              acc_t* dp = dP.data() + rr * kBwdKeys;
-              const int64_t lr = std::clamp<int64_t>(lim[r] - j0, 0, n);
-              const int64_t h = kvh * G + r % G;
-              const acc_t c = lrow[r] - static_cast<acc_t>(p.bias_at(h, m));
-              const acc_t di = Di[r];
-              acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-              for (int64_t j = 0; j < lr; ++j) {
-                const acc_t pj = fast_exp(s[j] - c);
-                const acc_t ds = pj * (dp[j] - di);
-                s[j] = pj;
-                dp[j] = ds;
-                sum += ds;
-              }
-              for (int64_t j = lr; j < n; ++j) s[j] = dp[j] = 0;
-              gb_part[(b * Hq + h) * M + m] += static_cast<double>(sum);
+          if (any_unmasked(mask, j0, n)) {  // a fully masked block only gets zero grads
+            int64_t ldk, ldv;
+            const acc_t* Kp = load_rows<scalar_t, acc_t>(kbase, skl[m], j0, n, D, Kt.data(), &ldk);
+            const acc_t* Vp = load_rows<scalar_t, acc_t>(vbase, svl[m], j0, n, Dv, Vt.data(), &ldv);
+            // Rows are ordered by query position, so (causal) visibility is nondecreasing in r
+            // except for rows with lse = -inf; skip leading blocks that see nothing.
+            int64_t rstart = 0;
+            if (p.causal) {
+              while (rstart < R && lim[rstart] <= j0) ++rstart;
+              rstart = (rstart / kBwdRows) * kBwdRows;
             }
-            // dV += P^T dO ; dK += dS^T Qs (Qs carries the scale) ; dQ += dS K (scaled at end)
-            gemm(true, false, n, Dv, rb, acc_t(1), S.data(), kBwdKeys, dO.data() + r0 * Dv, Dv,
-                 acc_t(1), dVt.data(), Dv);
-            gemm(true, false, n, D, rb, acc_t(1), dP.data(), kBwdKeys, Qs.data() + r0 * D, D,
-                 acc_t(1), dKt.data(), D);
-            gemm(false, false, rb, D, n, acc_t(1), dP.data(), kBwdKeys, Kp, ldk, acc_t(1),
-                 dQ.data() + r0 * D, D);
+            for (int64_t r0 = rstart; r0 < R; r0 += kBwdRows) {
+              const int64_t rb = std::min(kBwdRows, R - r0);
+              gemm(false, true, rb, n, D, acc_t(1), Qs.data() + r0 * D, D, Kp, ldk, acc_t(0),
+                   S.data(), kBwdKeys);
+              gemm(false, true, rb, n, Dv, acc_t(1), dO.data() + r0 * Dv, Dv, Vp, ldv, acc_t(0),
+                   dP.data(), kBwdKeys);
+              for (int64_t rr = 0; rr < rb; ++rr) {
+                const int64_t r = r0 + rr;
+                acc_t* s = S.data() + rr * kBwdKeys;
+                acc_t* dp = dP.data() + rr * kBwdKeys;
+                const int64_t lr = std::clamp<int64_t>(lim[r] - j0, 0, n);
+                mask_scores(s, mask, j0, lr);
+                const int64_t h = kvh * G + r % G;
+                const acc_t c = lrow[r] - static_cast<acc_t>(p.bias_at(h, m));
+                const acc_t di = Di[r];
+                acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t j = 0; j < lr; ++j) {
+                  const acc_t pj = fast_exp(s[j] - c);
+                  const acc_t ds = pj * (dp[j] - di);
+                  s[j] = pj;
+                  dp[j] = ds;
+                  sum += ds;
+                }
+                for (int64_t j = lr; j < n; ++j) s[j] = dp[j] = 0;
+                gb_part[(b * Hq + h) * M + m] += static_cast<double>(sum);
+              }
+              // dV += P^T dO ; dK += dS^T Qs (Qs carries the scale) ; dQ += dS K (scaled at end)
+              gemm(true, false, n, Dv, rb, acc_t(1), S.data(), kBwdKeys, dO.data() + r0 * Dv, Dv,
+                   acc_t(1), dVt.data(), Dv);
+              gemm(true, false, n, D, rb, acc_t(1), dP.data(), kBwdKeys, Qs.data() + r0 * D, D,
+                   acc_t(1), dKt.data(), D);
+              gemm(false, false, rb, D, n, acc_t(1), dP.data(), kBwdKeys, Kp, ldk, acc_t(1),
+                   dQ.data() + r0 * D, D);
+            }
           }
           for (int64_t j = 0; j < n; ++j) {
             scalar_t* a = dk_row(j0 + j);
@@ -246,9 +250,10 @@ cross_modal_attention_bwd_cpu(const at::Tensor& grad_out_in, const std::optional
             const std::optional<at::Tensor>& kv_lengths,
             const std::optional<at::Tensor>& q_lengths,
             const std::optional<at::Tensor>& modality_bias,
-            const std::optional<at::Tensor>& head_gate, double scale, bool causal) {
+            const std::optional<at::Tensor>& head_gate, double scale, bool causal,
+            const std::optional<at::TensorList>& kv_masks) {
   const CrossModalAttentionProblem p = make_problem(q_in, keys_in, values_in, kv_lengths, q_lengths,
-                                    modality_bias, head_gate, causal);
+                                    modality_bias, head_gate, causal, kv_masks);
   TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == p.B &&
                   grad_out_in.size(1) == p.Lq && grad_out_in.size(2) == p.Hq &&
                   grad_out_in.size(3) == p.Dv,

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -25,11 +26,16 @@ struct CrossModalAttentionProblem {
   std::vector<int64_t> q_len;   // (B,) valid queries, clamped to [0, Lq]
   std::vector<double> bias;     // (Hq*M,) or empty
   std::vector<double> gate_t;   // (Hq,) tanh(head_gate) or empty
+  std::vector<at::Tensor> masks;  // (M,) contiguous bool (B, Lk_m), or empty: every key within kv_len
   bool causal = false;
 
   double bias_at(int64_t h, int64_t m) const { return bias.empty() ? 0.0 : bias[h * M + m]; }
   double gate_at(int64_t h) const { return gate_t.empty() ? 1.0 : gate_t[h]; }
-  // Number of keys of segment m visible to query i of sample b.
+  // Key mask of sample b in segment m (True = attend), or nullptr when there are none.
+  const bool* mask_row(int64_t b, int64_t m) const {
+    return masks.empty() ? nullptr : masks[m].data_ptr<bool>() + b * Lk[m];
+  }
+  // Number of keys of segment m visible to query i of sample b (before the key mask).
   int64_t visible(int64_t b, int64_t m, int64_t i) const {
     const int64_t kl = kv_len[b * M + m];
     return causal ? static_cast<int64_t>(causal_visible_keys(i, q_len[b], kl)) : kl;
@@ -50,10 +56,14 @@ inline CrossModalAttentionProblem make_problem(const at::Tensor& q, at::TensorLi
                                const std::optional<at::Tensor>& kv_lengths,
                                const std::optional<at::Tensor>& q_lengths,
                                const std::optional<at::Tensor>& modality_bias,
-                               const std::optional<at::Tensor>& head_gate, bool causal) {
+                               const std::optional<at::Tensor>& head_gate, bool causal,
+                               const std::optional<at::TensorList>& kv_masks) {
   CrossModalAttentionProblem p;
   const CrossModalAttentionSizes s = check_cross_modal_attention_args(
       q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, causal, /*max_head_dim=*/0, /*float64=*/true);
+  check_kv_masks(kv_masks, q, s);
+  if (kv_masks.has_value())
+    for (const at::Tensor& t : *kv_masks) p.masks.push_back(t.contiguous());
   p.B = s.B, p.Lq = s.Lq, p.Hq = s.Hq, p.Hkv = s.Hkv, p.D = s.D, p.Dv = s.Dv, p.M = s.M, p.G = s.G;
   p.Lk = s.Lk;
   p.causal = causal;
@@ -86,6 +96,23 @@ inline CrossModalAttentionProblem make_problem(const at::Tensor& q, at::TensorLi
     for (int64_t h = 0; h < p.Hq; ++h) p.gate_t[h] = std::tanh(c.data_ptr<double>()[h]);
   }
   return p;
+}
+
+// Whether any key of [j0, j0 + n) is unmasked (always, without masks).
+inline bool any_unmasked(const bool* mask, int64_t j0, int64_t n) {
+  if (mask == nullptr) return true;
+  for (int64_t j = j0; j < j0 + n; ++j)
+    if (mask[j]) return true;
+  return false;
+}
+
+// Scores of masked keys among the first n of a block become -inf (exp gives exactly 0).
+template <typename acc_t>
+inline void mask_scores(acc_t* s, const bool* mask, int64_t j0, int64_t n) {
+  if (mask == nullptr) return;
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < n; ++j)
+    if (!mask[j0 + j]) s[j] = ninf;
 }
 
 // Make the last dim unit-stride (the kernels use strides for every other dim).

@@ -94,8 +94,10 @@ void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const a
         }
         const scalar_t* kbase = kp[m] + b * skb[m] + kvh * skh[m];
         const scalar_t* vbase = vp[m] + b * svb[m] + kvh * svh[m];
+        const bool* mask = p.mask_row(b, m);
         for (int64_t j0 = 0; j0 < maxlim; j0 += kFwdKeys) {
           const int64_t n = std::min(kFwdKeys, maxlim - j0);
+          if (!any_unmasked(mask, j0, n)) continue;  // a fully masked block changes nothing
           int64_t ldk, ldv;
           const acc_t* Kp = load_rows<scalar_t, acc_t>(kbase, skl[m], j0, n, D, Kt.data(), &ldk);
           const acc_t* Vp = load_rows<scalar_t, acc_t>(vbase, svl[m], j0, n, Dv, Vt.data(), &ldv);
@@ -104,6 +106,7 @@ void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const a
           for (int64_t r = 0; r < R; ++r) {
             acc_t* s = S.data() + r * kFwdKeys;
             const int64_t lr = std::clamp<int64_t>(lim[r] - j0, 0, n);
+            mask_scores(s, mask, j0, lr);
             acc_t mx = ninf;
 #pragma omp simd reduction(max : mx)
             for (int64_t j = 0; j < lr; ++j) mx = s[j] > mx ? s[j] : mx;
@@ -173,9 +176,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_fwd_cpu(
     const at::Tensor& q_in, at::TensorList keys_in, at::TensorList values_in,
     const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& q_lengths,
     const std::optional<at::Tensor>& modality_bias, const std::optional<at::Tensor>& head_gate,
-    double scale, bool causal) {
+    double scale, bool causal, const std::optional<at::TensorList>& kv_masks) {
   const CrossModalAttentionProblem p = make_problem(q_in, keys_in, values_in, kv_lengths, q_lengths,
-                                    modality_bias, head_gate, causal);
+                                    modality_bias, head_gate, causal, kv_masks);
   const at::Tensor q = last_dim_contiguous(q_in);
   std::vector<at::Tensor> keys, values;
   for (int64_t m = 0; m < p.M; ++m) {

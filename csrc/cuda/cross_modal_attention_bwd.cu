@@ -106,8 +106,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
     at::TensorList values, const at::Tensor& out_ungated, const at::Tensor& lse,
     const std::optional<at::Tensor>& kv_lengths, const std::optional<at::Tensor>& q_lengths,
     const std::optional<at::Tensor>& modality_bias, const std::optional<at::Tensor>& head_gate, double scale,
-    bool causal) {
+    bool causal, const std::optional<at::TensorList>& kv_masks) {
   c10::cuda::CUDAGuard guard(q.device());
+  TORCH_CHECK(!kv_masks.has_value(), "mmkernels CUDA cross_modal_attention: kv_masks are not implemented in the CUDA kernels yet");
   CrossModalAttentionPrepared r = prepare_cross_modal_attention(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal);
   const auto fopts = q.options().dtype(at::kFloat);
 

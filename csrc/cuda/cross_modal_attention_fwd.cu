@@ -45,8 +45,10 @@ void launch_fwd(const CrossModalAttentionPrepared& r, at::Tensor& out, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_fwd_cuda(
     const at::Tensor& q, at::TensorList keys, at::TensorList values, const std::optional<at::Tensor>& kv_lengths,
     const std::optional<at::Tensor>& q_lengths, const std::optional<at::Tensor>& modality_bias,
-    const std::optional<at::Tensor>& head_gate, double scale, bool causal) {
+    const std::optional<at::Tensor>& head_gate, double scale, bool causal,
+    const std::optional<at::TensorList>& kv_masks) {
   c10::cuda::CUDAGuard guard(q.device());
+  TORCH_CHECK(!kv_masks.has_value(), "mmkernels CUDA cross_modal_attention: kv_masks are not implemented in the CUDA kernels yet");
   CrossModalAttentionPrepared r = prepare_cross_modal_attention(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal);
   at::Tensor out = at::empty({r.B, r.Lq, r.Hq, r.Dv}, q.options());
   at::Tensor lse = at::empty({r.B, r.Hq, r.Lq}, q.options().dtype(at::kFloat));

@@ -20,6 +20,32 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_kv_masks(kv_masks, q, keys):
+    """The op's kv_masks: None, or one bool (B, Lk_m) per segment (a None entry: every key)."""
+    if kv_masks is None:
+        return None
+    if isinstance(kv_masks, torch.Tensor):
+        raise TypeError("kv_masks must be a sequence with one bool (B, Lk_m) tensor (or None) per modality, not a tensor")
+    kv_masks = list(kv_masks)
+    if len(kv_masks) != len(keys):
+        raise ValueError(f"kv_masks must have one entry per modality ({len(keys)}), got {len(kv_masks)}")
+    B = q.shape[0]
+    out = []
+    for m, (mask, k) in enumerate(zip(kv_masks, keys)):
+        if mask is None:
+            out.append(torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device))
+            continue
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"kv_masks[{m}] must be a bool tensor (B, Lk_m) or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"kv_masks[{m}] must be a bool tensor (True = attend), got {mask.dtype}")
+        check_same_device(f"kv_masks[{m}]", mask, q)
+        if tuple(mask.shape) != (B, k.shape[1]):
+            raise ValueError(f"kv_masks[{m}] must have shape (B, Lk_{m}) = {(B, k.shape[1])}, got {tuple(mask.shape)}")
+        out.append(mask)
+    return out
+
+
 def check_inputs(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, causal):
     """Raise ValueError/TypeError naming the argument and what was expected."""
     if not isinstance(q, torch.Tensor):
@@ -86,7 +112,7 @@ def check_inputs(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gat
 
 
 # ---------------------------------------------------------------- fake kernels
-def _fake_fwd(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal):
+def _fake_fwd(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal, kv_masks=None):
     B, Lq, Hq, _ = q.shape
     Dv = values[0].shape[-1]
     out = q.new_empty((B, Lq, Hq, Dv))
@@ -96,7 +122,7 @@ def _fake_fwd(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, 
 
 
 def _fake_bwd(grad_out, grad_lse, q, keys, values, out_ungated, lse, kv_lengths, q_lengths,
-              modality_bias, head_gate, scale, causal):
+              modality_bias, head_gate, scale, causal, kv_masks=None):
     acc = _acc_dtype(q.dtype)
     Hq = q.shape[2]
     return (
@@ -110,14 +136,18 @@ def _fake_bwd(grad_out, grad_lse, q, keys, values, out_ungated, lse, kv_lengths,
 
 # ---------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal = inputs
+    q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal = inputs[:9]
+    kv_masks = inputs[9] if len(inputs) > 9 else None
     out, lse, out_ungated = output
     ctx.num_segments = len(keys)
+    ctx.has_masks = kv_masks is not None
+    ctx.num_inputs = len(inputs)  # 9 when the call left kv_masks to the schema's default
     ctx.scale, ctx.causal = scale, causal
     ctx.bias_dtype = None if modality_bias is None else modality_bias.dtype
     ctx.gate_dtype = None if head_gate is None else head_gate.dtype
     saved_out = out_ungated if head_gate is not None else out
-    ctx.save_for_backward(q, *keys, *values, saved_out, lse, kv_lengths, q_lengths, modality_bias, head_gate)
+    ctx.save_for_backward(q, *keys, *values, saved_out, lse, kv_lengths, q_lengths, modality_bias, head_gate,
+                          *(kv_masks or ()))
 
 
 def make_backward(bwd_op):
@@ -127,14 +157,18 @@ def make_backward(bwd_op):
         M = ctx.num_segments
         saved = ctx.saved_tensors
         q, keys, values = saved[0], list(saved[1 : 1 + M]), list(saved[1 + M : 1 + 2 * M])
-        out, lse, kv_lengths, q_lengths, modality_bias, head_gate = saved[1 + 2 * M :]
+        out, lse, kv_lengths, q_lengths, modality_bias, head_gate = saved[1 + 2 * M : 7 + 2 * M]
+        masks = (list(saved[7 + 2 * M :]),) if ctx.has_masks else ()  # left to the default when None
         gq, gk, gv, gbias, ggate = bwd_op(
             grad_out, grad_lse, q, keys, values, out, lse, kv_lengths, q_lengths,
-            modality_bias, head_gate, ctx.scale, ctx.causal,
+            modality_bias, head_gate, ctx.scale, ctx.causal, *masks,
         )
         gbias = None if ctx.bias_dtype is None else gbias.to(ctx.bias_dtype)
         ggate = None if ctx.gate_dtype is None else ggate.to(ctx.gate_dtype)
-        return gq, gk, gv, None, None, gbias, ggate, None, None
+        grads = (gq, gk, gv, None, None, gbias, ggate, None, None)
+        if ctx.num_inputs > 9:  # the structure of the inputs: a list of None per mask
+            grads += ([None] * M if ctx.has_masks else None,)
+        return grads
 
     return backward
 
@@ -157,10 +191,11 @@ REGISTER["cross_modal_attention"] = register
 
 
 # ---------------------------------------------------------------- entry point
-def _run_backend(name, q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal):
+def _run_backend(name, q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal, kv_masks):
     if name == "reference":
         return reference.cross_modal_attention_reference(
-            q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal, return_lse=True
+            q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal, return_lse=True,
+            kv_masks=kv_masks,
         )
     if name == "triton":
         from mmkernels.ops import _load_triton  # noqa: F401  (the backend's load step, once)
@@ -168,7 +203,10 @@ def _run_backend(name, q, keys, values, kv_lengths, q_lengths, modality_bias, he
         op = torch.ops.mmkernels.triton_cross_modal_attention_fwd
     else:  # cpu and cuda: the C++ op, dispatched on the device of q
         op = torch.ops.mmkernels.cross_modal_attention_fwd
-    out, lse, _ = op(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal)
+    if kv_masks is None:  # the schema's default: calls without masks look as they always did
+        out, lse, _ = op(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal)
+    else:
+        out, lse, _ = op(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal, kv_masks)
     return out, lse
 
 
@@ -184,22 +222,28 @@ def cross_modal_attention(
     causal: bool = False,
     return_lse: bool = False,
     backend: Optional[str] = None,
+    kv_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ):
     """Attention of q over the valid keys of M modalities with one softmax.
 
     q (B, Lq, Hq, D); keys[m] (B, Lk_m, Hkv, D); values[m] (B, Lk_m, Hkv, Dv);
     kv_lengths int (B, M); q_lengths int (B,); modality_bias (Hq, M); head_gate
-    (Hq,). Returns out (B, Lq, Hq, Dv), and lse (B, Hq, Lq) if return_lse.
-    See DESIGN.md 2.1 for the exact semantics.
+    (Hq,); kv_masks: per modality None or a bool (B, Lk_m), True = attend (any
+    pattern: left padding, holes), together with kv_lengths if both are given.
+    Returns out (B, Lq, Hq, Dv), and lse (B, Hq, Lq) if return_lse.
+    See DESIGN.md 2.1 for the exact semantics; with causal=True the offset comes
+    from the lengths (kv_len - q_len), the masks only remove keys.
     """
     keys, values = check_inputs(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, causal)
+    kv_masks = check_kv_masks(kv_masks, q, keys)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     call = backends.Call(
-        "cross_modal_attention", q.device.type, q.dtype, len(keys), q.shape[-1], values[0].shape[-1]
+        "cross_modal_attention", q.device.type, q.dtype, len(keys), q.shape[-1], values[0].shape[-1],
+        key_masks=kv_masks is not None,
     )
     name = backends.select(call, backend)
     out, lse = _run_backend(
-        name, q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, float(scale), bool(causal)
+        name, q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, float(scale), bool(causal), kv_masks
     )
     return (out, lse) if return_lse else out
