@@ -81,14 +81,65 @@ def test_encoder_gradients_match_sdpa():
     assert mmhf.stats() == {"mmkernels": 2}
 
 
-def test_left_padding_falls_back_with_its_reason_and_stays_exact():
+def _served_with_masks():
+    """Whether key masks run fused on this device (else the integration falls back to SDPA)."""
+    return not mmhf._serves_key_masks(torch.zeros(1, 1, 1, 16, device=DEVICE), 16)
+
+
+@pytest.mark.parametrize("pattern", ["left", "holes"])
+def test_encoder_with_left_padding_or_holes_uses_key_masks(pattern):
     ref, ours = _bert()
-    ids = torch.randint(0, 97, (2, 7), device=DEVICE)
-    mask = _right_padded_mask([7, 4], 7).flip(1)
+    ids = torch.randint(0, 97, (3, 11), device=DEVICE)
+    mask = _right_padded_mask([11, 6, 3], 11).flip(1)
+    if pattern == "holes":
+        mask[0, 2:5] = 0
+        mask[2] = torch.tensor([1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 1])
     a = ref(input_ids=ids, attention_mask=mask).last_hidden_state
     b = ours(input_ids=ids, attention_mask=mask).last_hidden_state
-    torch.testing.assert_close(b, a)
-    assert mmhf.stats() == {"fallback: mask is not a right-padding (prefix) mask": 2}
+    valid = mask.bool()
+    torch.testing.assert_close(b[valid], a[valid], atol=2e-5, rtol=2e-5)
+    if _served_with_masks():
+        assert mmhf.stats() == {"mmkernels": 2}
+    else:
+        assert list(mmhf.stats()) == [k for k in mmhf.stats() if k.startswith("fallback: ")]
+
+
+def test_left_padded_causal_decoder_prefill_grads_and_generation():
+    """Batched generation pads on the left: prefill and every decoding step with a cache."""
+    ref, ours = _llama()
+    ids = torch.randint(1, 101, (3, 8), device=DEVICE)
+    mask = _right_padded_mask([8, 5, 2], 8).flip(1)
+    a, b = (m(input_ids=ids, attention_mask=mask).logits for m in (ref, ours))
+    valid = mask.bool()
+    torch.testing.assert_close(b[valid], a[valid], atol=2e-5, rtol=2e-5)
+    if _served_with_masks():
+        assert mmhf.stats() == {"mmkernels": 2}
+    grads = []
+    for model in (ref, ours):
+        model.zero_grad()
+        (model(input_ids=ids, attention_mask=mask).logits[valid] ** 2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-4, msg=name)
+    mmhf.reset_stats()
+    kw = dict(max_new_tokens=4, do_sample=False, attention_mask=mask, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+    if _served_with_masks():
+        assert mmhf.stats() == {"mmkernels": 2 * 4}  # prefill + 3 decoding steps, 2 layers each
+
+
+def test_a_mask_that_is_no_key_mask_falls_back():
+    """A mask whose query rows differ otherwise than by the causal triangle (packed sequences)."""
+    query, key, value = (torch.randn(2, 2, 6, 8, device=DEVICE) for _ in range(3))
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool, device=DEVICE)
+    mask[:, :, :3, 3:] = False
+    mask[:, :, 3:, :3] = False  # two documents packed in one row
+    module = torch.nn.Module()
+    module.is_causal = False
+    out, _ = mmhf.mmkernels_attention_forward(module, query, key, value, mask, scaling=0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(out, ref.transpose(1, 2))
+    assert mmhf.stats() == {"fallback: mask is neither a key mask nor a causal key mask": 1}
 
 
 @pytest.mark.parametrize("model,served", [

@@ -8,10 +8,13 @@
 Attention calls whose mask is "no mask" or "the first n keys of each sample"
 (right padding: encoders, cross-attention over padded encoder states) and
 causal self-attention without padding run on `cross_modal_attention` (one
-segment, `kv_lengths` from the mask). Everything else (left padding, packed
-sequences, sliding windows, dropout while training, soft-capping, attention
-sinks, position biases, float masks) goes to transformers' own SDPA path, and
-`stats()` counts each reason, so a model that never hits the fused path shows it.
+segment, `kv_lengths` from the mask). A mask that is one key mask per sample
+(left padding, holes), alone or under the causal triangle (padded causal text,
+prefill and decoding over a cache), runs on the op's `kv_masks` where the
+backend serves them (CPU today). Everything else (packed sequences, sliding
+windows, dropout while training, soft-capping, attention sinks, position
+biases, float masks) goes to transformers' own SDPA path, and `stats()` counts
+each reason, so a model that never hits the fused path shows it.
 
 A boolean mask is checked against the pattern the kernel will apply before the
 kernel runs: exact results, at the cost of one comparison (and, on a GPU, one
@@ -26,6 +29,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 import mmkernels
+from mmkernels import backends
 
 NAME = "mmkernels"
 _STATS: Counter = Counter()
@@ -66,6 +70,32 @@ def _lengths_from_mask(mask: torch.Tensor, B: int, Lk: int, check: bool) -> Tupl
     return n.to(torch.int32).expand(B).reshape(B, 1).contiguous(), ""
 
 
+def _key_mask_from_mask(mask: torch.Tensor, B: int, Lq: int, Lk: int) -> Tuple[Optional[torch.Tensor], bool, str]:
+    """(kv_mask (B, Lk), causal, "") if `mask` (bool, (B or 1, H or 1, Lq, Lk)) is one key mask per
+    sample, alone or under the causal triangle aligned bottom-right (key j seen by query i iff
+    j <= i + Lk - Lq); else (None, False, why not)."""
+    key_mask = mask[:, 0, -1, :].expand(B, Lk)  # the last query row sees every unmasked key in both
+    plain = key_mask[:, None, None, :]
+    if bool((mask == plain).all()):
+        return key_mask.contiguous(), False, ""
+    i = torch.arange(Lq, device=mask.device)[:, None]
+    j = torch.arange(Lk, device=mask.device)[None, :]
+    if bool((mask == (plain & (j <= i + (Lk - Lq)))).all()):
+        return key_mask.contiguous(), True, ""
+    return None, False, "mask is neither a key mask nor a causal key mask"
+
+
+def _serves_key_masks(query: torch.Tensor, Dv: int) -> str:
+    """Why the backend that would run a call with kv_masks cannot (or "")."""
+    call = backends.Call("cross_modal_attention", query.device.type, query.dtype, 1, query.shape[-1], Dv,
+                         key_masks=True)
+    try:
+        name = backends.select(call, _SETTINGS["backend"])
+    except backends.BackendNotSupported as e:
+        return str(e)
+    return "" if name != "reference" else f"key masks on {query.device.type} have no fused kernel yet"
+
+
 def mmkernels_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -81,7 +111,7 @@ def mmkernels_attention_forward(
     returns (attn_output (B, Lq, Hq, Dv), None)."""
     why = _why_not(module, query, key, value, dropout, kwargs)
     B, Lq, Lk = query.shape[0], query.shape[2], key.shape[2]
-    kv_lengths = None
+    kv_lengths = kv_masks = None
     causal = False
     if not why:
         if attention_mask is not None:
@@ -90,6 +120,10 @@ def mmkernels_attention_forward(
                 why = "mask on a causal module with check_masks=False"
             else:
                 kv_lengths, why = _lengths_from_mask(attention_mask, B, Lk, _SETTINGS["check_masks"])
+                if why == "mask is not a right-padding (prefix) mask":
+                    key_mask, causal, why = _key_mask_from_mask(attention_mask, B, Lq, Lk)
+                    why = why or _serves_key_masks(query, value.shape[-1])
+                    kv_masks = None if why else [key_mask]
         else:
             causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and Lq > 1
             if causal and Lq != Lk:
@@ -102,7 +136,7 @@ def mmkernels_attention_forward(
     # (B, H, L, D) -> (B, L, H, D) views: the op takes any strides with a unit last one.
     out = mmkernels.cross_modal_attention(
         query.transpose(1, 2), [key.transpose(1, 2)], [value.transpose(1, 2)], kv_lengths=kv_lengths,
-        scale=scaling, causal=causal, backend=_SETTINGS["backend"],
+        kv_masks=kv_masks, scale=scaling, causal=causal, backend=_SETTINGS["backend"],
     )
     return out, None
 
