@@ -24,7 +24,7 @@ import mmkernels.triton.cross_modal_attention_kernels as A  # noqa: E402
 import mmkernels.triton.gated_fusion as GF  # noqa: E402
 from mmkernels.triton._aot import SM90_MAX_SHARED, compile_sm90, resource_usage  # noqa: E402
 
-ATTN_PTRS = {"*": "*bf16", "KVLEN": "*i32", "QLEN": "*i64",
+ATTN_PTRS = {"*": "*bf16", "KVLEN": "*i32", "QLEN": "*i64", "KM": "*u8", **{f"KM{m}": "*u8" for m in range(8)},
              **{n: "*fp32" for n in ["BIAS", "GATE_T", "LSE", "OPART", "LPART", "DLT", "DBIAS", "RD"]}}
 GF_PTRS = {"*": "*bf16", "P": "*u8"}
 
@@ -32,7 +32,7 @@ GF_PTRS = {"*": "*bf16", "P": "*u8"}
 def cases(head_dim: int, bias_gate: bool):
     """(name, kernel, constexprs, pointer types, float args, configs)."""
     flags = dict(NUM_SEG=3, HAS_KVLEN=True, HAS_QLEN=True, HAS_BIAS=bias_gate, HAS_GATE=bias_gate,
-                 CAUSAL=False, IEEE=False)
+                 CAUSAL=False, IEEE=False, HAS_MASK=False)
     dims = dict(D=head_dim, DV=head_dim, BLOCK_D=head_dim, BLOCK_DV=head_dim)
     yield "attn fwd", A._cross_modal_attention_fwd_kernel, dict(dims, SPLIT=False, **flags), ATTN_PTRS, ("qk_scale",), A._FWD_CONFIGS
     yield "attn fwd split-KV", A._cross_modal_attention_fwd_kernel, dict(dims, SPLIT=True, **flags), ATTN_PTRS, ("qk_scale",), \

@@ -216,7 +216,6 @@ class TritonBackend(Backend):
     max_head_dim = MAX_GPU_HEAD_DIM
     min_capability = (7, 5)
     min_capability_bf16 = (8, 0)
-    key_masks = False
 
     def not_supported_reasons(self, call: Call) -> List[str]:
         if triton_error() is not None:

@@ -420,13 +420,14 @@ def compile_(kernel, consts, ptrs, floats=(), warps=4):
     compile_sm90(kernel, consts, ptrs, floats, num_warps=warps, num_stages=2)
     print("compiled", kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__, flush=True)
 
-ptr = {"*": "*bf16", "KVLEN": "*i32", "QLEN": "*i64"}
+ptr = {"*": "*bf16", "KVLEN": "*i32", "QLEN": "*i64", "KM": "*u8", **{f"KM{m}": "*u8" for m in range(8)}}
 for n in ["BIAS", "GATE_T", "LSE", "OPART", "LPART", "DLT", "DBIAS", "RD"]:
     ptr[n] = "*fp32"
-flags = dict(NUM_SEG=2, HAS_KVLEN=True, HAS_QLEN=True, HAS_BIAS=True, HAS_GATE=True, CAUSAL=False, IEEE=False)
+flags = dict(NUM_SEG=2, HAS_KVLEN=True, HAS_QLEN=True, HAS_BIAS=True, HAS_GATE=True, CAUSAL=False, IEEE=False,
+             HAS_MASK=True)
 dims = dict(D=48, DV=64, BLOCK_D=64, BLOCK_DV=64, BLOCK_M=32, BLOCK_N=32)
 compile_(A._cross_modal_attention_fwd_kernel, dict(dims, SPLIT=True, **flags), ptr, ("qk_scale",))
-compile_(A._cross_modal_attention_fwd_kernel, dict(dims, SPLIT=False, **dict(flags, NUM_SEG=1, CAUSAL=True)), ptr, ("qk_scale",))
+compile_(A._cross_modal_attention_fwd_kernel, dict(dims, SPLIT=False, **dict(flags, NUM_SEG=1, CAUSAL=True, HAS_MASK=False)), ptr, ("qk_scale",))
 compile_(A._cross_modal_attention_merge_kernel, dict(DV=64, BLOCK_DV=64, NS_P2=4, HAS_GATE=True), ptr)
 compile_(A._cross_modal_attention_bwd_pre_kernel, dict(DV=64, BLOCK_DV=64, BLOCK_R=32), ptr)
 compile_(A._cross_modal_attention_bwd_dq_kernel, dict(dims, **flags), ptr, ("qk_scale", "scale"))

@@ -20,7 +20,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 S = 8  # MAX_SEGMENTS
 def seg_params(indent="    "):
-    return "".join(f"{indent}K{m}, V{m}, sk{m}b, sk{m}n, sk{m}h, sv{m}b, sv{m}n, sv{m}h, LK{m},\n" for m in range(S))
+    return "".join(f"{indent}K{m}, V{m}, sk{m}b, sk{m}n, sk{m}h, sv{m}b, sv{m}n, sv{m}h, LK{m}, KM{m}, skm{m}b,\n"
+                   for m in range(S))
 def seg_lens(indent="    "):
     out = []
     for m in range(S):
@@ -40,8 +41,9 @@ def fwd_calls(indent="    "):
 {indent}        hi = tl.minimum(hi, causal_hi)
 {indent}    brow = _bias_row(BIAS, sbh, sbm, h, {m}, row_in, HAS_BIAS)
 {indent}    acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K{m}, V{m}, sk{m}b, sk{m}n, sk{m}h, sv{m}b, sv{m}n, sv{m}h,
-{indent}                                 b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-{indent}                                 D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)""")
+{indent}                                 KM{m} + b * skm{m}b, b, hkv, lo, hi, brow, i_row, causal_off, qk_scale,
+{indent}                                 offs_n, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE,
+{indent}                                 HAS_BIAS, HAS_MASK)""")
     return "\n".join(out) + "\n"
 def dq_calls(indent="    "):
     out = []
@@ -52,8 +54,8 @@ def dq_calls(indent="    "):
 {indent}        hi = tl.minimum(hi, causal_hi)
 {indent}    brow = _bias_row(BIAS, sbh, sbm, h, {m}, row_in, HAS_BIAS)
 {indent}    dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K{m}, V{m}, sk{m}b, sk{m}n, sk{m}h, sv{m}b, sv{m}n, sv{m}h,
-{indent}                          b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-{indent}                          D, DV, BLOCK_N, CAUSAL, IEEE)
+{indent}                          KM{m} + b * skm{m}b, b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d,
+{indent}                          offs_dv, D, DV, BLOCK_N, CAUSAL, IEEE, HAS_MASK)
 {indent}    if HAS_BIAS:
 {indent}        tl.store(DBIAS + dbias_base + {m}, dbr, mask=row_in)""")
     return "\n".join(out) + "\n"

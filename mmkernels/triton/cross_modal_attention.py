@@ -80,14 +80,20 @@ def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _segment_args(keys, values):
+def _mask_bytes(kv_masks):
+    """The kernels read kv_masks as bytes (bool tensors are one byte per element), unit last stride."""
+    return None if kv_masks is None else [m.contiguous().view(torch.uint8) for m in kv_masks]
+
+
+def _segment_args(keys, values, masks=None):
     args = []
     for m in range(MAX_SEGMENTS):
         if m < len(keys):
             k, v = keys[m], values[m]
             args += [k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), k.shape[1]]
+            args += [masks[m], masks[m].stride(0)] if masks is not None else [k, 0]
         else:
-            args += [keys[0], values[0], 0, 0, 0, 0, 0, 0, 0]
+            args += [keys[0], values[0], 0, 0, 0, 0, 0, 0, 0, keys[0], 0]
     return args
 
 
@@ -108,11 +114,11 @@ def num_kv_splits(q: torch.Tensor, B: int, Hkv: int, Lq: int, G: int, total_keys
     return max(1, ns)
 
 
-def _flags(q, keys, kv_lengths, q_lengths, modality_bias, head_gate, causal):
+def _flags(q, keys, kv_lengths, q_lengths, modality_bias, head_gate, causal, kv_masks=None):
     return dict(
         NUM_SEG=len(keys), HAS_KVLEN=kv_lengths is not None, HAS_QLEN=q_lengths is not None,
         HAS_BIAS=modality_bias is not None, HAS_GATE=head_gate is not None, CAUSAL=bool(causal),
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, HAS_MASK=kv_masks is not None,
     )
 
 
@@ -126,7 +132,16 @@ def _optional_args(q, kv_lengths, q_lengths, modality_bias, gate_t):
             gate_t if gate_t is not None else q]
 
 
-@triton_op("mmkernels::triton_cross_modal_attention_fwd", mutates_args=())
+# The schemas are written out (as in csrc/ops.cpp) because infer_schema cannot state `Tensor[]? kv_masks`.
+_FWD_SCHEMA = ("(Tensor q, Tensor[] keys, Tensor[] values, Tensor? kv_lengths, Tensor? q_lengths, "
+               "Tensor? modality_bias, Tensor? head_gate, float scale, bool causal, Tensor[]? kv_masks=None) "
+               "-> (Tensor, Tensor, Tensor)")
+_BWD_SCHEMA = ("(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor[] keys, Tensor[] values, Tensor out_ungated, "
+               "Tensor lse, Tensor? kv_lengths, Tensor? q_lengths, Tensor? modality_bias, Tensor? head_gate, "
+               "float scale, bool causal, Tensor[]? kv_masks=None) -> (Tensor, Tensor[], Tensor[], Tensor, Tensor)")
+
+
+@triton_op("mmkernels::triton_cross_modal_attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def triton_cross_modal_attention_fwd(
     q: torch.Tensor,
     keys: List[torch.Tensor],
@@ -137,6 +152,7 @@ def triton_cross_modal_attention_fwd(
     head_gate: Optional[torch.Tensor],
     scale: float,
     causal: bool,
+    kv_masks: Optional[List[torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Lq, Hq, D = q.shape
     Hkv, Dv = keys[0].shape[2], values[0].shape[3]
@@ -159,7 +175,8 @@ def triton_cross_modal_attention_fwd(
         lpart = q.new_empty((B, Hkv, ns, Lq * G), dtype=torch.float32)
     else:
         opart = lpart = dummy
-    flags = _flags(q, keys, kv_lengths, q_lengths, modality_bias, head_gate, causal)
+    flags = _flags(q, keys, kv_lengths, q_lengths, modality_bias, head_gate, causal, kv_masks)
+    masks = _mask_bytes(kv_masks)
     BD, BDV = _pow2(D), _pow2(Dv)
     LqG = Lq * G
 
@@ -168,7 +185,7 @@ def triton_cross_modal_attention_fwd(
 
     wrap_triton(_cross_modal_attention_fwd_kernel)[grid](
         q, q.stride(0), q.stride(1), q.stride(2),
-        *_segment_args(keys, values),
+        *_segment_args(keys, values, masks),
         *_optional_args(q, kv_lengths, q_lengths, modality_bias, gate_t),
         out, out_u if head_gate is not None else dummy, out.stride(0), out.stride(1), out.stride(2),
         lse, opart, lpart,
@@ -185,7 +202,7 @@ def triton_cross_modal_attention_fwd(
     return out, lse, out_u
 
 
-@triton_op("mmkernels::triton_cross_modal_attention_bwd", mutates_args=())
+@triton_op("mmkernels::triton_cross_modal_attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
 def triton_cross_modal_attention_bwd(
     grad_out: torch.Tensor,
     grad_lse: Optional[torch.Tensor],
@@ -200,6 +217,7 @@ def triton_cross_modal_attention_bwd(
     head_gate: Optional[torch.Tensor],
     scale: float,
     causal: bool,
+    kv_masks: Optional[List[torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor], torch.Tensor, torch.Tensor]:
     B, Lq, Hq, D = q.shape
     Hkv, Dv = keys[0].shape[2], values[0].shape[3]
@@ -216,7 +234,8 @@ def triton_cross_modal_attention_bwd(
     lse = lse.float().contiguous()
     BD, BDV = _pow2(D), _pow2(Dv)
     LqG = Lq * G
-    flags = _flags(q, keys, kv_lengths, q_lengths, modality_bias, head_gate, causal)
+    flags = _flags(q, keys, kv_lengths, q_lengths, modality_bias, head_gate, causal, kv_masks)
+    masks = _mask_bytes(kv_masks)
     opt = _optional_args(q, kv_lengths, q_lengths, modality_bias, gate_t)
 
     rowdot = q.new_empty((B, Hq, Lq), dtype=torch.float32)
@@ -239,7 +258,7 @@ def triton_cross_modal_attention_bwd(
         wrap_triton(_cross_modal_attention_bwd_dq_kernel)[lambda meta: (triton.cdiv(LqG, meta["BLOCK_M"]), B * Hkv)](
             q, q.stride(0), q.stride(1), q.stride(2),
             grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            *_segment_args(keys, values), *opt, lse, dlt,
+            *_segment_args(keys, values, masks), *opt, lse, dlt,
             dq, dq.stride(0), dq.stride(1), dq.stride(2), dbias,
             Lq, G, Hkv, float(scale) * LOG2E, float(scale), _lq_bucket(LqG), **common,
         )
@@ -256,6 +275,7 @@ def triton_cross_modal_attention_bwd(
             q, q.stride(0), q.stride(1), q.stride(2),
             grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), Lk, m,
+            masks[m] if masks is not None else k, masks[m].stride(0) if masks is not None else 0,
             *opt, lse, dlt,
             dk, dk.stride(0), dk.stride(1), dk.stride(2), dv, dv.stride(0), dv.stride(1), dv.stride(2),
             Lq, G, Hkv, float(scale) * LOG2E, float(scale), _lq_bucket(LqG), **common,

@@ -138,12 +138,38 @@ def _bias_row(BIAS, sbh, sbm, h, m, row_in, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, start, hi, brow, i_row, causal_off, qk_scale,
+def _key_mask(km_base, n, hi, HAS_MASK: tl.constexpr):
+    """kv_masks of keys n (< hi) as booleans, and whether any of them is set (all True without masks)."""
+    if HAS_MASK:
+        keep = tl.load(km_base + n, mask=n < hi, other=0) != 0
+        live = tl.max(keep.to(tl.int32), 0) > 0
+    else:
+        keep = n >= 0
+        live = True
+    return keep, live
+
+
+@triton.jit
+def _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, km_base, start, hi, brow, i_row, causal_off, qk_scale,
                offs_n, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
-               HAS_BIAS: tl.constexpr):
-    """One key block of the online softmax; MASKED only for the tail block (and causal)."""
+               HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
+    """One key block of the online softmax; MASKED for the tail block, causal and key masks.
+    A block whose keys are all masked out is skipped."""
     n = start + offs_n
+    keep, live = _key_mask(km_base, n, hi, HAS_MASK)
+    if live:
+        acc, m_i, l_i = _fwd_block_math(acc, m_i, l_i, q, k_base, v_base, skn, svn, n, keep, hi, brow, i_row,
+                                        causal_off, qk_scale, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, CAUSAL,
+                                        MASKED, IEEE, HAS_BIAS, HAS_MASK)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_block_math(acc, m_i, l_i, q, k_base, v_base, skn, svn, n, keep, hi, brow, i_row, causal_off, qk_scale,
+                    offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
     n64 = n.to(tl.int64)
     kptr = k_base + n64[None, :] * skn + offs_d[:, None]
     vptr = v_base + n64[:, None] * svn + offs_dv[None, :]
@@ -167,6 +193,8 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, start, hi, brow, i_ro
         valid = nmask[None, :]
         if CAUSAL:
             valid = valid & (n[None, :] <= i_row[:, None] + causal_off)
+        if HAS_MASK:
+            valid = valid & keep[None, :]
         s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -178,29 +206,30 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, start, hi, brow, i_ro
 
 
 @triton.jit
-def _fwd_segment(acc, m_i, l_i, q, K, V, skb, skn, skh, svb, svn, svh,
+def _fwd_segment(acc, m_i, l_i, q, K, V, skb, skn, skh, svb, svn, svh, km_base,
                  b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_MASK: tl.constexpr):
     k_base = K + b * skb + hkv.to(tl.int64) * skh
     v_base = V + b * svb + hkv.to(tl.int64) * svh
     hi = tl.maximum(hi, lo)
-    if CAUSAL:
+    if CAUSAL or HAS_MASK:  # every block masked
         for start in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, start, hi, brow, i_row,
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, km_base, start, hi, brow, i_row,
                                        causal_off, qk_scale, offs_n, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
-                                       CAUSAL, True, IEEE, HAS_BIAS)
+                                       CAUSAL, True, IEEE, HAS_BIAS, HAS_MASK)
     else:
         # full blocks without masks, then the tail block masked
         n_full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
         for start in range(lo, n_full, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, start, hi, brow, i_row,
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, km_base, start, hi, brow, i_row,
                                        causal_off, qk_scale, offs_n, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
-                                       CAUSAL, False, IEEE, HAS_BIAS)
+                                       CAUSAL, False, IEEE, HAS_BIAS, HAS_MASK)
         if n_full < hi:
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, n_full, hi, brow, i_row,
-                                       causal_off, qk_scale, offs_n, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV,
-                                       CAUSAL, True, IEEE, HAS_BIAS)
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, km_base, n_full, hi, brow,
+                                       i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv, D, DV, BLOCK_D,
+                                       BLOCK_DV, CAUSAL, True, IEEE, HAS_BIAS, HAS_MASK)
     return acc, m_i, l_i
 
 
@@ -222,21 +251,21 @@ def _store_out(OUT, OUTU, sob, som, soh, LSE, GATE_T, b, i_row, h, Lq, Hq, o, ls
 @triton.jit
 def _cross_modal_attention_fwd_kernel(
     Q, sqb, sqm, sqh,
-    K0, V0, sk0b, sk0n, sk0h, sv0b, sv0n, sv0h, LK0,
-    K1, V1, sk1b, sk1n, sk1h, sv1b, sv1n, sv1h, LK1,
-    K2, V2, sk2b, sk2n, sk2h, sv2b, sv2n, sv2h, LK2,
-    K3, V3, sk3b, sk3n, sk3h, sv3b, sv3n, sv3h, LK3,
-    K4, V4, sk4b, sk4n, sk4h, sv4b, sv4n, sv4h, LK4,
-    K5, V5, sk5b, sk5n, sk5h, sv5b, sv5n, sv5h, LK5,
-    K6, V6, sk6b, sk6n, sk6h, sv6b, sv6n, sv6h, LK6,
-    K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h, LK7,
+    K0, V0, sk0b, sk0n, sk0h, sv0b, sv0n, sv0h, LK0, KM0, skm0b,
+    K1, V1, sk1b, sk1n, sk1h, sv1b, sv1n, sv1h, LK1, KM1, skm1b,
+    K2, V2, sk2b, sk2n, sk2h, sv2b, sv2n, sv2h, LK2, KM2, skm2b,
+    K3, V3, sk3b, sk3n, sk3h, sv3b, sv3n, sv3h, LK3, KM3, skm3b,
+    K4, V4, sk4b, sk4n, sk4h, sv4b, sv4n, sv4h, LK4, KM4, skm4b,
+    K5, V5, sk5b, sk5n, sk5h, sv5b, sv5n, sv5h, LK5, KM5, skm5b,
+    K6, V6, sk6b, sk6n, sk6h, sv6b, sv6n, sv6h, LK6, KM6, skm6b,
+    K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h, LK7, KM7, skm7b,
     KVLEN, skvb, skvm, QLEN, BIAS, sbh, sbm, GATE_T,
     OUT, OUTU, sob, som, soh, LSE, OPART, LPART,
     Lq, G, Hkv, num_splits, qk_scale, lq_bucket,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     NUM_SEG: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_GATE: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -297,8 +326,9 @@ def _cross_modal_attention_fwd_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 0, row_in, HAS_BIAS)
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K0, V0, sk0b, sk0n, sk0h, sv0b, sv0n, sv0h,
-                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+                                     KM0 + b * skm0b, b, hkv, lo, hi, brow, i_row, causal_off, qk_scale,
+                                     offs_n, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE,
+                                     HAS_BIAS, HAS_MASK)
     if NUM_SEG > 1:
         lo = tl.minimum(tl.maximum(s_lo - off1, 0), kvl1)
         hi = tl.minimum(tl.maximum(s_hi - off1, 0), kvl1)
@@ -306,8 +336,9 @@ def _cross_modal_attention_fwd_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 1, row_in, HAS_BIAS)
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K1, V1, sk1b, sk1n, sk1h, sv1b, sv1n, sv1h,
-                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+                                     KM1 + b * skm1b, b, hkv, lo, hi, brow, i_row, causal_off, qk_scale,
+                                     offs_n, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE,
+                                     HAS_BIAS, HAS_MASK)
     if NUM_SEG > 2:
         lo = tl.minimum(tl.maximum(s_lo - off2, 0), kvl2)
         hi = tl.minimum(tl.maximum(s_hi - off2, 0), kvl2)
@@ -315,8 +346,9 @@ def _cross_modal_attention_fwd_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 2, row_in, HAS_BIAS)
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K2, V2, sk2b, sk2n, sk2h, sv2b, sv2n, sv2h,
-                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+                                     KM2 + b * skm2b, b, hkv, lo, hi, brow, i_row, causal_off, qk_scale,
+                                     offs_n, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE,
+                                     HAS_BIAS, HAS_MASK)
     if NUM_SEG > 3:
         lo = tl.minimum(tl.maximum(s_lo - off3, 0), kvl3)
         hi = tl.minimum(tl.maximum(s_hi - off3, 0), kvl3)
@@ -324,8 +356,9 @@ def _cross_modal_attention_fwd_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 3, row_in, HAS_BIAS)
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K3, V3, sk3b, sk3n, sk3h, sv3b, sv3n, sv3h,
-                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+                                     KM3 + b * skm3b, b, hkv, lo, hi, brow, i_row, causal_off, qk_scale,
+                                     offs_n, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE,
+                                     HAS_BIAS, HAS_MASK)
     if NUM_SEG > 4:
         lo = tl.minimum(tl.maximum(s_lo - off4, 0), kvl4)
         hi = tl.minimum(tl.maximum(s_hi - off4, 0), kvl4)
@@ -333,8 +366,9 @@ def _cross_modal_attention_fwd_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 4, row_in, HAS_BIAS)
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K4, V4, sk4b, sk4n, sk4h, sv4b, sv4n, sv4h,
-                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+                                     KM4 + b * skm4b, b, hkv, lo, hi, brow, i_row, causal_off, qk_scale,
+                                     offs_n, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE,
+                                     HAS_BIAS, HAS_MASK)
     if NUM_SEG > 5:
         lo = tl.minimum(tl.maximum(s_lo - off5, 0), kvl5)
         hi = tl.minimum(tl.maximum(s_hi - off5, 0), kvl5)
@@ -342,8 +376,9 @@ def _cross_modal_attention_fwd_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 5, row_in, HAS_BIAS)
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K5, V5, sk5b, sk5n, sk5h, sv5b, sv5n, sv5h,
-                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+                                     KM5 + b * skm5b, b, hkv, lo, hi, brow, i_row, causal_off, qk_scale,
+                                     offs_n, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE,
+                                     HAS_BIAS, HAS_MASK)
     if NUM_SEG > 6:
         lo = tl.minimum(tl.maximum(s_lo - off6, 0), kvl6)
         hi = tl.minimum(tl.maximum(s_hi - off6, 0), kvl6)
@@ -351,8 +386,9 @@ def _cross_modal_attention_fwd_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 6, row_in, HAS_BIAS)
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K6, V6, sk6b, sk6n, sk6h, sv6b, sv6n, sv6h,
-                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+                                     KM6 + b * skm6b, b, hkv, lo, hi, brow, i_row, causal_off, qk_scale,
+                                     offs_n, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE,
+                                     HAS_BIAS, HAS_MASK)
     if NUM_SEG > 7:
         lo = tl.minimum(tl.maximum(s_lo - off7, 0), kvl7)
         hi = tl.minimum(tl.maximum(s_hi - off7, 0), kvl7)
@@ -360,8 +396,9 @@ def _cross_modal_attention_fwd_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 7, row_in, HAS_BIAS)
         acc, m_i, l_i = _fwd_segment(acc, m_i, l_i, q, K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h,
-                                     b, hkv, lo, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                                     D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE, HAS_BIAS)
+                                     KM7 + b * skm7b, b, hkv, lo, hi, brow, i_row, causal_off, qk_scale,
+                                     offs_n, offs_d, offs_dv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, IEEE,
+                                     HAS_BIAS, HAS_MASK)
     row_ok = row_in & (i_row < q_len) & (l_i > 0)
     l_safe = tl.where(row_ok, l_i, 1.0)
     o = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
@@ -431,30 +468,43 @@ def _cross_modal_attention_bwd_pre_kernel(DO, sdb, sdm, sdh, O, sob, som, soh, R
 
 
 @triton.jit
-def _dq_segment(dq, q, do, t_row, L2, dlt, K, V, skb, skn, skh, svb, svn, svh,
+def _dq_segment(dq, q, do, t_row, L2, dlt, K, V, skb, skn, skh, svb, svn, svh, km_base,
                 b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                IEEE: tl.constexpr):
-    k_base = K + b * skb + hkv.to(tl.int64) * skh
-    v_base = V + b * svb + hkv.to(tl.int64) * svh
+                IEEE: tl.constexpr, HAS_MASK: tl.constexpr):
     dbr = tl.zeros_like(dlt)
     for start in range(0, hi, BLOCK_N):
         n = start + offs_n
-        nmask = n < hi
-        n64 = n.to(tl.int64)
-        k = tl.load(k_base + n64[:, None] * skn + offs_d[None, :],
-                    mask=nmask[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_base + n64[:, None] * svn + offs_dv[None, :],
-                    mask=nmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale + brow[:, None]
-        valid = nmask[None, :]
-        if CAUSAL:
-            valid = valid & (n[None, :] <= i_row[:, None] + causal_off)
-        p = tl.where(valid, tl.exp2(s - L2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), IEEE) * t_row[:, None]
-        ds = p * (dp - dlt[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE)
-        dbr += tl.sum(ds, 1)
+        keep, live = _key_mask(km_base, n, hi, HAS_MASK)
+        if live:  # a block whose keys are all masked out is skipped
+            dq, dbr = _dq_block(dq, dbr, q, do, t_row, L2, dlt, K, V, skb, skn, skh, svb, svn, svh, b, hkv, n, keep,
+                                hi, brow, i_row, causal_off, qk_scale, offs_d, offs_dv, D, DV, CAUSAL, IEEE, HAS_MASK)
+    return dq, dbr
+
+
+@triton.jit
+def _dq_block(dq, dbr, q, do, t_row, L2, dlt, K, V, skb, skn, skh, svb, svn, svh, b, hkv, n, keep,
+              hi, brow, i_row, causal_off, qk_scale, offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr,
+              CAUSAL: tl.constexpr, IEEE: tl.constexpr, HAS_MASK: tl.constexpr):
+    k_base = K + b * skb + hkv.to(tl.int64) * skh
+    v_base = V + b * svb + hkv.to(tl.int64) * svh
+    nmask = n < hi
+    n64 = n.to(tl.int64)
+    k = tl.load(k_base + n64[:, None] * skn + offs_d[None, :],
+                mask=nmask[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(v_base + n64[:, None] * svn + offs_dv[None, :],
+                mask=nmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale + brow[:, None]
+    valid = nmask[None, :]
+    if CAUSAL:
+        valid = valid & (n[None, :] <= i_row[:, None] + causal_off)
+    if HAS_MASK:
+        valid = valid & keep[None, :]
+    p = tl.where(valid, tl.exp2(s - L2[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), IEEE) * t_row[:, None]
+    ds = p * (dp - dlt[:, None])
+    dq += _dot(ds.to(k.dtype), k, IEEE)
+    dbr += tl.sum(ds, 1)
     return dq, dbr
 
 
@@ -462,21 +512,21 @@ def _dq_segment(dq, q, do, t_row, L2, dlt, K, V, skb, skn, skh, svb, svn, svh,
 @triton.jit
 def _cross_modal_attention_bwd_dq_kernel(
     Q, sqb, sqm, sqh, DO, sdb, sdm, sdh,
-    K0, V0, sk0b, sk0n, sk0h, sv0b, sv0n, sv0h, LK0,
-    K1, V1, sk1b, sk1n, sk1h, sv1b, sv1n, sv1h, LK1,
-    K2, V2, sk2b, sk2n, sk2h, sv2b, sv2n, sv2h, LK2,
-    K3, V3, sk3b, sk3n, sk3h, sv3b, sv3n, sv3h, LK3,
-    K4, V4, sk4b, sk4n, sk4h, sv4b, sv4n, sv4h, LK4,
-    K5, V5, sk5b, sk5n, sk5h, sv5b, sv5n, sv5h, LK5,
-    K6, V6, sk6b, sk6n, sk6h, sv6b, sv6n, sv6h, LK6,
-    K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h, LK7,
+    K0, V0, sk0b, sk0n, sk0h, sv0b, sv0n, sv0h, LK0, KM0, skm0b,
+    K1, V1, sk1b, sk1n, sk1h, sv1b, sv1n, sv1h, LK1, KM1, skm1b,
+    K2, V2, sk2b, sk2n, sk2h, sv2b, sv2n, sv2h, LK2, KM2, skm2b,
+    K3, V3, sk3b, sk3n, sk3h, sv3b, sv3n, sv3h, LK3, KM3, skm3b,
+    K4, V4, sk4b, sk4n, sk4h, sv4b, sv4n, sv4h, LK4, KM4, skm4b,
+    K5, V5, sk5b, sk5n, sk5h, sv5b, sv5n, sv5h, LK5, KM5, skm5b,
+    K6, V6, sk6b, sk6n, sk6h, sv6b, sv6n, sv6h, LK6, KM6, skm6b,
+    K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h, LK7, KM7, skm7b,
     KVLEN, skvb, skvm, QLEN, BIAS, sbh, sbm, GATE_T, LSE, DLT,
     DQ, sdqb, sdqm, sdqh, DBIAS,
     Lq, G, Hkv, qk_scale, scale, lq_bucket,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     NUM_SEG: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_GATE: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -536,8 +586,8 @@ def _cross_modal_attention_bwd_dq_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 0, row_in, HAS_BIAS)
         dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K0, V0, sk0b, sk0n, sk0h, sv0b, sv0n, sv0h,
-                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                              D, DV, BLOCK_N, CAUSAL, IEEE)
+                              KM0 + b * skm0b, b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d,
+                              offs_dv, D, DV, BLOCK_N, CAUSAL, IEEE, HAS_MASK)
         if HAS_BIAS:
             tl.store(DBIAS + dbias_base + 0, dbr, mask=row_in)
     if NUM_SEG > 1:
@@ -546,8 +596,8 @@ def _cross_modal_attention_bwd_dq_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 1, row_in, HAS_BIAS)
         dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K1, V1, sk1b, sk1n, sk1h, sv1b, sv1n, sv1h,
-                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                              D, DV, BLOCK_N, CAUSAL, IEEE)
+                              KM1 + b * skm1b, b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d,
+                              offs_dv, D, DV, BLOCK_N, CAUSAL, IEEE, HAS_MASK)
         if HAS_BIAS:
             tl.store(DBIAS + dbias_base + 1, dbr, mask=row_in)
     if NUM_SEG > 2:
@@ -556,8 +606,8 @@ def _cross_modal_attention_bwd_dq_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 2, row_in, HAS_BIAS)
         dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K2, V2, sk2b, sk2n, sk2h, sv2b, sv2n, sv2h,
-                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                              D, DV, BLOCK_N, CAUSAL, IEEE)
+                              KM2 + b * skm2b, b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d,
+                              offs_dv, D, DV, BLOCK_N, CAUSAL, IEEE, HAS_MASK)
         if HAS_BIAS:
             tl.store(DBIAS + dbias_base + 2, dbr, mask=row_in)
     if NUM_SEG > 3:
@@ -566,8 +616,8 @@ def _cross_modal_attention_bwd_dq_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 3, row_in, HAS_BIAS)
         dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K3, V3, sk3b, sk3n, sk3h, sv3b, sv3n, sv3h,
-                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                              D, DV, BLOCK_N, CAUSAL, IEEE)
+                              KM3 + b * skm3b, b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d,
+                              offs_dv, D, DV, BLOCK_N, CAUSAL, IEEE, HAS_MASK)
         if HAS_BIAS:
             tl.store(DBIAS + dbias_base + 3, dbr, mask=row_in)
     if NUM_SEG > 4:
@@ -576,8 +626,8 @@ def _cross_modal_attention_bwd_dq_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 4, row_in, HAS_BIAS)
         dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K4, V4, sk4b, sk4n, sk4h, sv4b, sv4n, sv4h,
-                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                              D, DV, BLOCK_N, CAUSAL, IEEE)
+                              KM4 + b * skm4b, b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d,
+                              offs_dv, D, DV, BLOCK_N, CAUSAL, IEEE, HAS_MASK)
         if HAS_BIAS:
             tl.store(DBIAS + dbias_base + 4, dbr, mask=row_in)
     if NUM_SEG > 5:
@@ -586,8 +636,8 @@ def _cross_modal_attention_bwd_dq_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 5, row_in, HAS_BIAS)
         dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K5, V5, sk5b, sk5n, sk5h, sv5b, sv5n, sv5h,
-                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                              D, DV, BLOCK_N, CAUSAL, IEEE)
+                              KM5 + b * skm5b, b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d,
+                              offs_dv, D, DV, BLOCK_N, CAUSAL, IEEE, HAS_MASK)
         if HAS_BIAS:
             tl.store(DBIAS + dbias_base + 5, dbr, mask=row_in)
     if NUM_SEG > 6:
@@ -596,8 +646,8 @@ def _cross_modal_attention_bwd_dq_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 6, row_in, HAS_BIAS)
         dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K6, V6, sk6b, sk6n, sk6h, sv6b, sv6n, sv6h,
-                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                              D, DV, BLOCK_N, CAUSAL, IEEE)
+                              KM6 + b * skm6b, b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d,
+                              offs_dv, D, DV, BLOCK_N, CAUSAL, IEEE, HAS_MASK)
         if HAS_BIAS:
             tl.store(DBIAS + dbias_base + 6, dbr, mask=row_in)
     if NUM_SEG > 7:
@@ -606,8 +656,8 @@ def _cross_modal_attention_bwd_dq_kernel(
             hi = tl.minimum(hi, causal_hi)
         brow = _bias_row(BIAS, sbh, sbm, h, 7, row_in, HAS_BIAS)
         dq, dbr = _dq_segment(dq, q, do, t_row, L2, dlt, K7, V7, sk7b, sk7n, sk7h, sv7b, sv7n, sv7h,
-                              b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d, offs_dv,
-                              D, DV, BLOCK_N, CAUSAL, IEEE)
+                              KM7 + b * skm7b, b, hkv, hi, brow, i_row, causal_off, qk_scale, offs_n, offs_d,
+                              offs_dv, D, DV, BLOCK_N, CAUSAL, IEEE, HAS_MASK)
         if HAS_BIAS:
             tl.store(DBIAS + dbias_base + 7, dbr, mask=row_in)
     tl.store(DQ + b * sdqb + i_row.to(tl.int64)[:, None] * sdqm + h.to(tl.int64)[:, None] * sdqh + offs_d[None, :],
@@ -618,14 +668,14 @@ def _cross_modal_attention_bwd_dq_kernel(
 @triton.jit
 def _cross_modal_attention_bwd_dkdv_kernel(
     Q, sqb, sqm, sqh, DO, sdb, sdm, sdh,
-    K, V, skb, skn, skh, svb, svn, svh, LK, seg,
+    K, V, skb, skn, skh, svb, svn, svh, LK, seg, KM, skmb,
     KVLEN, skvb, skvm, QLEN, BIAS, sbh, sbm, GATE_T, LSE, DLT,
     DK, sdkb, sdkn, sdkh, DVP, sdvb, sdvn, sdvh,
     Lq, G, Hkv, qk_scale, scale, lq_bucket,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     NUM_SEG: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_GATE: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -644,7 +694,8 @@ def _cross_modal_attention_bwd_dkdv_kernel(
         q_len = tl.minimum(tl.maximum(tl.load(QLEN + b).to(tl.int32), 0), Lq)
     else:
         q_len = Lq
-    nvalid = n < kvl
+    keep, live = _key_mask(KM + b * skmb, n, kvl, HAS_MASK)
+    nvalid = (n < kvl) & keep
     n64 = n.to(tl.int64)
     k = tl.load(K + b * skb + hkv.to(tl.int64) * skh + n64[:, None] * skn + offs_d[None, :],
                 mask=nvalid[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -652,7 +703,7 @@ def _cross_modal_attention_bwd_dkdv_kernel(
                 mask=nvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    row_hi = tl.where(pid_n * BLOCK_N < kvl, q_len * G, 0)
+    row_hi = tl.where((pid_n * BLOCK_N < kvl) & live, q_len * G, 0)  # all masked: zero grads, no work
     row_lo = 0
     if CAUSAL:
         causal_off = kvl - q_len
