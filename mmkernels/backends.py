@@ -179,7 +179,6 @@ class CudaBackend(Backend):
     dtypes = FLOAT_DTYPES
     max_head_dim = MAX_GPU_HEAD_DIM
     min_capability = (8, 0)
-    key_masks = False
 
     def not_supported_reasons(self, call: Call) -> List[str]:
         reasons = super().not_supported_reasons(call)

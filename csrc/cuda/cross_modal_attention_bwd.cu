@@ -108,8 +108,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
     const std::optional<at::Tensor>& modality_bias, const std::optional<at::Tensor>& head_gate, double scale,
     bool causal, const std::optional<at::TensorList>& kv_masks) {
   c10::cuda::CUDAGuard guard(q.device());
-  TORCH_CHECK(!kv_masks.has_value(), "mmkernels CUDA cross_modal_attention: kv_masks are not implemented in the CUDA kernels yet");
-  CrossModalAttentionPrepared r = prepare_cross_modal_attention(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal);
+  CrossModalAttentionPrepared r = prepare_cross_modal_attention(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal, kv_masks);
   const auto fopts = q.options().dtype(at::kFloat);
 
   TORCH_CHECK(grad_out.device() == q.device() && grad_out.scalar_type() == q.scalar_type(),

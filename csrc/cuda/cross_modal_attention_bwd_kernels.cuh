@@ -76,8 +76,9 @@ __device__ __forceinline__ void cross_modal_attention_bwd_dkdv_body(const AttnPa
   const int nk = (int)clamp_len(kvlen - j0, BN);
   const int G = p.Hq / p.Hkv;
   const int D = p.D, Dv = p.Dv;
+  const KeyMask km = key_mask(p, b, m);
 
-  if (nk > 0) {  // uniform over the CTA
+  if (nk > 0 && tile_has_key(km, j0, nk)) {  // uniform over the CTA; fully masked blocks get zero grads
     tiles.load_kv(static_cast<const T*>(sg.k) + (int64_t)b * sg.k_sb + (int64_t)hk * sg.k_sh + j0 * sg.k_sl, sg.k_sl,
                   static_cast<const T*>(sg.v) + (int64_t)b * sg.v_sb + (int64_t)hk * sg.v_sh + j0 * sg.v_sl, sg.v_sl,
                   nk, D, Dv, sg.vec4 != 0);
@@ -111,7 +112,7 @@ __device__ __forceinline__ void cross_modal_attention_bwd_dkdv_body(const AttnPa
           for (int c = 0; c < TQ; ++c) {
             const int il = cg + 8 * c;
             const float l2 = tiles.lse_s()[il];
-            const bool ok = key_visible(p, jl < nk && l2 != NEG_INF, i0 + il, j0 + jl, off);
+            const bool ok = key_visible(p, jl < nk && l2 != NEG_INF, i0 + il, j0 + jl, off) && km.keeps(j0 + jl);
             const float pv = prob_from_lse(ok, tiles.score(pr, a, c), p.scale_log2, bias2, l2);
             tiles.store_p_ds(a, c, pv, ok ? pv * (tiles.dprob(pr, a, c) - tiles.del_s()[il]) : 0.f);  // no 0 * inf
           }
@@ -174,10 +175,12 @@ __device__ __forceinline__ void cross_modal_attention_bwd_dq_body(const AttnPara
       const T* kbase = static_cast<const T*>(sg.k) + (int64_t)b * sg.k_sb + (int64_t)hk * sg.k_sh;
       const T* vbase = static_cast<const T*>(sg.v) + (int64_t)b * sg.v_sb + (int64_t)hk * sg.v_sh;
       const bool vec = sg.vec4 != 0;
+      const KeyMask km = key_mask(p, b, m);
       float bsum = 0.f;
 
       for (int64_t j0 = 0; j0 < limit; j0 += BN) {
         const int nvalid = (int)((limit - j0) < BN ? (limit - j0) : BN);
+        if (!tile_has_key(km, j0, nvalid)) continue;  // every key masked: no dS, no dQ
         __syncthreads();  // previous tile consumed; Q, dO and row stats stored (first time)
         tiles.load_kv(kbase + j0 * sg.k_sl, sg.k_sl, vbase + j0 * sg.v_sl, sg.v_sl, nvalid, D, Dv, vec);
         __syncthreads();
@@ -193,7 +196,7 @@ __device__ __forceinline__ void cross_modal_attention_bwd_dq_body(const AttnPara
 #pragma unroll
           for (int jj = 0; jj < TN; ++jj) {
             const int jl = cg + 8 * jj;
-            const bool ok = key_visible(p, jl < nvalid && l2 != NEG_INF, row, j0 + jl, off);
+            const bool ok = key_visible(p, jl < nvalid && l2 != NEG_INF, row, j0 + jl, off) && km.keeps(j0 + jl);
             const float pv = prob_from_lse(ok, tiles.score(pr, i, jj), p.scale_log2, bias2, l2);
             const float ds = ok ? pv * (tiles.dprob(pr, i, jj) - dl) : 0.f;  // no 0 * inf
             bsum += ds;

@@ -48,8 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_fwd_cuda(
     const std::optional<at::Tensor>& head_gate, double scale, bool causal,
     const std::optional<at::TensorList>& kv_masks) {
   c10::cuda::CUDAGuard guard(q.device());
-  TORCH_CHECK(!kv_masks.has_value(), "mmkernels CUDA cross_modal_attention: kv_masks are not implemented in the CUDA kernels yet");
-  CrossModalAttentionPrepared r = prepare_cross_modal_attention(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal);
+  CrossModalAttentionPrepared r = prepare_cross_modal_attention(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal, kv_masks);
   at::Tensor out = at::empty({r.B, r.Lq, r.Hq, r.Dv}, q.options());
   at::Tensor lse = at::empty({r.B, r.Hq, r.Lq}, q.options().dtype(at::kFloat));
   const bool gated = r.gate.defined();

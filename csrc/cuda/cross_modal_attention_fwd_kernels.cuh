@@ -265,15 +265,24 @@ __device__ __forceinline__ void cross_modal_attention_fwd_body(const AttnParams&
       const T* kbase = static_cast<const T*>(sg.k) + (int64_t)b * sg.k_sb + (int64_t)hk * sg.k_sh;
       const T* vbase = static_cast<const T*>(sg.v) + (int64_t)b * sg.v_sb + (int64_t)hk * sg.v_sh;
       const bool vec = sg.vec4 != 0;
+      const KeyMask km = key_mask(p, b, m);
 
       for (int64_t j0 = 0; j0 < limit; j0 += BN) {
         const int nvalid = (int)((limit - j0) < BN ? (limit - j0) : BN);
+        if (!tile_has_key(km, j0, nvalid)) continue;  // every key masked: the tile changes nothing
         __syncthreads();  // previous tile fully consumed (and Q stored, first time)
         tiles.load_kv(kbase + j0 * sg.k_sl, sg.k_sl, vbase + j0 * sg.v_sl, sg.v_sl, nvalid, D, Dv, vec);
         __syncthreads();
         tiles.scores(D);
 
-        // Masked, scaled logits (log2 units) -> online softmax update.
+        // Masked, scaled logits (log2 units) -> online softmax update. The thread's columns that
+        // are in range and kept by the key mask, one bit each (read once per tile, not per row).
+        unsigned cols = 0;
+#pragma unroll
+        for (int jj = 0; jj < TN; ++jj) {
+          const int jl = cg + 8 * jj;
+          if (jl < nvalid && km.keeps(j0 + jl)) cols |= 1u << jj;
+        }
 #pragma unroll
         for (int i = 0; i < TM; ++i) {
           const int64_t row = q0 + rg * TM + i;
@@ -282,7 +291,7 @@ __device__ __forceinline__ void cross_modal_attention_fwd_body(const AttnParams&
 #pragma unroll
           for (int jj = 0; jj < TN; ++jj) {
             const int jl = cg + 8 * jj;
-            const bool ok = key_visible(p, jl < nvalid, row, j0 + jl, off);
+            const bool ok = key_visible(p, (cols >> jj) & 1u, row, j0 + jl, off);
             sv[jj] = ok ? tiles.score(i, jj) * p.scale_log2 + bias2 : NEG_INF;
             tmax = fmaxf(tmax, sv[jj]);
           }
@@ -332,8 +341,10 @@ __device__ __forceinline__ void cross_modal_attention_fwd_body(const AttnParams&
   }
 }
 
+// minBlocksPerSM 1: without it ptxas held the tensor-core policy to 72-80 registers and spilled
+// (shared memory, not registers, bounds the CTAs per SM of these kernels).
 template <typename Tiles, typename T>
-__global__ void __launch_bounds__(kFwdThreads)
+__global__ void __launch_bounds__(kFwdThreads, 1)
     cross_modal_attention_fwd_kernel(const __grid_constant__ AttnParams p, T* __restrict__ out, T* __restrict__ out_ung,
                                      float* __restrict__ lse) {
   if constexpr (arch_has_tiles<Tiles::kTensorCores>()) cross_modal_attention_fwd_body<Tiles>(p, out, out_ung, lse);

@@ -52,6 +52,7 @@ struct CrossModalAttentionPrepared {
   at::Tensor q;
   std::vector<at::Tensor> keys, values;
   at::Tensor kvl, ql, bias, gate;  // converted copies kept alive until the launches are queued
+  std::vector<at::Tensor> masks;   // kv_masks as contiguous bytes, likewise
   int64_t B, Lq, Hq, Hkv, D, Dv, M;
 };
 
@@ -59,7 +60,8 @@ inline CrossModalAttentionPrepared prepare_cross_modal_attention(const at::Tenso
                                const std::optional<at::Tensor>& kv_lengths,
                                const std::optional<at::Tensor>& q_lengths,
                                const std::optional<at::Tensor>& modality_bias,
-                               const std::optional<at::Tensor>& head_gate, double scale, bool causal) {
+                               const std::optional<at::Tensor>& head_gate, double scale, bool causal,
+                               const std::optional<at::TensorList>& kv_masks) {
   CrossModalAttentionPrepared r;
   TORCH_CHECK(q_in.is_cuda(), "mmkernels CUDA cross_modal_attention: q must be a CUDA tensor");
   {
@@ -72,6 +74,7 @@ inline CrossModalAttentionPrepared prepare_cross_modal_attention(const at::Tenso
   const CrossModalAttentionSizes sz = check_cross_modal_attention_args(
       q_in, keys_in, values_in, kv_lengths, q_lengths, modality_bias, head_gate, causal, kMaxGpuHeadDim,
       /*float64=*/false);
+  check_kv_masks(kv_masks, q_in, sz);
   const int64_t B = sz.B, Lq = sz.Lq, Hq = sz.Hq, Hkv = sz.Hkv, D = sz.D, Dv = sz.Dv, M = sz.M;
   r.q = last_dim_contig(q_in);
   // Limits of the CUDA launch grid and of the kernels' 32-bit row indices.
@@ -96,6 +99,11 @@ inline CrossModalAttentionPrepared prepare_cross_modal_attention(const at::Tenso
     s.v_sb = v.stride(0); s.v_sl = v.stride(1); s.v_sh = v.stride(2);
     s.len = k.size(1);
     s.vec4 = vec4_ok(k, D) && vec4_ok(v, Dv);
+    if (kv_masks.has_value()) {  // bool is one byte: read as uint8, 1 = attend
+      r.masks.push_back((*kv_masks)[m].contiguous());
+      s.mask = reinterpret_cast<const uint8_t*>(r.masks.back().data_ptr<bool>());
+      s.mask_sb = r.masks.back().stride(0);
+    }
   }
   p.num_seg = static_cast<int>(M);
   p.B = static_cast<int>(B); p.Lq = static_cast<int>(Lq); p.Hq = static_cast<int>(Hq);

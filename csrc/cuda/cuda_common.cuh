@@ -146,6 +146,8 @@ struct Segment {
   int64_t dv_sb, dv_sl, dv_sh;
   int64_t len;        // Lk_m (tensor extent)
   int64_t blk_start;  // backward dK/dV kernel: first global key-block index of this segment
+  const uint8_t* mask;  // kv_masks[m] (B, Lk) as bytes, 1 = attend; nullptr: every key
+  int64_t mask_sb;      // its batch stride (unit key stride)
   int vec4;           // k and v tiles may be loaded with 4-element vectors
 };
 

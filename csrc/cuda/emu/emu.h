@@ -9,6 +9,7 @@
 #include <vector_functions.h>
 #include <vector_types.h>
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -44,6 +45,7 @@ struct Warp {
 
 inline thread_local char* tl_smem = nullptr;
 inline thread_local std::barrier<>* tl_block_bar = nullptr;
+inline thread_local std::atomic<int>* tl_block_or = nullptr;
 inline thread_local Warp* tl_warp = nullptr;
 
 inline void* dyn_smem() { return tl_smem; }
@@ -61,6 +63,7 @@ void launch(dim3 grid, dim3 block, size_t smem, F&& f) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         std::memset(buf.data(), 0xFF, buf.size() * sizeof(float4));
         std::barrier<> bar(nt);
+        std::atomic<int> block_or{0};
         std::vector<std::unique_ptr<Warp>> warps;
         for (unsigned w = 0; w < (nt + 31) / 32; ++w) warps.emplace_back(new Warp());
         std::vector<std::thread> ths;
@@ -73,6 +76,7 @@ void launch(dim3 grid, dim3 block, size_t smem, F&& f) {
             gridDim = grid;
             tl_smem = reinterpret_cast<char*>(buf.data());
             tl_block_bar = &bar;
+            tl_block_or = &block_or;
             tl_warp = warps[t / 32].get();
             f();
           });
@@ -83,6 +87,16 @@ void launch(dim3 grid, dim3 block, size_t smem, F&& f) {
 }  // namespace mmk_emu
 
 inline void __syncthreads() { mmk_emu::tl_block_bar->arrive_and_wait(); }
+
+// Barrier that returns whether any thread of the block passed a non-zero predicate.
+inline int __syncthreads_or(int pred) {
+  mmk_emu::tl_block_bar->arrive_and_wait();  // every thread has read the previous result
+  if (threadIdx.x == 0) mmk_emu::tl_block_or->store(0);
+  mmk_emu::tl_block_bar->arrive_and_wait();
+  if (pred) mmk_emu::tl_block_or->fetch_or(1);
+  mmk_emu::tl_block_bar->arrive_and_wait();
+  return mmk_emu::tl_block_or->load();
+}
 
 inline float __shfl_xor_sync(unsigned, float v, int mask) {
   const unsigned lane = threadIdx.x & 31u;

@@ -61,6 +61,7 @@ struct Case {
   std::vector<int> Lk;
   bool use_kvl, use_ql, use_bias, use_gate, causal, permuted;
   int pad;
+  bool use_mask = false;  // kv_masks: random keys, a masked run of whole tiles, a sample with none
 };
 
 struct RefOut {
@@ -74,6 +75,7 @@ struct Inputs {
   std::vector<double> q;                      // (B,Lq,Hq,D) dense double copy
   std::vector<std::vector<double>> k, v;      // (B,Lk,Hkv,*)
   std::vector<int64_t> kvl, ql;
+  std::vector<std::vector<uint8_t>> mask;     // (M)(B, Lk), 1 = attend
   std::vector<double> bias, gate, gout, glse;
 };
 
@@ -102,6 +104,7 @@ static RefOut reference(const Case& c, const Inputs& in, double scale, bool need
           const int64_t kvlen = c.use_kvl ? std::min<int64_t>(std::max<int64_t>(in.kvl[b * M + m], 0), c.Lk[m]) : c.Lk[m];
           for (int j = 0; j < kvlen; ++j) {
             if (c.causal && j > i + kvlen - qlen) continue;
+            if (c.use_mask && !in.mask[m][(size_t)b * c.Lk[m] + j]) continue;
             double s = 0;
             for (int d = 0; d < c.D; ++d)
               s += in.q[(((size_t)b * c.Lq + i) * c.Hq + h) * c.D + d] * in.k[m][(((size_t)b * c.Lk[m] + j) * c.Hkv + hk) * c.D + d];
@@ -226,6 +229,16 @@ static void run_case(const Case& c, double tol) {
     if (b == 0) Lq = c.Lq;
     in.ql.push_back(Lq);
   }
+  for (int m = 0; m < M; ++m) {
+    in.mask.emplace_back((size_t)c.B * c.Lk[m]);
+    for (int b = 0; b < c.B; ++b)
+      for (int j = 0; j < c.Lk[m]; ++j) {
+        bool keep = rng() % 10 < 6;
+        if (b == 0 && j < 70) keep = false;  // whole key tiles masked out
+        if (b == 1 && m == 0) keep = false;  // a segment without any key
+        in.mask[m][(size_t)b * c.Lk[m] + j] = keep;
+      }
+  }
   for (int i = 0; i < c.Hq * M; ++i) in.bias.push_back(urand());
   for (int i = 0; i < c.Hq; ++i) in.gate.push_back(urand());
   in.gout.resize((size_t)c.B * c.Lq * c.Hq * c.Dv);
@@ -246,6 +259,7 @@ static void run_case(const Case& c, double tol) {
     s.k_sb = K[m].s[0]; s.k_sl = K[m].s[1]; s.k_sh = K[m].s[2];
     s.v_sb = V[m].s[0]; s.v_sl = V[m].s[1]; s.v_sh = V[m].s[2];
     s.len = c.Lk[m];
+    if (c.use_mask) { s.mask = in.mask[m].data(); s.mask_sb = c.Lk[m]; }
     s.vec4 = (c.D % 4 == 0 && c.Dv % 4 == 0 && K[m].s[0] % 4 == 0 && K[m].s[1] % 4 == 0 && K[m].s[2] % 4 == 0 &&
               V[m].s[0] % 4 == 0 && V[m].s[1] % 4 == 0 && V[m].s[2] % 4 == 0);
   }
@@ -455,6 +469,7 @@ int main(int argc, char** argv) {
   // name, B, Lq, Hq, Hkv, D, Dv, Lk, kvl, ql, bias, gate, causal, permuted, pad
   run_case<float, 64>({"basic M2 GQA pad", 3, 37, 4, 2, 40, 24, {23, 70}, true, true, true, true, false, true, 2}, 1e-4);
   run_case<float, 64>({"vec4 M1 causal", 3, 70, 2, 1, 64, 64, {90}, true, true, false, true, true, false, 0}, 1e-4);
+  run_case<float, 64>({"quick mask", 3, 9, 2, 1, 16, 16, {130, 9}, true, true, true, false, false, false, 0, true}, 1e-4);
   if (!quick) {
     run_case<float, 64>({"causal Lq>Lk full", 2, 41, 2, 2, 16, 8, {30}, false, false, true, false, true, false, 0}, 1e-4);
     run_case<float, 128>({"D96 Dv128 M3", 2, 33, 2, 1, 96, 128, {5, 40, 17}, true, true, true, false, false, true, 4}, 1e-4);
@@ -465,6 +480,14 @@ int main(int argc, char** argv) {
     run_case<__nv_bfloat16, 64>({"bf16 causal tc", 2, 70, 2, 1, 64, 48, {100}, true, true, true, false, true, true, 0}, 8e-3);
     run_case<__half, 128>({"half D128 M3 tc", 2, 65, 2, 2, 128, 128, {40, 3, 33}, true, true, true, true, false, false, 0}, 1e-3);
     run_case<float, 64>({"Lq0-ish rows", 2, 1, 1, 1, 8, 8, {1, 0}, true, true, true, true, false, false, 0}, 1e-4);
+    // key masks (kv_masks), with lengths, causal, both tile policies
+    run_case<float, 64>({"mask M2", 3, 21, 4, 2, 32, 24, {150, 40}, true, true, true, true, false, true, 2, true}, 1e-4);
+    run_case<float, 128>({"mask causal D96", 3, 40, 2, 1, 96, 80, {170}, false, true, false, true, true, false, 0, true},
+                         1e-4);
+    run_case<__half, 64>({"half mask tc", 3, 33, 2, 1, 64, 64, {140, 20}, true, true, true, true, false, false, 0, true},
+                         1e-3);
+    run_case<__nv_bfloat16, 128>({"bf16 causal mask tc", 3, 70, 2, 2, 128, 128, {150}, false, false, true, false, true,
+                                  false, 0, true}, 8e-3);
     // every segment slot up to MAX_SEGMENTS
     run_case<float, 64>({"M5 GQA", 2, 9, 4, 2, 16, 16, {3, 11, 1, 7, 20}, true, true, true, true, false, false, 0}, 1e-4);
     run_case<float, 64>({"M6", 2, 5, 2, 1, 16, 8, {4, 2, 9, 1, 6, 3}, true, true, true, false, false, true, 2}, 1e-4);
