@@ -128,6 +128,43 @@ def test_left_padded_causal_decoder_prefill_grads_and_generation():
         assert mmhf.stats() == {"mmkernels": 2 * 4}  # prefill + 3 decoding steps, 2 layers each
 
 
+def test_masks_built_by_the_mask_function_need_no_pattern_check(monkeypatch):
+    """The decoder's padded causal masks come from mmkernels_mask: the attention function takes the
+    padding mask it recorded, without comparing the 4-D mask (no device sync on a GPU)."""
+    ref, ours = _llama()
+    ids = torch.randint(1, 101, (3, 8), device=DEVICE)
+    mask = _right_padded_mask([8, 5, 2], 8).flip(1)
+    want = ref(input_ids=ids, attention_mask=mask).logits
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("the mask was pattern-checked")
+
+    monkeypatch.setattr(mmhf, "_lengths_from_mask", no_check)
+    monkeypatch.setattr(mmhf, "_key_mask_from_mask", no_check)
+    got = ours(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-5, rtol=2e-5)
+    if _served_with_masks():
+        assert mmhf.stats() == {"mmkernels": 2}
+    kw = dict(max_new_tokens=3, do_sample=False, attention_mask=mask, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+def test_a_static_cache_mask_is_checked_not_assumed():
+    """With a static cache the keys run past the last query: the mask is not bottom-right aligned,
+    so mmkernels_mask does not describe it and the attention function checks it (or falls back)."""
+    from transformers.masking_utils import causal_mask_function
+
+    pad = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool, device=DEVICE)
+    m = mmhf.mmkernels_mask(1, 3, 8, q_offset=2, kv_offset=0, mask_function=causal_mask_function,
+                            attention_mask=pad, device=DEVICE)
+    assert m is not None and mmhf._known_mask(m, 1, 8) is None
+    aligned = mmhf.mmkernels_mask(1, 3, 8, q_offset=5, kv_offset=0, mask_function=causal_mask_function,
+                                  attention_mask=pad, device=DEVICE)
+    known = mmhf._known_mask(aligned, 1, 8)
+    assert known is not None and known[1] is True and torch.equal(known[0], pad)
+
+
 def test_a_mask_that_is_no_key_mask_falls_back():
     """A mask whose query rows differ otherwise than by the causal triangle (packed sequences)."""
     query, key, value = (torch.randn(2, 2, 6, 8, device=DEVICE) for _ in range(3))
@@ -144,11 +181,12 @@ def test_a_mask_that_is_no_key_mask_falls_back():
 
 @pytest.mark.parametrize("model,served", [
     ("bert", {"mmkernels": 2}),
-    # a causal decoder's padded mask would read as a prefix: it must go to the fallback instead
-    ("llama", {"fallback: mask on a causal module with check_masks=False": 2}),
+    # the decoder's masks come from mmkernels_mask, which says what they are: no check to skip
+    ("llama", {"mmkernels": 2}),
 ])
 def test_unchecked_masks(model, served):
-    """check_masks=False maps right-padding masks without verifying them, on bidirectional modules only."""
+    """check_masks=False maps right-padding masks without verifying them; masks that mmkernels_mask
+    built need no verification (a causal decoder's padded mask would otherwise read as a prefix)."""
     mmhf.register(check_masks=False)
     ref, ours = _bert() if model == "bert" else _llama()
     ids = torch.randint(0, 97, (2, 9), device=DEVICE)

@@ -16,13 +16,19 @@ windows, dropout while training, soft-capping, attention sinks, position
 biases, float masks) goes to transformers' own SDPA path, and `stats()` counts
 each reason, so a model that never hits the fused path shows it.
 
-A boolean mask is checked against the pattern the kernel will apply before the
-kernel runs: exact results, at the cost of one comparison (and, on a GPU, one
-device sync) per call; `register(check_masks=False)` skips it for inputs known
-to be right-padded.
+The mask function registered with the attention ("mmkernels_mask") builds
+transformers' SDPA mask and remembers, for the masks of plain causal or
+bidirectional attention over a padding mask, the padding mask and whether the
+mask is causal: the attention function then hands those to the kernel as they
+are, with no pattern check and no device sync. Any other boolean mask (one the
+model built or reshaped itself) is checked against the pattern the kernel will
+apply before the kernel runs: exact results, at the cost of one comparison (and,
+on a GPU, one device sync) per call; `register(check_masks=False)` skips it for
+inputs known to be right-padded.
 """
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from typing import Dict, Optional, Tuple
 
@@ -46,6 +52,52 @@ def stats() -> Dict[str, int]:
 
 def reset_stats() -> None:
     _STATS.clear()
+
+
+# id(mask) -> (weakref to the mask, padding mask (B, Lk) bool, causal): the masks mmkernels_mask built.
+_KNOWN_MASKS: Dict[int, Tuple[weakref.ref, torch.Tensor, bool]] = {}
+
+
+def mmkernels_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                   attention_mask=None, local_size=None, allow_is_causal_skip=True,
+                   allow_is_bidirectional_skip=False, use_vmap=False, device="cpu", **kwargs):
+    """transformers' SDPA mask (masking_utils.sdpa_mask), remembered with what the kernel needs when
+    it is plain causal (aligned bottom-right: the last query at the last key) or bidirectional
+    attention over a 2D padding mask."""
+    from transformers.masking_utils import (
+        bidirectional_mask_function,
+        causal_mask_function,
+        prepare_padding_mask,
+        sdpa_mask,
+    )
+
+    mask_function = causal_mask_function if mask_function is None else mask_function
+    mask = sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                     mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
+                     allow_is_causal_skip=allow_is_causal_skip, allow_is_bidirectional_skip=allow_is_bidirectional_skip,
+                     use_vmap=use_vmap, device=device, **kwargs)
+    causal = mask_function is causal_mask_function
+    plain = causal or mask_function is bidirectional_mask_function
+    if (mask is None or not plain or attention_mask is None or use_vmap or local_size is not None
+            or torch.compiler.is_compiling()):
+        return mask
+    if causal and q_offset + q_length != kv_offset + kv_length:  # e.g. a static cache longer than the keys
+        return mask
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is None or padding.dtype != torch.bool or tuple(padding.shape) != (batch_size, kv_length):
+        return mask
+    for key in [k for k, (ref, _, _) in _KNOWN_MASKS.items() if ref() is None]:
+        del _KNOWN_MASKS[key]
+    _KNOWN_MASKS[id(mask)] = (weakref.ref(mask), padding, causal)
+    return mask
+
+
+def _known_mask(mask: torch.Tensor, B: int, Lk: int):
+    """(padding mask (B, Lk), causal) if mmkernels_mask built `mask` for this call's shape, else None."""
+    entry = _KNOWN_MASKS.get(id(mask))
+    if entry is None or entry[0]() is not mask or tuple(entry[1].shape) != (B, Lk):
+        return None
+    return entry[1], entry[2]
 
 
 def _sdpa_fallback():
@@ -115,7 +167,13 @@ def mmkernels_attention_forward(
     causal = False
     if not why:
         if attention_mask is not None:
-            if not _SETTINGS["check_masks"] and getattr(module, "is_causal", False):
+            known = _known_mask(attention_mask, B, Lk)
+            if known is not None:  # built by mmkernels_mask: what the kernel needs, no check needed
+                key_mask, causal = known
+                causal = causal and Lq > 1
+                why = _serves_key_masks(query, value.shape[-1])
+                kv_masks = None if why else [key_mask]
+            elif not _SETTINGS["check_masks"] and getattr(module, "is_causal", False):
                 # a causal module's mask is never a plain prefix: only a verified mask may be mapped
                 why = "mask on a causal module with check_masks=False"
             else:
@@ -157,19 +215,19 @@ def _why_not(module, query, key, value, dropout, kwargs) -> str:
 
 
 def register(check_masks: bool = True, backend: Optional[str] = None) -> str:
-    """Registers the "mmkernels" attention implementation (and its mask format, SDPA's boolean
-    one) with transformers and sets its options; returns the name. backend forces an mmkernels
-    backend."""
+    """Registers the "mmkernels" attention implementation (and its mask function, which builds
+    SDPA's boolean masks and remembers what the kernel needs) with transformers and sets its
+    options; returns the name. backend forces an mmkernels backend."""
     _SETTINGS.update(check_masks=check_masks, backend=backend)
     return _ensure_registered()
 
 
 def _ensure_registered() -> str:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, mmkernels_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, mmkernels_mask)
     return NAME
 
 
