@@ -70,7 +70,7 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
   struct Scratch {
     std::vector<acc_t> Qs, dO, dQ, Di, lrow;
     std::vector<int64_t> lim;
-    std::vector<acc_t> S, dP, dKt, dVt, Kt, Vt;
+    std::vector<acc_t> S, dP, dKt, dVt, Kt, Vt, mbias;
   };
   auto make_scratch = [&] {
     Scratch sc;
@@ -80,6 +80,7 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
     sc.dVt.resize(kBwdKeys * Dv);
     sc.Kt.resize(kBwdKeys * D);
     sc.Vt.resize(kBwdKeys * Dv);
+    sc.mbias.resize(kBwdKeys);
     return sc;
   };
   parallel_tasks(B * Hkv, make_scratch, [&](int64_t t, Scratch& sc) {
@@ -137,6 +138,7 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
           std::fill(dKt.begin(), dKt.begin() + n * D, acc_t(0));
           std::fill(dVt.begin(), dVt.begin() + n * Dv, acc_t(0));
           if (any_unmasked(mask, j0, n)) {  // a fully masked block only gets zero grads
+            if (mask) mask_bias(sc.mbias.data(), mask, j0, n);
             int64_t ldk, ldv;
             const acc_t* Kp = load_rows<scalar_t, acc_t>(kbase, skl[m], j0, n, D, Kt.data(), &ldk);
             const acc_t* Vp = load_rows<scalar_t, acc_t>(vbase, svl[m], j0, n, Dv, Vt.data(), &ldv);
@@ -158,7 +160,7 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
                 acc_t* s = S.data() + rr * kBwdKeys;
                 acc_t* dp = dP.data() + rr * kBwdKeys;
                 const int64_t lr = std::clamp<int64_t>(lim[r] - j0, 0, n);
-                mask_scores(s, mask, j0, lr);
+                if (mask) add_mask_bias(s, sc.mbias.data(), lr);
                 const int64_t h = kvh * G + r % G;
                 const acc_t c = lrow[r] - static_cast<acc_t>(p.bias_at(h, m));
                 const acc_t di = Di[r];

@@ -106,13 +106,18 @@ inline bool any_unmasked(const bool* mask, int64_t j0, int64_t n) {
   return false;
 }
 
-// Scores of masked keys among the first n of a block become -inf (exp gives exactly 0).
+// The key mask of keys [j0, j0 + n) as an additive bias: 0 where kept, -inf where masked (exp
+// gives exactly 0). Built once per key block; adding it to each row's scores is a plain vector add.
 template <typename acc_t>
-inline void mask_scores(acc_t* s, const bool* mask, int64_t j0, int64_t n) {
-  if (mask == nullptr) return;
+inline void mask_bias(acc_t* out, const bool* mask, int64_t j0, int64_t n) {
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = 0; j < n; ++j)
-    if (!mask[j0 + j]) s[j] = ninf;
+  for (int64_t j = 0; j < n; ++j) out[j] = mask[j0 + j] ? acc_t(0) : ninf;
+}
+
+template <typename acc_t>
+inline void add_mask_bias(acc_t* __restrict__ s, const acc_t* __restrict__ bias, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) s[j] += bias[j];
 }
 
 // Make the last dim unit-stride (the kernels use strides for every other dim).

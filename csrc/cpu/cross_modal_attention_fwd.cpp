@@ -53,7 +53,7 @@ void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const a
   acc_t* lp = lse.data_ptr<acc_t>();
 
   struct Scratch {
-    std::vector<acc_t> Qb, S, acc, Kt, Vt, mrow, lrow, brow;
+    std::vector<acc_t> Qb, S, acc, Kt, Vt, mrow, lrow, brow, mbias;
     std::vector<int64_t> lim;
   };
   auto make_scratch = [&] {
@@ -61,11 +61,12 @@ void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const a
                    std::vector<acc_t>(R_max * Dv), std::vector<acc_t>(kFwdKeys * D),
                    std::vector<acc_t>(kFwdKeys * Dv), std::vector<acc_t>(R_max),
                    std::vector<acc_t>(R_max), std::vector<acc_t>(R_max),
-                   std::vector<int64_t>(R_max)};
+                   std::vector<acc_t>(kFwdKeys), std::vector<int64_t>(R_max)};
   };
   parallel_tasks(B * Hkv * nqb, make_scratch, [&](int64_t t, Scratch& sc) {
     auto& Qb = sc.Qb; auto& S = sc.S; auto& acc = sc.acc; auto& Kt = sc.Kt; auto& Vt = sc.Vt;
     auto& mrow = sc.mrow; auto& lrow = sc.lrow; auto& brow = sc.brow; auto& lim = sc.lim;
+    acc_t* mbias = sc.mbias.data();
     {
       const int64_t b = t / (Hkv * nqb);
       const int64_t kvh = (t / nqb) % Hkv;
@@ -98,6 +99,7 @@ void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const a
         for (int64_t j0 = 0; j0 < maxlim; j0 += kFwdKeys) {
           const int64_t n = std::min(kFwdKeys, maxlim - j0);
           if (!any_unmasked(mask, j0, n)) continue;  // a fully masked block changes nothing
+          if (mask) mask_bias(mbias, mask, j0, n);
           int64_t ldk, ldv;
           const acc_t* Kp = load_rows<scalar_t, acc_t>(kbase, skl[m], j0, n, D, Kt.data(), &ldk);
           const acc_t* Vp = load_rows<scalar_t, acc_t>(vbase, svl[m], j0, n, Dv, Vt.data(), &ldv);
@@ -106,7 +108,7 @@ void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const a
           for (int64_t r = 0; r < R; ++r) {
             acc_t* s = S.data() + r * kFwdKeys;
             const int64_t lr = std::clamp<int64_t>(lim[r] - j0, 0, n);
-            mask_scores(s, mask, j0, lr);
+            if (mask) add_mask_bias(s, mbias, lr);
             acc_t mx = ninf;
 #pragma omp simd reduction(max : mx)
             for (int64_t j = 0; j < lr; ++j) mx = s[j] > mx ? s[j] : mx;
