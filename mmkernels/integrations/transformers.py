@@ -15,6 +15,9 @@ backend serves them (CPU today). Everything else (packed sequences, sliding
 windows, dropout while training, soft-capping, attention sinks, position
 biases, float masks) goes to transformers' own SDPA path, and `stats()` counts
 each reason, so a model that never hits the fused path shows it.
+`register(float_masks=True)` reads a float mask that only blocks keys (every
+value 0, -inf or the dtype's min, as Mllama builds its cross-attention masks)
+as the boolean mask it amounts to, and maps that as above.
 
 The mask function registered with the attention ("mmkernels_mask") builds
 transformers' SDPA mask and remembers, for the masks of plain causal or
@@ -39,7 +42,7 @@ from mmkernels import backends
 
 NAME = "mmkernels"
 _STATS: Counter = Counter()
-_SETTINGS = {"check_masks": True, "backend": None}
+_SETTINGS = {"check_masks": True, "backend": None, "float_masks": False}
 
 # keyword arguments whose presence (with a value) changes the computation beyond what the op does
 _UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "position_bias", "cu_seq_lens_q", "cu_seq_lens_k")
@@ -104,6 +107,24 @@ def _sdpa_fallback():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward
+
+
+def _bool_mask(mask: torch.Tensor) -> Tuple[Optional[torch.Tensor], str]:
+    """`mask` as a boolean mask (True = attend) with the same result, else (None, why not). A float mask
+    is read only under float_masks, and only if every value is 0 or blocks the key (-inf or the dtype's
+    min: its weight underflows to exactly 0 while every score is below half the dtype's range), it needs
+    no gradient, and every query row keeps a key (a fully blocked row is NaN or the mean of all values
+    in SDPA, 0 in the kernel). Other masks come back as they are."""
+    if mask.dtype == torch.bool or not mask.is_floating_point() or not _SETTINGS["float_masks"]:
+        return mask, ""
+    if mask.requires_grad:
+        return None, f"{mask.dtype} mask that requires grad"
+    attend = mask == 0
+    if not bool((attend | (mask == float("-inf")) | (mask == torch.finfo(mask.dtype).min)).all()):
+        return None, f"{mask.dtype} mask with values other than 0, -inf and the dtype's min"
+    if not bool(attend.any(-1).all()):
+        return None, f"{mask.dtype} mask with a fully masked query row"
+    return attend, ""
 
 
 def _lengths_from_mask(mask: torch.Tensor, B: int, Lk: int, check: bool) -> Tuple[Optional[torch.Tensor], str]:
@@ -177,9 +198,11 @@ def mmkernels_attention_forward(
                 # a causal module's mask is never a plain prefix: only a verified mask may be mapped
                 why = "mask on a causal module with check_masks=False"
             else:
-                kv_lengths, why = _lengths_from_mask(attention_mask, B, Lk, _SETTINGS["check_masks"])
+                mask, why = _bool_mask(attention_mask)
+                if not why:
+                    kv_lengths, why = _lengths_from_mask(mask, B, Lk, _SETTINGS["check_masks"])
                 if why == "mask is not a right-padding (prefix) mask":
-                    key_mask, causal, why = _key_mask_from_mask(attention_mask, B, Lq, Lk)
+                    key_mask, causal, why = _key_mask_from_mask(mask, B, Lq, Lk)
                     why = why or _serves_key_masks(query, value.shape[-1])
                     kv_masks = None if why else [key_mask]
         else:
@@ -214,11 +237,12 @@ def _why_not(module, query, key, value, dropout, kwargs) -> str:
     return ""
 
 
-def register(check_masks: bool = True, backend: Optional[str] = None) -> str:
+def register(check_masks: bool = True, backend: Optional[str] = None, float_masks: bool = False) -> str:
     """Registers the "mmkernels" attention implementation (and its mask function, which builds
     SDPA's boolean masks and remembers what the kernel needs) with transformers and sets its
-    options; returns the name. backend forces an mmkernels backend."""
-    _SETTINGS.update(check_masks=check_masks, backend=backend)
+    options; returns the name. backend forces an mmkernels backend; float_masks maps float masks
+    that only block keys (see _bool_mask)."""
+    _SETTINGS.update(check_masks=check_masks, backend=backend, float_masks=float_masks)
     return _ensure_registered()
 
 
