@@ -5,7 +5,8 @@ Knobs (environment variables):
   FORCE_CUDA=1           build the CUDA sources even when no GPU is visible (needs nvcc)
   TORCH_CUDA_ARCH_LIST   CUDA archs, default "8.0;9.0"
   MAX_JOBS               parallel compile jobs (ninja)
-  MMKERNELS_PORTABLE=1   no -march=native for the CPU kernels (binary for other machines)
+  MMKERNELS_NATIVE=1     compile the generic CPU code with -march=native (a binary for this CPU only;
+                         the explicitly vectorised kernels pick their ISA at run time either way)
   MMKERNELS_DEBUG=1      -O0 -g
 Build: pip install --no-build-isolation --no-deps -e .
 """
@@ -88,7 +89,8 @@ def _extensions():
         return [], {}
 
     # torch.utils.cpp_extension adds the -std flag its headers need (c++17 up to torch 2.9, c++20 after).
-    cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+                       + glob.glob(os.path.join(ROOT, "csrc", "cpu", "isa", "*.cpp")))
     sources = ["csrc/ops.cpp"] + cpu_sources
     cuda_sources = _rel(
         glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
@@ -117,7 +119,7 @@ def _extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # (py_limited_api=True makes torch define Py_LIMITED_API for every TU.)
     cxx = opt + ["-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
-    if not _env_flag("MMKERNELS_PORTABLE"):
+    if _env_flag("MMKERNELS_NATIVE"):
         cxx.append("-march=native")
     link = ["-fopenmp"]
     define_macros = [("MMKERNELS_WITH_CUDA", "1")] if with_cuda else []

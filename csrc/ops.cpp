@@ -3,6 +3,10 @@
 // mmkernels/ops/*.py.
 #include <torch/library.h>
 
+namespace mmkernels::cpu {
+int64_t cpu_isa_op(int64_t level);  // csrc/cpu/cpu_isa.cpp
+}
+
 TORCH_LIBRARY(mmkernels, m) {
   // Cross-modal attention forward. Returns (out, lse, out_ungated):
   //   out         (B, Lq, Hq, Dv), q's dtype, contiguous
@@ -33,4 +37,7 @@ TORCH_LIBRARY(mmkernels, m) {
   m.def(
       "gated_fusion_bwd(Tensor grad_fused, Tensor? grad_gates, Tensor features, Tensor gate_logits, "
       "Tensor? present, int activation) -> (Tensor, Tensor)");
+  // The instruction-set level of the CPU kernels: 0 baseline, 1 avx2, 2 avx512. level >= 0 sets it
+  // (tests), -1 reads it, -2 returns the best this CPU supports. No tensors: one kernel for all keys.
+  m.def("cpu_isa(int level) -> int", &mmkernels::cpu::cpu_isa_op);
 }

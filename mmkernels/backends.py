@@ -78,6 +78,29 @@ def has_kernels(dispatch_key: str) -> bool:
     return _KERNELS[dispatch_key]
 
 
+CPU_ISA_LEVELS = ("baseline", "avx2", "avx512")
+
+
+def cpu_isa(level: str | None = None) -> str | None:
+    """The instruction-set level the CPU kernels run (baseline, avx2, avx512), chosen once when the
+    extension loads (the best this CPU supports, or MMKERNELS_CPU_ISA's); None without CPU kernels.
+    level sets it for this process (tests, benchmarks); a level the CPU lacks raises."""
+    if _EXTENSION_ERROR is not None or not _KERNELS["CPU"]:
+        return None
+    if level is not None:
+        if level not in CPU_ISA_LEVELS:
+            raise ValueError(f"cpu_isa level must be one of {CPU_ISA_LEVELS}, got {level!r}")
+        torch.ops.mmkernels.cpu_isa(CPU_ISA_LEVELS.index(level))
+    return CPU_ISA_LEVELS[torch.ops.mmkernels.cpu_isa(-1)]
+
+
+def cpu_isa_levels_here() -> Tuple[str, ...]:
+    """The levels this CPU (and build) can run, baseline first."""
+    if _EXTENSION_ERROR is not None or not _KERNELS["CPU"]:
+        return ()
+    return CPU_ISA_LEVELS[: torch.ops.mmkernels.cpu_isa(-2) + 1]
+
+
 def triton_error() -> str | None:
     return _TRITON_ERROR
 

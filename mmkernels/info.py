@@ -23,12 +23,23 @@ def _kernels() -> str:
     return "loaded, kernels for " + ", ".join(keys)
 
 
+def _cpu_isa() -> str:
+    try:
+        level = backends.cpu_isa()
+    except RuntimeError as e:  # MMKERNELS_CPU_ISA names a level this CPU lacks
+        return f"error: {str(e).splitlines()[0]}"
+    if level is None:
+        return "none (no CPU kernels)"
+    return f"{level} (this CPU runs: {', '.join(backends.cpu_isa_levels_here())}; MMKERNELS_CPU_ISA forces one)"
+
+
 def report() -> str:
     lines = [
         f"mmkernels {__import__('mmkernels').__version__}",
         f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}),"
         f" GPU visible: {torch.cuda.is_available()}",
         f"extension mmkernels._C: {_kernels()}",
+        f"CPU kernels' instruction set: {_cpu_isa()}",
         f"triton: {backends.triton_error() or __import__('triton').__version__}"
         + (" (interpreter: TRITON_INTERPRET=1)" if backends.triton_interpreted() else ""),
         "",

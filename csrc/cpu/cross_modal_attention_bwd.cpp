@@ -19,6 +19,7 @@
 #include "../common/fast_math.h"
 #include "cross_modal_attention_common.h"
 #include "cpu_blas.h"
+#include "cpu_isa.h"
 
 namespace mmkernels::cpu {
 namespace {
@@ -37,6 +38,7 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
                 G = p.G;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const CpuIsaKernels& isa = current_kernels();
 
   const at::Tensor lse = lse_in.to(lse_in.options().dtype(c10::CppTypeToScalarType<acc_t>::value))
                              .contiguous();
@@ -165,13 +167,17 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
                 const acc_t c = lrow[r] - static_cast<acc_t>(p.bias_at(h, m));
                 const acc_t di = Di[r];
                 acc_t sum = 0;
+                if constexpr (std::is_same_v<acc_t, float>) {
+                  sum = isa.exp_ds(s, dp, lr, c, di);
+                } else {
 #pragma omp simd reduction(+ : sum)
-                for (int64_t j = 0; j < lr; ++j) {
-                  const acc_t pj = fast_exp(s[j] - c);
-                  const acc_t ds = pj * (dp[j] - di);
-                  s[j] = pj;
-                  dp[j] = ds;
-                  sum += ds;
+                  for (int64_t j = 0; j < lr; ++j) {
+                    const acc_t pj = fast_exp(s[j] - c);
+                    const acc_t ds = pj * (dp[j] - di);
+                    s[j] = pj;
+                    dp[j] = ds;
+                    sum += ds;
+                  }
                 }
                 for (int64_t j = lr; j < n; ++j) s[j] = dp[j] = 0;
                 gb_part[(b * Hq + h) * M + m] += static_cast<double>(sum);

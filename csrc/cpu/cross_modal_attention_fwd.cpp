@@ -18,6 +18,7 @@
 #include "../common/online_softmax.h"
 #include "cross_modal_attention_common.h"
 #include "cpu_blas.h"
+#include "cpu_isa.h"
 
 namespace mmkernels::cpu {
 namespace {
@@ -37,6 +38,7 @@ void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const a
   const int64_t R_max = BQ * G;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const CpuIsaKernels& isa = current_kernels();
 
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const int64_t sqb = q.stride(0), sql = q.stride(1), sqh = q.stride(2);
@@ -110,8 +112,12 @@ void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const a
             const int64_t lr = std::clamp<int64_t>(lim[r] - j0, 0, n);
             if (mask) add_mask_bias(s, mbias, lr);
             acc_t mx = ninf;
+            if constexpr (std::is_same_v<acc_t, float>) {
+              mx = isa.row_max(s, lr);
+            } else {
 #pragma omp simd reduction(max : mx)
-            for (int64_t j = 0; j < lr; ++j) mx = s[j] > mx ? s[j] : mx;
+              for (int64_t j = 0; j < lr; ++j) mx = s[j] > mx ? s[j] : mx;
+            }
             const acc_t nm = std::max(mrow[r], mx + brow[r]);
             if (lr == 0 || nm == ninf) {
               for (int64_t j = 0; j < n; ++j) s[j] = 0;
@@ -119,11 +125,15 @@ void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const a
             }
             const acc_t c = nm - brow[r];
             acc_t sum = 0;
+            if constexpr (std::is_same_v<acc_t, float>) {
+              sum = isa.exp_sum(s, lr, c);
+            } else {
 #pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < lr; ++j) {
-              const acc_t e = fast_exp(s[j] - c);
-              s[j] = e;
-              sum += e;
+              for (int64_t j = 0; j < lr; ++j) {
+                const acc_t e = fast_exp(s[j] - c);
+                s[j] = e;
+                sum += e;
+              }
             }
             for (int64_t j = lr; j < n; ++j) s[j] = 0;
             const acc_t alpha = mrow[r] == ninf ? acc_t(0) : fast_exp(mrow[r] - nm);

@@ -14,6 +14,7 @@
 
 #include "../common/fast_math.h"
 #include "../common/gated_fusion_math.h"
+#include "cpu_isa.h"
 #include "cpu_memory.h"
 
 namespace mmkernels::cpu {
@@ -101,6 +102,14 @@ void gf_fwd_impl(const at::Tensor& f, const at::Tensor& l, const bool* pres, int
   scalar_t* op = fused.data_ptr<scalar_t>();
   scalar_t* gp = gates ? gates->data_ptr<scalar_t>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, M * H));
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (M <= kMaxVecModalities) {  // the explicitly vectorised kernels of the CPU's ISA level
+      const GatedFusionRows rows{fp, lp, pres, M, N, H, static_cast<int>(activation)};
+      const CpuIsaKernels& isa = current_kernels();
+      at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { isa.gated_fusion_fwd(rows, op, gp, n0, n1); });
+      return;
+    }
+  }
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     std::vector<acc_t> g(M * H), tmp(H), mx(H), den(H), a(H), acc(H);
     for (int64_t n = n0; n < n1; ++n) {
@@ -143,6 +152,15 @@ void gf_bwd_impl(const at::Tensor& gf, const at::Tensor* gg, const at::Tensor& f
   scalar_t* dfp = df.data_ptr<scalar_t>();
   scalar_t* dlp = dl.data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, M * H));
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (M <= kMaxVecModalities) {
+      const GatedFusionRows rows{fp, lp, pres, M, N, H, static_cast<int>(activation)};
+      const CpuIsaKernels& isa = current_kernels();
+      at::parallel_for(0, N, grain,
+                       [&](int64_t n0, int64_t n1) { isa.gated_fusion_bwd(rows, gfp, ggp, dfp, dlp, n0, n1); });
+      return;
+    }
+  }
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     std::vector<acc_t> g(M * H), a(M * H), dg(M * H), tmp(H), tmp2(H), mx(H), den(H), s(H);
     for (int64_t n = n0; n < n1; ++n) {

@@ -1,0 +1,95 @@
+// Explicit SIMD vectors for the ISA-specific CPU kernels: GCC/Clang vector extensions of W floats,
+// compiled once per ISA level (isa_*.cpp set the target), so a level never depends on what the
+// compiler would auto-vectorise. The math is fast_expf/fast_tanhf of csrc/common/fast_math.h,
+// lane-wise: the same polynomial, the same results at every level up to FMA contraction.
+// Included only after the including file has set its target and opened its namespace; no headers.
+#pragma once
+
+// GCC ignores vector_size on a typedef that depends on a template parameter: one type per width.
+template <int W>
+struct VecTypes;
+template <>
+struct VecTypes<4> {
+  typedef float F __attribute__((vector_size(16)));
+  typedef int I __attribute__((vector_size(16)));
+};
+template <>
+struct VecTypes<8> {
+  typedef float F __attribute__((vector_size(32)));
+  typedef int I __attribute__((vector_size(32)));
+};
+template <>
+struct VecTypes<16> {
+  typedef float F __attribute__((vector_size(64)));
+  typedef int I __attribute__((vector_size(64)));
+};
+
+template <int W>
+struct Vec {
+  typedef typename VecTypes<W>::F F;
+  typedef typename VecTypes<W>::I I;
+  F v;
+
+  static Vec splat(float x) {
+    Vec r;
+    for (int i = 0; i < W; ++i) r.v[i] = x;
+    return r;
+  }
+  static Vec load(const float* p) {
+    Vec r;
+    __builtin_memcpy(&r.v, p, sizeof(F));
+    return r;
+  }
+  void store(float* p) const { __builtin_memcpy(p, &v, sizeof(F)); }
+};
+
+template <int W>
+inline typename Vec<W>::F vsel(typename Vec<W>::I mask, typename Vec<W>::F a, typename Vec<W>::F b) {
+  return mask ? a : b;  // lane-wise select (mask lanes are 0 or -1)
+}
+
+template <int W>
+inline typename Vec<W>::F vmax(typename Vec<W>::F a, typename Vec<W>::F b) {
+  return a > b ? a : b;
+}
+
+template <int W>
+inline typename Vec<W>::F vexp(typename Vec<W>::F x) {
+  typedef typename Vec<W>::F F;
+  typedef typename Vec<W>::I I;
+  const F hi = Vec<W>::splat(88.3762626647949f).v, lo = Vec<W>::splat(-87.3365447504f).v;
+  const I under = x < lo;
+  F xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  // n = floor(x / ln2 + 0.5): truncation toward zero corrected for negative arguments
+  const F t = xc * 1.44269504088896341f + 0.5f;
+  F n = __builtin_convertvector(__builtin_convertvector(t, I), F);
+  n = n > t ? n - 1.0f : n;
+  F r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  F p = Vec<W>::splat(1.9875691500E-4f).v;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  F scale;
+  __builtin_memcpy(&scale, &bits, sizeof(F));
+  const F res = p * scale;
+  return under ? Vec<W>::splat(0.0f).v : res;
+}
+
+template <int W>
+inline typename Vec<W>::F vtanh(typename Vec<W>::F x) {
+  typedef typename Vec<W>::F F;
+  const F zero = Vec<W>::splat(0.0f).v;
+  const F ax = x < zero ? -x : x;
+  const F e = vexp<W>(-2.0f * ax);
+  F t = (1.0f - e) / (1.0f + e);
+  const F x2 = ax * ax;
+  const F ts = ax * (1.0f + x2 * (-0.333333333f + x2 * (0.133333333f + x2 * -0.0539682540f)));
+  t = ax < 0.0625f ? ts : t;
+  return x < zero ? -t : t;
+}

@@ -1,0 +1,126 @@
+"""The CPU kernels at every instruction-set level this machine runs (baseline, avx2, avx512), against
+the fp64 reference under the tolerance rule: the explicitly vectorised fp32 kernels (gated fusion
+both ways, the attention rows) are compiled once per level and chosen at run time, so each level is
+code of its own and is tested as such. Also: the level is chosen from the CPU, MMKERNELS_CPU_ISA
+forces one and refuses what the CPU lacks, and info says which runs."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import backends
+from mmkernels.reference import cross_modal_attention_reference, gated_fusion_reference
+from utils import require_backend
+
+LEVELS = backends.cpu_isa_levels_here() or ("baseline",)
+
+
+@pytest.fixture
+def at_level(request):
+    require_backend("cpu", "cpu")
+    before = backends.cpu_isa()
+    backends.cpu_isa(request.param)
+    yield request.param
+    backends.cpu_isa(before)
+
+
+def _tol():
+    return dict(atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("at_level", LEVELS, indirect=True)
+@pytest.mark.parametrize("M,N,H", [(3, 37, 70), (1, 5, 3), (8, 4, 33), (4, 9, 16)])
+@pytest.mark.parametrize("activation", ["tanh", "identity"])
+def test_gated_fusion_every_level(at_level, M, N, H, activation):
+    """H not a multiple of any vector width (tails), M = 1 and the largest M (8), absent
+    modalities, -inf logits and NaN features of non-participants."""
+    assert backends.cpu_isa() == at_level
+    g = torch.Generator().manual_seed(M * 100 + N * 10 + H)
+    f = torch.randn(M, N, H, generator=g, dtype=torch.float64) * 3
+    lg = torch.randn(M, N, H, generator=g, dtype=torch.float64) * 2
+    present = torch.rand(M, N, generator=g) < 0.7
+    present[:, 0] = False  # a position with nothing present
+    if M > 1:
+        lg[1, :, : H // 2] = float("-inf")
+        f[0, ~present[0]] = float("nan")  # features of an absent modality never reach anything
+    gates_w = torch.randn(M, N, H, generator=g, dtype=torch.float64)
+    grad = torch.randn(N, H, generator=g, dtype=torch.float64)
+    f32, l32 = (t.float().requires_grad_(True) for t in (f, lg))
+    out, gates = mmkernels.gated_fusion(f32, l32, present, activation=activation, return_gates=True, backend="cpu")
+    f64, l64 = (t.clone().requires_grad_(True) for t in (f, lg))
+    ref, ref_gates = gated_fusion_reference(f64, l64, present, activation=activation, return_gates=True)
+    torch.testing.assert_close(out.double(), ref, **_tol())
+    torch.testing.assert_close(gates.double(), ref_gates, **_tol())
+    loss = (out.double() * grad).sum() + (gates.double() * gates_w).sum()
+    loss_ref = (ref * grad).sum() + (ref_gates * gates_w).sum()
+    got = torch.autograd.grad(loss, [f32, l32])
+    want = torch.autograd.grad(loss_ref, [f64, l64])
+    for a, b in zip(got, want):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a.double(), torch.nan_to_num(b, nan=0.0), **_tol())
+
+
+@pytest.mark.parametrize("at_level", LEVELS, indirect=True)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_every_level(at_level, causal):
+    """fp32 attention (the rows' max, exp and the backward's exp/dS run at the level) with lengths,
+    key masks, bias and several key blocks, forward and every gradient."""
+    g = torch.Generator().manual_seed(7 + causal)
+    B, Lq, Hq, Hkv, D = 2, 19, 4, 2, 24
+    Lks = (300,) if causal else (300, 37)
+    q = torch.randn(B, Lq, Hq, D, generator=g, dtype=torch.float64)
+    keys = [torch.randn(B, L, Hkv, D, generator=g, dtype=torch.float64) for L in Lks]
+    values = [torch.randn(B, L, Hkv, D, generator=g, dtype=torch.float64) for L in Lks]
+    masks = [torch.rand(B, L, generator=g) < 0.8 for L in Lks]
+    lengths = torch.tensor([[L - 5 * i for L in Lks] for i in range(B)])
+    kw = dict(kv_lengths=lengths, kv_masks=masks, causal=causal)
+    leaves32 = [t.float().requires_grad_(True) for t in (q, *keys, *values)]
+    leaves64 = [t.clone().requires_grad_(True) for t in (q, *keys, *values)]
+    M = len(Lks)
+    out = mmkernels.cross_modal_attention(leaves32[0], leaves32[1 : 1 + M], leaves32[1 + M :], **kw, backend="cpu")
+    ref = cross_modal_attention_reference(leaves64[0], leaves64[1 : 1 + M], leaves64[1 + M :], **kw)
+    torch.testing.assert_close(out.double(), ref, **_tol())
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out.double(), leaves32, go), torch.autograd.grad(ref, leaves64, go)):
+        torch.testing.assert_close(a.double(), b, **_tol())
+
+
+def test_levels_are_ordered_and_the_best_is_chosen():
+    require_backend("cpu", "cpu")
+    assert LEVELS[0] == "baseline"
+    assert set(LEVELS) <= set(backends.CPU_ISA_LEVELS)
+    if "MMKERNELS_CPU_ISA" not in os.environ:
+        env = {k: v for k, v in os.environ.items() if k != "MMKERNELS_CPU_ISA"}
+        r = subprocess.run([sys.executable, "-c", "from mmkernels import backends; print(backends.cpu_isa())"],
+                           capture_output=True, text=True, env=env)
+        assert r.stdout.strip() == LEVELS[-1], r.stderr
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_env_forces_a_level_and_info_says_so(level):
+    require_backend("cpu", "cpu")
+    env = dict(os.environ, MMKERNELS_CPU_ISA=level)
+    r = subprocess.run([sys.executable, "-m", "mmkernels.info"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"CPU kernels' instruction set: {level} " in r.stdout
+
+
+def test_env_refuses_an_unknown_level():
+    require_backend("cpu", "cpu")
+    env = dict(os.environ, MMKERNELS_CPU_ISA="sse9")
+    code = "import torch, mmkernels; mmkernels.gated_fusion(torch.ones(2, 3, 4), torch.zeros(2, 3, 4))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "MMKERNELS_CPU_ISA=sse9: expected baseline, avx2 or avx512" in r.stderr
+
+
+def test_setting_a_level_the_cpu_lacks_raises():
+    require_backend("cpu", "cpu")
+    with pytest.raises(ValueError, match="cpu_isa level must be one of"):
+        backends.cpu_isa("neon")
+    missing = [lvl for lvl in backends.CPU_ISA_LEVELS if lvl not in LEVELS]
+    for lvl in missing:
+        with pytest.raises(RuntimeError, match="lacks"):
+            backends.cpu_isa(lvl)
