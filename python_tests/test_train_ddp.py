@@ -38,7 +38,19 @@ def test_ddp_two_processes_match_single(tmp_path, capsys):
     a = load_file(os.path.join(single, "last", "model.safetensors"))
     b = load_file(os.path.join(multi, "last", "model.safetensors"))
     assert a.keys() == b.keys()
+    # Where attention has one key source, its key projection's bias adds q.b to every logit of a
+    # row, which the softmax cancels: its gradient is 0 up to rounding, and AdamW turns that rounding
+    # (which the two runs sum in another order) into steps of up to lr each. Those biases agree within
+    # the 4 steps' lr, not to rounding. (With several sources the bias shifts one modality against
+    # the others and has a real gradient: those are compared like every other weight.)
+    lr, steps = 1e-3, 4
+    def single_source_key_bias(k):
+        return k.endswith(".attn.k_proj.0.bias") and k.replace(".k_proj.0.", ".k_proj.1.") not in a
+
     for k in a:
+        if single_source_key_bias(k):
+            assert (a[k] - b[k]).abs().max() <= 1.1 * lr * steps, k
+            continue
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=k)
     # ...and the runs did train: rebuild the initial weights as the trainer does (same seed), check
     # that the frozen word embeddings kept them (the rebuild is exact) and that most others moved.
