@@ -6,6 +6,12 @@ them again with the output's gradient and writes two gradients) and the speedup.
 
     python benchmarks/bench_gated_fusion.py
     python benchmarks/bench_gated_fusion.py --quick      # first shape, no torch.compile
+    python benchmarks/bench_gated_fusion.py --isa        # the CPU kernels at each instruction-set level
+                                                         # this CPU runs, as a fraction of a copy's bandwidth
+
+With --isa, each level (baseline, avx2, avx512) and a plain copy of the same tensors
+(torch.clone of features and logits: read and write) are timed round-robin in one
+run; the fraction is the kernel's bytes per second over the copy's.
 """
 from __future__ import annotations
 
@@ -63,6 +69,51 @@ def bench(M, N, H, args):
     return rows
 
 
+def bench_isa_levels(M, N, H, reps):
+    """fp32 forward and forward+backward at each CPU ISA level, against a copy's bandwidth, round-robin."""
+    from mmkernels import backends
+
+    levels = backends.cpu_isa_levels_here()
+    before = backends.cpu_isa()
+    g = torch.Generator().manual_seed(0)
+    f, lg = torch.randn(M, N, H, generator=g), torch.randn(M, N, H, generator=g)
+    fr, lr = f.clone().requires_grad_(True), lg.clone().requires_grad_(True)
+    grad = torch.randn(N, H, generator=g)
+
+    def at(level, fn):
+        def run():
+            backends.cpu_isa(level)
+            fn()
+        return run
+
+    def fwd():
+        mmkernels.gated_fusion(f, lg, backend="cpu")
+
+    def fwd_bwd():
+        torch.autograd.grad(mmkernels.gated_fusion(fr, lr, backend="cpu"), [fr, lr], grad)
+
+    fns = {"copy": lambda: (f.clone(), lg.clone())}
+    for level in levels:
+        fns[f"{level} fwd"] = at(level, fwd)
+        fns[f"{level} fwd+bwd"] = at(level, fwd_bwd)
+    try:
+        t = interleaved_median_ms(fns, reps=reps)
+    finally:
+        backends.cpu_isa(before)
+    elem = M * N * H * 4
+    copy_gbps = 4 * elem / (t["copy"] * 1e-3) / 1e9
+    bytes_fwd = 2 * elem + N * H * 4                    # read features, logits; write fused
+    bytes_fb = bytes_fwd + 2 * elem + N * H * 4 + 2 * elem  # backward: read them again and grad; write two grads
+    rows = []
+    for level in levels:
+        for kind, nbytes in (("fwd", bytes_fwd), ("fwd+bwd", bytes_fb)):
+            ms = t[f"{level} {kind}"]
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            rows.append({"shape": f"M={M} N={N} H={H}", "isa": level, "pass": kind, "ms": ms, "GBps": gbps,
+                         "copy_GBps": copy_gbps, "fraction_of_copy": gbps / copy_gbps})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -71,7 +122,18 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="first shape, 5 repetitions, no torch.compile")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile baseline")
+    p.add_argument("--isa", action="store_true", help="the CPU kernels at each ISA level vs a copy's bandwidth")
     args = p.parse_args(argv)
+    if args.isa:
+        rows = []
+        for shape in SHAPES[:1] if args.quick else SHAPES:
+            rows += bench_isa_levels(*shape, 5 if args.quick else args.reps)
+        md = write_report("gated_fusion_isa", rows, ["shape", "isa", "pass", "ms", "GBps", "copy_GBps",
+                                                     "fraction_of_copy"], "gated_fusion by CPU ISA level",
+                          [f"fp32, medians of {args.reps} round-robin repetitions with a copy of the same tensors, "
+                           f"{torch.get_num_threads()} threads"])
+        print(md.read_text())
+        return
     if args.quick:
         args.reps = 5
         args.compile = False
