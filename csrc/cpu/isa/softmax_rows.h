@@ -58,14 +58,21 @@ float exp_ds_rows(float* s, float* dp, long long n, float c, float delta) {
     acc += ds;
   }
   float t = hsum<W>(acc);
-  for (; j < n; ++j) {  // short tail: one lane at a time through a padded vector
+  if (j < n) {  // the tail through padded vectors (s padding -inf: P = 0, so dS = 0 there)
     float bs[W], bd[W];
-    for (int i = 0; i < W; ++i) bs[i] = i == 0 ? s[j] : -__builtin_inff(), bd[i] = i == 0 ? dp[j] : 0.f;
+    for (int i = 0; i < W; ++i) {
+      bs[i] = j + i < n ? s[j + i] : -__builtin_inff();
+      bd[i] = j + i < n ? dp[j + i] : 0.f;
+    }
     const F p = vexp<W>(Vec<W>::load(bs).v - c);
     const F ds = p * (Vec<W>::load(bd).v - delta);
-    s[j] = p[0];
-    dp[j] = ds[0];
-    t += ds[0];
+    Vec<W>{p}.store(bs);
+    Vec<W>{ds}.store(bd);
+    for (int i = 0; j + i < n; ++i) {
+      s[j + i] = bs[i];
+      dp[j + i] = bd[i];
+    }
+    t += hsum<W>(ds);
   }
   return t;
 }
