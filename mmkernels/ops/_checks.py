@@ -35,6 +35,14 @@ def check_lengths(name: str, lengths, shape, maxima: Sequence[int], like: torch.
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(lengths.shape)}")
     check_same_device(name, lengths, like)
     if lengths.numel() and _values_checkable(lengths):
+        if lengths.numel() <= 4096:  # a handful of values: read them once, cheaper than four tensor ops
+            rows = lengths.reshape(-1, len(maxima)).tolist()
+            for i, row in enumerate(rows):
+                for j, (n, hi) in enumerate(zip(row, maxima)):
+                    if not 0 <= n <= hi:
+                        idx = [i, j] if lengths.dim() > 1 else [i]
+                        raise ValueError(f"{name}{idx} = {n} is out of range [0, {hi}]")
+            return
         upper = torch.tensor(maxima, dtype=lengths.dtype)
         bad = (lengths < 0) | (lengths > upper)
         if bool(bad.any()):
