@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "../common/fast_math.h"  // the constants of isa/vec.h's exp and tanh
 #include "../common/limits.h"
 
 namespace mmkernels::cpu {

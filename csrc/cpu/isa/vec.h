@@ -2,7 +2,8 @@
 // compiled once per ISA level (isa_*.cpp set the target), so a level never depends on what the
 // compiler would auto-vectorise. The math is fast_expf/fast_tanhf of csrc/common/fast_math.h,
 // lane-wise: the same polynomial, the same results at every level up to FMA contraction.
-// Included only after the including file has set its target and opened its namespace; no headers.
+// Included only after the including file has set its target and opened its namespace; no headers
+// (the constants come from csrc/common/fast_math.h, which cpu_isa.h includes before the target).
 #pragma once
 
 // GCC ignores vector_size on a typedef that depends on a template parameter: one type per width.
@@ -57,22 +58,23 @@ template <int W>
 inline typename Vec<W>::F vexp(typename Vec<W>::F x) {
   typedef typename Vec<W>::F F;
   typedef typename Vec<W>::I I;
-  const F hi = Vec<W>::splat(88.3762626647949f).v, lo = Vec<W>::splat(-87.3365447504f).v;
+  using namespace ::mmkernels::fast_math;
+  const F hi = Vec<W>::splat(kExpHi).v, lo = Vec<W>::splat(kExpLo).v;
   const I under = x < lo;
   F xc = x > hi ? hi : x;
   xc = xc < lo ? lo : xc;
   // n = floor(x / ln2 + 0.5): truncation toward zero corrected for negative arguments
-  const F t = xc * 1.44269504088896341f + 0.5f;
+  const F t = xc * kLog2e + 0.5f;
   F n = __builtin_convertvector(__builtin_convertvector(t, I), F);
   n = n > t ? n - 1.0f : n;
-  F r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  F p = Vec<W>::splat(1.9875691500E-4f).v;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
+  F r = xc - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  F p = Vec<W>::splat(kExpP0).v;
+  p = p * r + kExpP1;
+  p = p * r + kExpP2;
+  p = p * r + kExpP3;
+  p = p * r + kExpP4;
+  p = p * r + kExpP5;
   p = p * r * r + r + 1.0f;
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
   F scale;
@@ -89,7 +91,8 @@ inline typename Vec<W>::F vtanh(typename Vec<W>::F x) {
   const F e = vexp<W>(-2.0f * ax);
   F t = (1.0f - e) / (1.0f + e);
   const F x2 = ax * ax;
-  const F ts = ax * (1.0f + x2 * (-0.333333333f + x2 * (0.133333333f + x2 * -0.0539682540f)));
-  t = ax < 0.0625f ? ts : t;
+  using namespace ::mmkernels::fast_math;
+  const F ts = ax * (1.0f + x2 * (kTanhT1 + x2 * (kTanhT2 + x2 * kTanhT3)));
+  t = ax < kTanhSeries ? ts : t;
   return x < zero ? -t : t;
 }
