@@ -73,7 +73,9 @@ T2=$(( TEST_S - T1 ))
 # The data, training and benchmark-script tests need no GPU and run in CI: only the op tests here.
 GPU_TESTS="python_tests/test_cross_modal_attention.py python_tests/test_gated_fusion.py python_tests/test_dispatch.py
   python_tests/test_contract_edges.py python_tests/test_property.py python_tests/test_errors.py
-  python_tests/test_model_fusion.py python_tests/test_integration_transformers.py"
+  python_tests/test_model_fusion.py python_tests/test_integration_transformers.py python_tests/test_key_masks.py
+  python_tests/test_nn_multihead_attention.py python_tests/test_integration_families.py
+  python_tests/test_integration_patches.py"
 say "tests 2/2: pytest $XDIST ${PYTEST_ARGS:--q} (op tests; limit ${T2}s, log: $LOG_DIR/pytest.log)"
 MMKERNELS_TRITON_AUTOTUNE=0 timeout -k 10 "$T2" $PY -m pytest $GPU_TESTS $XDIST ${PYTEST_ARGS:--q} -p no:cacheprovider \
   -rfEs --durations=15 > "$LOG_DIR/pytest.log" 2>&1
