@@ -292,6 +292,60 @@ def attention_entries(case, hbm, budget, do_bwd=True):
         note="compiled" + (", padding block mask" if kvl is not None else ""))
 
 
+def padded_causal_entries(name, B, H, D, L, max_pad, budget, seed=0):
+    """Left-padded causal prefill (what batched generation runs): kv_masks + causal on the
+    mmkernels backends vs SDPA with the boolean mask transformers builds (key mask & causal)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import mmkernels
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v = (torch.randn(B, L, H, D, generator=g).to(DEV, torch.bfloat16) for _ in range(3))
+    pad = (L * max_pad * torch.rand(B, generator=g)).long()
+    key_mask = (torch.arange(L)[None, :] >= pad[:, None]).to(DEV)
+    mask = key_mask[:, None, None, :] & torch.ones(L, L, dtype=torch.bool, device=DEV).tril()
+    valid = float((L - pad).clamp(min=0).sum())
+    flops = 4.0 * H * D * valid * L / 2  # about half the (query, key) pairs under the triangle
+
+    def finish(impl, t_f, t_fb, note):
+        record(name, impl, fwd_ms=round(t_f, 4), fwd_tflops=round(flops / (t_f * 1e-3) / 1e12, 1),
+               fwdbwd_ms=None if t_fb is None else round(t_fb, 4),
+               fwdbwd_tflops=None if t_fb is None else round(3.5 * flops / (t_fb * 1e-3) / 1e12, 1), note=note)
+
+    def run(impl, fwd, inputs, note):
+        if budget.left() < 15:
+            record(name, impl, note="skipped: time budget")
+            return
+        try:
+            t_f, _ = _timed_fwd(fwd)
+            t_fb, _ = _timed_fwd_bwd(fwd, inputs)
+            finish(impl, t_f, t_fb, note)
+        except Exception as e:  # noqa: BLE001
+            record(name, impl, note="FAILED " + _error(e))
+            traceback.print_exc(limit=3)
+        finally:
+            for t in inputs:
+                t.requires_grad_(False)
+                t.grad = None
+            empty_cache()
+
+    for backend in ("triton", "cuda"):
+        run(f"mmkernels-{backend}", lambda backend=backend: mmkernels.cross_modal_attention(
+            q, [k], [v], causal=True, kv_masks=[key_mask], backend=backend), [q, k, v], "kv_masks + causal")
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    for label, be in (("efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def fwd(be=be):
+            with sdpa_kernel([be]):
+                return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+        run(f"sdpa-{label} bool-mask", fwd, [qt, kt, vt], "key mask & causal, as transformers builds it")
+
+    def flash():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    run("sdpa-flash causal no-mask", flash, [qt, kt, vt], "NO padding mask: attends to padding (floor, not a baseline)")
+
+
 # ------------------------------------------------------------------ gated fusion
 def gated_fusion_entries(M, N, H, hbm, budget):
     name = f"gated-fusion M{M} N{N // 1024}K H{H}" if N >= 1024 else f"gated-fusion M{M} N{N} H{H}"
@@ -508,7 +562,9 @@ def main(argv=None):
     one = ("one-seg B4 L4096 H16 D128", dict(B=4 if not q else 1, Hq=16, Hkv=16, D=128, Lq=4096 if not q else 1024,
                                             segs=(4096 if not q else 1024,), pad=0.0))
     gf_shape = (3, (1 << 20) if not q else (1 << 16), 1024)
+    prefill = ("left-padded causal prefill B16 L1024 H16 D128", dict(B=16, H=16, D=128, L=1024, max_pad=0.5))
     if args.dry_run:
+        prefill = ("left-padded causal prefill (dry run)", dict(B=2, H=2, D=16, L=24, max_pad=0.5))
         cross = ("cross-modal (dry run)", dict(B=2, Hq=2, Hkv=2, D=16, Lq=8, segs=(24, 40, 56), pad=0.4))
         one = ("one-seg (dry run)", dict(B=1, Hq=2, Hkv=2, D=16, Lq=64, segs=(64,), pad=0.0))
         gf_shape = (3, 64, 32)
@@ -541,6 +597,14 @@ def main(argv=None):
             record("gated-fusion", "all", note=f"FAILED {type(e).__name__}: {e}")
             traceback.print_exc(limit=3)
         run_attention(*one)
+        if budget.left() >= 30:
+            try:
+                padded_causal_entries(prefill[0], **prefill[1], budget=budget)
+            except Exception as e:  # noqa: BLE001
+                record(prefill[0], "all", note=f"FAILED {type(e).__name__}: {e}")
+                traceback.print_exc(limit=3)
+        else:
+            record(prefill[0], "all", note="skipped: time budget")
     finally:
         meta["targets"] = "; ".join(targets_summary(hbm))
         path = write_reports(out_dir, meta)
