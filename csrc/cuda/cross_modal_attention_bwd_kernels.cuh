@@ -129,8 +129,10 @@ __device__ __forceinline__ void cross_modal_attention_bwd_dkdv_body(const AttnPa
               sg.len - j0, D, Dv, p.scale);
 }
 
+// minBlocksPerSM 1, as in the forward: without it ptxas held the head-dim-256 policies to 96-128
+// registers and spilled (shared memory bounds their CTAs per SM).
 template <typename Tiles, typename T>
-__global__ void __launch_bounds__(kBwdThreads)
+__global__ void __launch_bounds__(kBwdThreads, 1)
     cross_modal_attention_bwd_dkdv_kernel(const __grid_constant__ AttnParams p, const T* __restrict__ go, int go_vec4,
                                           const float* __restrict__ lse, const float* __restrict__ delta) {
   if constexpr (arch_has_tiles<Tiles::kTensorCores>()) cross_modal_attention_bwd_dkdv_body<Tiles>(p, go, go_vec4, lse, delta);
@@ -216,8 +218,10 @@ __device__ __forceinline__ void cross_modal_attention_bwd_dq_body(const AttnPara
   tiles.store(dq + (int64_t)b * dq_sb + (int64_t)h * dq_sh, dq_sl, q0, p.Lq, D, p.scale);
 }
 
+// minBlocksPerSM 1, as in the forward: without it ptxas held the head-dim-256 policies to 96-128
+// registers and spilled (shared memory bounds their CTAs per SM).
 template <typename Tiles, typename T>
-__global__ void __launch_bounds__(kBwdThreads)
+__global__ void __launch_bounds__(kBwdThreads, 1)
     cross_modal_attention_bwd_dq_kernel(const __grid_constant__ AttnParams p, const T* __restrict__ go, int go_vec4,
                                         const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq,
                                         int64_t dq_sb, int64_t dq_sl, int64_t dq_sh, float* __restrict__ bias_part,

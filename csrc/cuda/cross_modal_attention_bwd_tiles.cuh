@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "cuda_common.cuh"
+#include "simt_tile.cuh"
 
 namespace mmkernels {
 namespace cuda {
@@ -58,11 +59,11 @@ struct DkdvSimtTiles {
     return sizeof(float) * (2 * size_t(BN) * KS + 2 * size_t(BMQ) * KS + 2 * size_t(BN) * PS + 2 * size_t(BMQ));
   }
 
-  // One base pointer and fixed offsets: pointers held per tile cost registers (spills at DPAD 128).
+  // The tiles at fixed offsets from one base pointer.
   float* sm;
   int rg, cg;
   float accK[TN][DC * 4], accV[TN][DC * 4];
-  // S and dP of one tile live in the caller's loop body: members would stay live across tiles.
+  // S and dP of one tile, declared in the caller's loop body (their lifetime is one tile).
   struct Products {
     float s[TN][TQ], dp[TN][TQ];
   };
@@ -100,42 +101,8 @@ struct DkdvSimtTiles {
 
   // S^T = K Q^T and dP^T = V dO^T
   __device__ __forceinline__ void products(Products& pr, int D, int Dv) const {
-    auto& s = pr.s;
-    auto& dp = pr.dp;
-    const int D4 = (D + 3) & ~3, Dv4 = (Dv + 3) & ~3;
-#pragma unroll
-    for (int a = 0; a < TN; ++a)
-#pragma unroll
-      for (int c = 0; c < TQ; ++c) {
-        s[a][c] = 0.f;
-        dp[a][c] = 0.f;
-      }
-#pragma unroll 2
-    for (int d = 0; d < D4; d += 4) {
-      float4 kv[TN], qv[TQ];
-#pragma unroll
-      for (int a = 0; a < TN; ++a) kv[a] = *reinterpret_cast<const float4*>(Ks() + (rg * TN + a) * KS + d);
-#pragma unroll
-      for (int c = 0; c < TQ; ++c) qv[c] = *reinterpret_cast<const float4*>(Qs() + (cg + 8 * c) * KS + d);
-#pragma unroll
-      for (int a = 0; a < TN; ++a)
-#pragma unroll
-        for (int c = 0; c < TQ; ++c)
-          s[a][c] += kv[a].x * qv[c].x + kv[a].y * qv[c].y + kv[a].z * qv[c].z + kv[a].w * qv[c].w;
-    }
-#pragma unroll 2
-    for (int d = 0; d < Dv4; d += 4) {
-      float4 vv[TN], ov[TQ];
-#pragma unroll
-      for (int a = 0; a < TN; ++a) vv[a] = *reinterpret_cast<const float4*>(Vs() + (rg * TN + a) * KS + d);
-#pragma unroll
-      for (int c = 0; c < TQ; ++c) ov[c] = *reinterpret_cast<const float4*>(dOs() + (cg + 8 * c) * KS + d);
-#pragma unroll
-      for (int a = 0; a < TN; ++a)
-#pragma unroll
-        for (int c = 0; c < TQ; ++c)
-          dp[a][c] += vv[a].x * ov[c].x + vv[a].y * ov[c].y + vv[a].z * ov[c].z + vv[a].w * ov[c].w;
-    }
+    simt_dots<TN, TQ>(pr.s, Ks(), KS, rg * TN, Qs(), KS, cg, (D + 3) & ~3);
+    simt_dots<TN, TQ>(pr.dp, Vs(), KS, rg * TN, dOs(), KS, cg, (Dv + 3) & ~3);
   }
 
   __device__ __forceinline__ float score(const Products& pr, int a, int c) const { return pr.s[a][c]; }
@@ -149,7 +116,7 @@ struct DkdvSimtTiles {
 
   // dV += P^T (t dO), dK += dS^T Q  (the caller synced: P and dS of the whole tile are stored)
   __device__ __forceinline__ void accumulate(int /*D*/, int /*Dv*/) {
-#pragma unroll 1  // unrolled twice, DPAD 128 spills
+#pragma unroll 2
     for (int il = 0; il < BMQ; ++il) {
       float pa[TN], da[TN];
 #pragma unroll
@@ -354,7 +321,7 @@ struct DqSimtTiles {
     return sizeof(float) * (2 * size_t(BM) * KS + 2 * size_t(BN) * KS + size_t(BM) * PS + 2 * size_t(BM) + kBwdThreads / 32);
   }
 
-  float* sm;  // one base pointer and fixed offsets (see DkdvSimtTiles)
+  float* sm;  // the tiles at fixed offsets from it
   int rg, cg;
   float acc[TM][DC * 4];
   struct Products {  // see DkdvSimtTiles
@@ -391,42 +358,8 @@ struct DqSimtTiles {
 
   // S = Q K^T and dP = (t dO) V^T
   __device__ __forceinline__ void products(Products& pr, int D, int Dv) const {
-    auto& s = pr.s;
-    auto& dp = pr.dp;
-    const int D4 = (D + 3) & ~3, Dv4 = (Dv + 3) & ~3;
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-      for (int jj = 0; jj < TN; ++jj) {
-        s[i][jj] = 0.f;
-        dp[i][jj] = 0.f;
-      }
-#pragma unroll 1  // unrolled twice, DPAD 128 and 256 spill
-    for (int d = 0; d < D4; d += 4) {
-      float4 qv[TM], kv[TN];
-#pragma unroll
-      for (int i = 0; i < TM; ++i) qv[i] = *reinterpret_cast<const float4*>(Qs() + (rg * TM + i) * KS + d);
-#pragma unroll
-      for (int jj = 0; jj < TN; ++jj) kv[jj] = *reinterpret_cast<const float4*>(Ks() + (cg + 8 * jj) * KS + d);
-#pragma unroll
-      for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int jj = 0; jj < TN; ++jj)
-          s[i][jj] += qv[i].x * kv[jj].x + qv[i].y * kv[jj].y + qv[i].z * kv[jj].z + qv[i].w * kv[jj].w;
-    }
-#pragma unroll 1
-    for (int d = 0; d < Dv4; d += 4) {
-      float4 ov[TM], vv[TN];
-#pragma unroll
-      for (int i = 0; i < TM; ++i) ov[i] = *reinterpret_cast<const float4*>(dOs() + (rg * TM + i) * KS + d);
-#pragma unroll
-      for (int jj = 0; jj < TN; ++jj) vv[jj] = *reinterpret_cast<const float4*>(Vs() + (cg + 8 * jj) * KS + d);
-#pragma unroll
-      for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int jj = 0; jj < TN; ++jj)
-          dp[i][jj] += ov[i].x * vv[jj].x + ov[i].y * vv[jj].y + ov[i].z * vv[jj].z + ov[i].w * vv[jj].w;
-    }
+    simt_dots<TM, TN>(pr.s, Qs(), KS, rg * TM, Ks(), KS, cg, (D + 3) & ~3);
+    simt_dots<TM, TN>(pr.dp, dOs(), KS, rg * TM, Vs(), KS, cg, (Dv + 3) & ~3);
   }
 
   __device__ __forceinline__ float score(const Products& pr, int i, int jj) const { return pr.s[i][jj]; }
@@ -436,23 +369,7 @@ struct DqSimtTiles {
   // dQ += dS K (dS of every row of the tile is read: the whole CTA syncs first)
   __device__ __forceinline__ void accumulate_dq(int /*D*/) {
     __syncthreads();
-#pragma unroll 4
-    for (int j = 0; j < BN; ++j) {
-      float dsj[TM];
-#pragma unroll
-      for (int i = 0; i < TM; ++i) dsj[i] = dSs()[(rg * TM + i) * PS + j];
-#pragma unroll
-      for (int k = 0; k < DC; ++k) {
-        const float4 kv = *reinterpret_cast<const float4*>(Ks() + j * KS + k * 32 + cg * 4);
-#pragma unroll
-        for (int i = 0; i < TM; ++i) {
-          acc[i][k * 4 + 0] += dsj[i] * kv.x;
-          acc[i][k * 4 + 1] += dsj[i] * kv.y;
-          acc[i][k * 4 + 2] += dsj[i] * kv.z;
-          acc[i][k * 4 + 3] += dsj[i] * kv.w;
-        }
-      }
-    }
+    simt_accumulate<TM, DC>(acc, dSs(), PS, rg * TM, Ks(), KS, cg * 4, BN);
   }
 
   // Rows q0 + r < Lq of the block; dq points at (b, row 0, h).

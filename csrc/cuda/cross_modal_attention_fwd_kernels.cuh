@@ -13,6 +13,7 @@
 
 #include "cuda_common.cuh"
 #include "mask.cuh"
+#include "simt_tile.cuh"
 #include "softmax.cuh"
 
 namespace mmkernels {
@@ -62,26 +63,7 @@ struct FwdSimtTiles {
     load_tile<T, BN, DPAD, VS, kFwdThreads>(Vs, v, v_stride, rows, Dv, vec);
   }
 
-  __device__ __forceinline__ void scores(int D) {
-    const int D4 = (D + 3) & ~3;
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-      for (int jj = 0; jj < TN; ++jj) s[i][jj] = 0.f;
-#pragma unroll 2
-    for (int d = 0; d < D4; d += 4) {
-      float4 qv[TM], kv[TN];
-#pragma unroll
-      for (int i = 0; i < TM; ++i) qv[i] = *reinterpret_cast<const float4*>(Qs + (rg * TM + i) * QS + d);
-#pragma unroll
-      for (int jj = 0; jj < TN; ++jj) kv[jj] = *reinterpret_cast<const float4*>(Ks + (cg + 8 * jj) * KS + d);
-#pragma unroll
-      for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int jj = 0; jj < TN; ++jj)
-          s[i][jj] += qv[i].x * kv[jj].x + qv[i].y * kv[jj].y + qv[i].z * kv[jj].z + qv[i].w * kv[jj].w;
-    }
-  }
+  __device__ __forceinline__ void scores(int D) { simt_dots<TM, TN>(s, Qs, QS, rg * TM, Ks, KS, cg, (D + 3) & ~3); }
 
   __device__ __forceinline__ float score(int i, int jj) const { return s[i][jj]; }
   __device__ __forceinline__ void store_p(int i, int jj, float pv) { Ps[(rg * TM + i) * PS + cg + 8 * jj] = pv; }
@@ -94,23 +76,7 @@ struct FwdSimtTiles {
   // acc += P V (P of every row of the tile is read: the whole CTA syncs first)
   __device__ __forceinline__ void accumulate_pv(int /*Dv*/) {
     __syncthreads();
-#pragma unroll 4
-    for (int j = 0; j < BN; ++j) {
-      float pj[TM];
-#pragma unroll
-      for (int i = 0; i < TM; ++i) pj[i] = Ps[(rg * TM + i) * PS + j];
-#pragma unroll
-      for (int k = 0; k < DC; ++k) {
-        const float4 v = *reinterpret_cast<const float4*>(Vs + j * VS + k * 32 + cg * 4);
-#pragma unroll
-        for (int i = 0; i < TM; ++i) {
-          acc[i][k * 4 + 0] += pj[i] * v.x;
-          acc[i][k * 4 + 1] += pj[i] * v.y;
-          acc[i][k * 4 + 2] += pj[i] * v.z;
-          acc[i][k * 4 + 3] += pj[i] * v.w;
-        }
-      }
-    }
+    simt_accumulate<TM, DC>(acc, Ps, PS, rg * TM, Vs, VS, cg * 4, BN);
   }
 
   __device__ __forceinline__ void finish() {}
