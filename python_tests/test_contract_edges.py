@@ -16,6 +16,7 @@ from mmkernels.reference import gated_fusion_reference as gf_reference
 from utils import (
     LOW_PRECISION,
     assert_within_rule,
+    attention_grads,
     attention_inputs,
     every_backend,
     exact_dtype,
@@ -40,15 +41,6 @@ def _fp64(*tensors):
     return [t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
 
 
-def _attention_grads(out, lse, inputs, seed=0):
-    """Grads of a random weighting of out and of the finite lse entries."""
-    g = torch.Generator().manual_seed(seed)
-    go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
-    gl = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(out.device)
-    loss = (out.double() * go).sum() + (torch.where(lse.isfinite(), lse, 0).double() * gl).sum()
-    return torch.autograd.grad(loss, inputs, allow_unused=True)
-
-
 def _check_attention(backend, q, keys, values, kw, **extra):
     """Out, lse and every gradient of `backend` against the reference on fp64 copies."""
     dtype = q.dtype
@@ -65,7 +57,7 @@ def _check_attention(backend, q, keys, values, kw, **extra):
     assert torch.equal(lse.isneginf(), lse_ref.isneginf())
     torch.testing.assert_close(torch.where(lse.isfinite(), lse, 0).double(),
                                torch.where(lse_ref.isfinite(), lse_ref, 0), **_tol(dtype))
-    for i, (a, b) in enumerate(zip(_attention_grads(out, lse, diff), _attention_grads(ref, lse_ref, d64))):
+    for i, (a, b) in enumerate(zip(attention_grads(out, lse, diff), attention_grads(ref, lse_ref, d64))):
         assert not a.isnan().any(), f"grad {i} has NaN"
         torch.testing.assert_close(a.double(), b, **_tol(dtype), msg=lambda m: f"grad {i}: {m}")
     return out, lse
@@ -94,7 +86,7 @@ def test_rows_with_all_logits_neg_inf_are_empty_rows(backend, device):
                           modality_bias=kw["modality_bias"].detach().double()[:, 1:],
                           head_gate=kw["head_gate"].detach().double())
     torch.testing.assert_close(out[:, :, 2].double(), alone[:, :, 2], **_tol(dtype))
-    grads = _attention_grads(out, lse, diff)
+    grads = attention_grads(out, lse, diff)
     for i, g in enumerate(grads):
         assert not g.isnan().any(), f"grad {i} has NaN"
     assert torch.all(grads[0][:, :, 1] == 0)                       # q of the empty head

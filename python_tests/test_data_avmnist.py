@@ -12,6 +12,7 @@ if importlib.util.find_spec("mnist") is None:
 
 from mmkernels.data import avmnist, speech  # noqa: E402
 from mmkernels.data.avmnist import ANSWERS, AVMNISTConfig, DataFormatError, build_avmnist, load_split  # noqa: E402
+from utils import record_fsync  # noqa: E402
 
 TINY = dict(n_train=300, n_val=40, n_test=60, speakers_train=4, speakers_val=2, speakers_test=2,
             images_train=400, images_val=100, images_test=100)
@@ -111,7 +112,6 @@ def test_builder_cli(tmp_path, capsys):
 def test_build_writes_each_file_atomically_and_clears_dead_writers_temp_files(tmp_path, monkeypatch):
     """Each split and meta.json: a temporary file of this process, fsynced, renamed into place, the folder
     fsynced. A rebuild removes what a killed build left behind, not what a live one is writing."""
-    import stat
     import subprocess
     import sys
 
@@ -122,19 +122,7 @@ def test_build_writes_each_file_atomically_and_clears_dead_writers_temp_files(tm
                           text=True).stdout.strip()
     (tmp_path / out / f".train.pt.tmp.{dead}").write_bytes(b"half a file")
     (tmp_path / out / f".val.pt.tmp.{os.getppid()}").write_bytes(b"being written")
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
-        return real_fsync(fd)
-
-    def replace(a, b):
-        events.append(("replace", os.path.basename(a), os.path.basename(b)))
-        return real_replace(a, b)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_fsync(monkeypatch, names=True)
     assert build_avmnist(cfg, cache_dir=str(tmp_path), progress=False) == out
     monkeypatch.undo()
     names = [f"{s}.pt" for s in avmnist.SPLITS] + ["meta.json"]

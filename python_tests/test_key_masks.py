@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import mmkernels
 from mmkernels import backends
 from mmkernels.reference import cross_modal_attention_reference
-from utils import LOW_PRECISION, assert_within_rule, exact_dtype, require_backend
+from utils import LOW_PRECISION, assert_within_rule, attention_grads, exact_dtype, require_backend
 
 NEG_INF = float("-inf")
 
@@ -60,14 +60,6 @@ def _random_masks(g, B, Lks, pattern):
             m = torch.full((B, L), pattern == "all_valid", dtype=torch.bool)
         masks.append(m)
     return masks
-
-
-def _grads(out, lse, inputs, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
-    gl = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(out.device)
-    loss = (out.double() * go).sum() + (torch.where(lse.isfinite(), lse, 0).double() * gl).sum()
-    return torch.autograd.grad(loss, inputs, allow_unused=True)
 
 
 def _leaves(dtype, *tensors):
@@ -135,7 +127,7 @@ def test_masks_match_reference(backend, device):
         diff64 = [*q64, *k64, *v64, *extra64.values()]
         if c["low"] is None:
             torch.testing.assert_close(out.double().cpu(), ref, **_tol(dtype))
-            for i, (a, b) in enumerate(zip(_grads(out, lse, diff), _grads(ref, lse_ref, diff64))):
+            for i, (a, b) in enumerate(zip(attention_grads(out, lse, diff), attention_grads(ref, lse_ref, diff64))):
                 torch.testing.assert_close(a.double().cpu(), b, **_tol(dtype), msg=lambda m: f"grad {i}: {m}")
         else:  # the tolerance rule of DESIGN.md 5: against the reference run in the low dtype itself
             low = cross_modal_attention_reference(*[t.detach() for t in (q_,)], [k.detach() for k in keys_],
@@ -296,11 +288,17 @@ def test_raw_cpu_op_refuses_bad_masks():
         op(q, keys, keys, None, None, None, None, 1.0, False, [torch.ones(2, 6, dtype=torch.bool)])
 
 
-def test_backends_without_mask_kernels_say_so_and_dispatch_falls_back():
-    call = backends.Call("cross_modal_attention", "cuda", torch.float16, 2, 64, 64, key_masks=True)
-    for name in ("cuda", "triton"):
-        if not backends.get(name).key_masks:
-            assert any("kv_masks" in r for r in backends.not_supported_reasons(name, call))
-    cpu_call = backends.Call("cross_modal_attention", "cpu", torch.float32, 2, 64, 64, key_masks=True)
-    assert backends.not_supported_reasons("cpu", cpu_call) == [] or backends.extension_error()
-    assert backends.not_supported_reasons("reference", cpu_call) == []
+def test_a_backend_without_mask_kernels_says_so_and_dispatch_falls_back(monkeypatch):
+    """Every backend serves masks today; one that declares it does not is skipped with the reason
+    for calls with masks only, and forcing it raises with that reason."""
+    require_backend("cpu", "cpu")
+    masked = backends.Call("cross_modal_attention", "cpu", torch.float32, 2, 64, 64, key_masks=True)
+    plain = backends.Call("cross_modal_attention", "cpu", torch.float32, 2, 64, 64)
+    assert backends.select(masked) == "cpu"
+    monkeypatch.setattr(backends.REGISTRY["cpu"], "key_masks", False)
+    assert backends.not_supported_reasons("cpu", masked) == ["key masks (kv_masks) are not implemented in the cpu kernels yet"]
+    assert backends.not_supported_reasons("cpu", plain) == []
+    assert backends.select(masked) == "reference" and backends.select(plain) == "cpu"
+    with pytest.raises(backends.BackendNotSupported, match=r"kv_masks"):
+        mmkernels.cross_modal_attention(torch.randn(1, 2, 1, 8), [torch.randn(1, 3, 1, 8)], [torch.randn(1, 3, 1, 8)],
+                                        kv_masks=[torch.ones(1, 3, dtype=torch.bool)], backend="cpu")

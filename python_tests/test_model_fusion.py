@@ -261,17 +261,19 @@ def test_save_pretrained_replaces_the_folder_whole(tmp_path, monkeypatch):
     old.save_pretrained(str(path), preprocessing={"max_text_len": 16})
     (path / "stale.txt").write_text("from an older save")
     new = FusionModel(ModelConfig(**dict(TINY, d_model=16)))
-    real = fusion_model.fsync_tree
+    from mmkernels.utils import atomic
+
+    real = atomic.fsync_tree
 
     def fail_with_every_file_written(p):
         assert sorted(os.listdir(p)) == ["config.json", "model.safetensors", "preprocessing.json"]
         raise OSError("disk full")
 
-    monkeypatch.setattr(fusion_model, "fsync_tree", fail_with_every_file_written)
+    monkeypatch.setattr(atomic, "fsync_tree", fail_with_every_file_written)
     with pytest.raises(OSError, match="disk full"):
         new.save_pretrained(str(path), preprocessing={"max_text_len": 32})
     assert sorted(os.listdir(tmp_path)) == ["best"]  # the failed save's temporary folder is gone
-    monkeypatch.setattr(fusion_model, "fsync_tree", real)
+    monkeypatch.setattr(atomic, "fsync_tree", real)
     w = load_file(str(path / "model.safetensors"))
     assert all(torch.equal(w[k], v) for k, v in old.state_dict().items())
     assert fusion_model.load_preprocessing(str(path)) == {"max_text_len": 16}

@@ -4,7 +4,6 @@ RNG states round-trip through a checkpoint."""
 import json
 import os
 import random
-import stat
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 
 from mmkernels.utils import atomic
 from mmkernels.train import checkpoint as C
+from utils import record_fsync
 
 
 class _RunsCode:
@@ -91,26 +91,8 @@ def test_only_the_pickle_protocol_warning_of_torch_load_is_hidden(tmp_path, monk
         C.load_checkpoint(p)
 
 
-def _record_fsync(monkeypatch):
-    """Which kinds of file descriptors are fsynced, in order with the renames."""
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
-        return real_fsync(fd)
-
-    def replace(a, b):
-        events.append("replace")
-        return real_replace(a, b)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    return events
-
-
 def test_atomic_writes_fsync_the_file_then_the_folder_after_the_rename(tmp_path, monkeypatch):
-    events = _record_fsync(monkeypatch)
+    events = record_fsync(monkeypatch)
     C.atomic_torch_save({"a": torch.zeros(1)}, str(tmp_path / "x.pt"))
     assert events == ["fsync file", "replace", "fsync dir"]
     events.clear()

@@ -121,3 +121,33 @@ def close(out, ref, dtype):
         torch.testing.assert_close(out, ref.to(out.dtype), atol=1e-9, rtol=1e-9)
     else:
         torch.testing.assert_close(out, ref.to(out.dtype), atol=2e-5, rtol=2e-4)
+
+
+def attention_grads(out, lse, inputs, seed=0):
+    """Grads of a random weighting of an attention output and of its finite lse entries."""
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
+    gl = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(out.device)
+    loss = (out.double() * go).sum() + (torch.where(lse.isfinite(), lse, 0).double() * gl).sum()
+    return torch.autograd.grad(loss, inputs, allow_unused=True)
+
+
+def record_fsync(monkeypatch, names=False):
+    """Which kinds of file descriptors are fsynced, in order with the renames ("replace", or
+    ("replace", source name, target name) with names=True); the list fills as the code runs."""
+    import stat
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", os.path.basename(a), os.path.basename(b)) if names else "replace")
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events

@@ -89,3 +89,20 @@ def load_preprocessing(path: str) -> dict:
         return {}
     with open(p) as f:
         return json.load(f)
+
+
+def saved_config(model) -> dict:
+    """The config.json of a saved model (weights or exported program): its ModelConfig, and the text
+    encoder's own config where it has one, so the folder rebuilds without the training config."""
+    from dataclasses import asdict
+
+    cfg = {"model_type": "mmkernels-fusion", **asdict(model.config)}
+    if hasattr(model, "text"):
+        cfg["bert_config"] = model.text.config.to_dict()
+    return cfg
+
+
+def write_plain_json(path: str, obj) -> None:
+    """A plain write, for a folder that is fsynced as a whole afterwards (utils.atomic.new_dir)."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=str)

@@ -10,11 +10,8 @@ inputs as in training (config, preprocessing, tokenizer) and runs without the mo
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import warnings
-from dataclasses import asdict
 from typing import Dict, List, Optional
 
 import torch
@@ -79,34 +76,20 @@ def save_exported(model, path: str, preprocessing: Optional[dict] = None, tokeni
     """Export `model` and write the folder `path`: PROGRAM_NAME, the model's config.json (labels, modalities,
     task), preprocessing.json and the tokenizer. Written in a temporary folder, fsynced and swapped in
     whole, like save_pretrained. Returns the program."""
-    from mmkernels.models.config import CONFIG_NAME, PREPROCESSING_NAME
-    from mmkernels.utils.atomic import fsync_tree, replace_dir, temp_path
+    from mmkernels.models.config import CONFIG_NAME, PREPROCESSING_NAME, saved_config, write_plain_json
+    from mmkernels.utils.atomic import new_dir
 
     prep = preprocessing or {}
     if batch is None:
         batch = example_batch(model, int(prep.get("max_text_len", 24)),
                               int(float(prep.get("max_audio_seconds", 1.0)) * int(prep.get("sample_rate", 8000))))
     program = export_model(model, batch)
-    path = os.path.abspath(path)
-    tmp = temp_path(path)
-    if os.path.lexists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    try:
+    with new_dir(path) as tmp:
         save_program(program, os.path.join(tmp, PROGRAM_NAME))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        cfg = asdict(model.config)
-        if hasattr(model, "text"):
-            cfg["bert_config"] = model.text.config.to_dict()
-        for name, obj in ((CONFIG_NAME, {"model_type": "mmkernels-fusion", **cfg}), (PREPROCESSING_NAME, prep)):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=1, default=str)
-        fsync_tree(tmp)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_plain_json(os.path.join(tmp, CONFIG_NAME), saved_config(model))
+        write_plain_json(os.path.join(tmp, PREPROCESSING_NAME), prep)
     return program
 
 

@@ -3,10 +3,7 @@ others on `cross_modal_attention`) -> masked mean pooling -> Gated Multimodal Un
 -> head (answer / classification on the fused vector, or token classification on text tokens)."""
 from __future__ import annotations
 
-import json
 import os
-import shutil
-from dataclasses import asdict
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -15,12 +12,13 @@ import torch.nn.functional as F
 
 # the config and the files of a saved folder: config.py (read without the model's code)
 from mmkernels.models.config import (ALL_MODALITIES, CONFIG_NAME, PREPROCESSING_NAME, WEIGHTS_NAME,  # noqa: F401
-                                     ModelConfig, load_preprocessing, read_config)
+                                     ModelConfig, load_preprocessing, read_config, saved_config,
+                                     write_plain_json)
 from mmkernels.models.encoders import AudioEncoder, ImageEncoder
 from mmkernels.models.text import apply_finetune_policy, build_text_encoder
 from mmkernels.nn.attention import CrossModalBlock
 from mmkernels.nn.fusion import GatedMultimodalUnit
-from mmkernels.utils.atomic import fsync_tree, replace_dir, temp_path
+from mmkernels.utils.atomic import new_dir
 
 
 def pool(m: str, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -195,30 +193,17 @@ class FusionModel(nn.Module):
     def save_pretrained(self, path: str, preprocessing: Optional[dict] = None, tokenizer=None):
         """Config JSON + safetensors weights; with `preprocessing` (see PREPROCESSING_NAME) and the
         `tokenizer`, the folder holds everything a server needs to prepare inputs as in training.
-        Written to a temporary folder beside `path` (plain writes), fsynced once (atomic.fsync_tree),
-        then swapped in whole (atomic.replace_dir)."""
+        Written to a temporary folder beside `path` (plain writes), fsynced once and swapped in whole
+        (utils.atomic.new_dir)."""
         from safetensors.torch import save_file
-        path = os.path.abspath(path)
-        tmp = temp_path(path)
-        if os.path.lexists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-        try:
+        with new_dir(path) as tmp:
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if preprocessing is not None:
-                _write_json(os.path.join(tmp, PREPROCESSING_NAME), preprocessing)
-            cfg = asdict(self.config)
-            if hasattr(self, "text"):
-                cfg["bert_config"] = self.text.config.to_dict()
+                write_plain_json(os.path.join(tmp, PREPROCESSING_NAME), preprocessing)
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})  # streamed to the file
-            _write_json(os.path.join(tmp, CONFIG_NAME), {"model_type": "mmkernels-fusion", **cfg})
-            fsync_tree(tmp)
-            replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            write_plain_json(os.path.join(tmp, CONFIG_NAME), saved_config(self))
 
     @classmethod
     def from_pretrained(cls, path: str, kernel_backend: Optional[str] = "keep", map_location="cpu") -> "FusionModel":
@@ -237,9 +222,3 @@ class FusionModel(nn.Module):
             raise ValueError(f"corrupt weights file {w_path}: {e}") from e
         model.load_state_dict(state)
         return model
-
-
-def _write_json(path: str, obj) -> None:
-    """A plain write: the files of save_pretrained's temporary folder are fsynced together afterwards."""
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, default=str)

@@ -3,11 +3,12 @@ never half of one. Temporary names are `.NAME.tmp.PID` (being written) and `.NAM
 being replaced); `remove_stale_temp` clears what a killed process left behind."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)\.(?P<pid>\d+)$")
 
@@ -88,6 +89,25 @@ def replace_dir(src: str, dst: str) -> None:
     fsync_dir(parent)
     if old is not None:
         shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
+
+
+@contextlib.contextmanager
+def new_dir(path: str) -> Iterator[str]:
+    """A temporary folder beside `path` to fill with plain writes; when the block ends its files are
+    fsynced once (fsync_tree) and it replaces `path` whole (replace_dir); on an error (a
+    KeyboardInterrupt too) it is removed and `path` is left as it was."""
+    path = os.path.abspath(path)
+    tmp = temp_path(path)
+    if os.path.lexists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _alive(pid: int) -> bool:
