@@ -162,6 +162,7 @@ setup(
             "mmkernels-train = mmkernels.train.cli:train_main",
             "mmkernels-eval = mmkernels.train.cli:eval_main",
             "mmkernels-predict = mmkernels.train.cli:predict_main",
+            "mmkernels-speakers = mmkernels.train.speakers:main",
             "mmkernels-build-data = mmkernels.data.build:main",
             "mmkernels-info = mmkernels.info:main",
         ]

@@ -42,6 +42,13 @@ class AVMNISTConfig:
     images_test: int = 2000
     max_audio_seconds: float = 1.0
     speech_dir: Optional[str] = None   # FSDD-format recordings instead of synthetic speech
+    # with speech_dir: the speaker whose recordings are the test split (leave-one-speaker-out); the other
+    # speakers train, with their last takes of each digit (val_takes of them) held out for validation.
+    # None: the speakers are split disjointly train/val/test.
+    test_speaker: Optional[str] = None
+    val_takes: float = 0.1              # fraction of each (speaker, digit)'s takes held out (test_speaker set)
+    synthetic_speakers: int = 0         # with speech_dir: eSpeak NG speakers added to the training clips
+    synthetic_accents: bool = False     # those speakers also from voices of other languages (speech.ACCENT_LANGUAGES)
 
     def key(self) -> str:
         d = asdict(self)
@@ -118,6 +125,66 @@ def _pad_clips(clips: List[np.ndarray], max_len: int):
     return audio, lengths
 
 
+def _speech_pools(cfg: AVMNISTConfig, rng: np.random.Generator, progress: bool):
+    """{split: [(clip, digit, speaker)]} for train/val/test: synthetic speakers split disjointly, or
+    recordings (speakers split disjointly, or one test speaker and held-out takes of the others),
+    optionally with synthetic speakers added to the training clips."""
+    from tqdm.auto import tqdm
+
+    if not cfg.speech_dir:
+        return _synthetic_pools(cfg, rng, progress)
+    by_spk = speech.scan_fsdd(cfg.speech_dir)
+    if cfg.test_speaker is None:
+        spl = speech.split_speakers(list(by_spk), seed=cfg.seed)
+        items = [(s, spk, d, p) for s in ("train", "val", "test") for spk in spl[s] for d, p in by_spk[spk]]
+    else:
+        if cfg.test_speaker not in by_spk:
+            raise ValueError(f"data.test_speaker {cfg.test_speaker!r} has no recordings in {cfg.speech_dir} "
+                             f"(speakers: {', '.join(sorted(by_spk))})")
+        if len(by_spk) < 2:
+            raise ValueError(f"data.test_speaker needs recordings of at least one other speaker in {cfg.speech_dir}")
+        items = [("test", cfg.test_speaker, d, p) for d, p in by_spk[cfg.test_speaker]]
+        for spk in sorted(by_spk):
+            if spk != cfg.test_speaker:
+                held = speech.held_out_takes(by_spk[spk], cfg.val_takes)
+                items += [("val" if p in held else "train", spk, d, p) for d, p in by_spk[spk]]
+    pools = {s: [] for s in ("train", "val", "test")}
+    for s, spk, d, p in tqdm(items, desc="loading recordings", disable=not progress):
+        pools[s].append((speech.load_audio(p), d, spk))
+    if cfg.synthetic_speakers:
+        voice_rng = np.random.default_rng([cfg.seed, 1])  # the sample draws stay those without synthetic voices
+        languages = speech.ESPEAK_LANGUAGES + (speech.ACCENT_LANGUAGES if cfg.synthetic_accents else [])
+        speakers = speech.make_speakers(cfg.synthetic_speakers, speech.espeak_voices(languages), voice_rng)
+        jobs = [(speech.DIGIT_WORDS[d], spk) for spk in speakers for d in range(10)]
+        wavs = speech.synthesize_many(jobs, progress=progress)
+        pools["train"] += [(w, d % 10, jobs[d][1].name) for d, w in enumerate(wavs)]
+    for s, pool in pools.items():
+        if not pool:
+            raise ValueError(f"no recordings for the {s} split in {cfg.speech_dir}")
+    return pools
+
+
+def _synthetic_pools(cfg: AVMNISTConfig, rng: np.random.Generator, progress: bool):
+    """Synthetic speakers from disjoint sets of eSpeak NG voices per split."""
+    voices = speech.espeak_voices()
+    order = rng.permutation(len(voices))
+    n_tr = int(0.7 * len(voices)); n_va = int(0.12 * len(voices))
+    vsplit = {"train": [voices[i] for i in order[:n_tr]],
+              "val": [voices[i] for i in order[n_tr:n_tr + n_va]],
+              "test": [voices[i] for i in order[n_tr + n_va:]]}
+    nspk = {"train": cfg.speakers_train, "val": cfg.speakers_val, "test": cfg.speakers_test}
+    jobs = []
+    for s in ("train", "val", "test"):
+        for spk in speech.make_speakers(nspk[s], vsplit[s], rng):
+            for d in range(10):
+                jobs.append((s, spk, d))
+    wavs = speech.synthesize_many([(speech.DIGIT_WORDS[d], spk) for _, spk, d in jobs], progress=progress)
+    pools = {s: [] for s in ("train", "val", "test")}
+    for (s, spk, d), w in zip(jobs, wavs):
+        pools[s].append((w, d, spk.name))
+    return pools
+
+
 def build_avmnist(cfg: AVMNISTConfig, cache_dir: Optional[str] = None, progress: bool = True,
                   force: bool = False) -> str:
     """Build (or reuse) the data set; returns the folder holding `{split}.pt` and `meta.json`."""
@@ -133,35 +200,7 @@ def build_avmnist(cfg: AVMNISTConfig, cache_dir: Optional[str] = None, progress:
     mnist = load_mnist()
     max_len = int(cfg.max_audio_seconds * speech.SAMPLE_RATE)
 
-    # ---- speech clip pools per split (disjoint speakers)
-    pools = {}
-    if cfg.speech_dir:
-        by_spk = speech.scan_fsdd(cfg.speech_dir)
-        spl = speech.split_speakers(list(by_spk), seed=cfg.seed)
-        items = [(s, spk, d, p) for s in ("train", "val", "test") for spk in spl[s] for d, p in by_spk[spk]]
-        clips = {s: [] for s in ("train", "val", "test")}
-        for s, spk, d, p in tqdm(items, desc="loading recordings", disable=not progress):
-            clips[s].append((speech.load_audio(p), d, spk))
-        for s in clips:
-            pools[s] = clips[s]
-    else:
-        voices = speech.espeak_voices()
-        order = rng.permutation(len(voices))
-        n_tr = int(0.7 * len(voices)); n_va = int(0.12 * len(voices))
-        vsplit = {"train": [voices[i] for i in order[:n_tr]],
-                  "val": [voices[i] for i in order[n_tr:n_tr + n_va]],
-                  "test": [voices[i] for i in order[n_tr + n_va:]]}
-        nspk = {"train": cfg.speakers_train, "val": cfg.speakers_val, "test": cfg.speakers_test}
-        jobs = []
-        for s in ("train", "val", "test"):
-            for spk in speech.make_speakers(nspk[s], vsplit[s], rng):
-                for d in range(10):
-                    jobs.append((s, spk, d))
-        wavs = speech.synthesize_many([(speech.DIGIT_WORDS[d], spk) for _, spk, d in jobs], progress=progress)
-        pools = {s: [] for s in ("train", "val", "test")}
-        for (s, spk, d), w in zip(jobs, wavs):
-            pools[s].append((w, d, spk.name))
-
+    pools = _speech_pools(cfg, rng, progress)
     templates = all_templates()
     img_src = {"train": mnist[0], "val": mnist[1], "test": mnist[2]}
     n_img = {"train": cfg.images_train, "val": cfg.images_val, "test": cfg.images_test}

@@ -21,6 +21,8 @@ DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 # English voices of eSpeak NG; each combined with a voice variant (!v) makes a "voice".
 ESPEAK_LANGUAGES = ["en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029",
                     "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc"]
+# Voices of other languages speaking the English digit words: foreign accents, as real speakers have.
+ACCENT_LANGUAGES = ["de", "fr", "fr-be", "el", "nl", "es", "it", "pt", "pl", "ru", "hi", "sv"]
 # Variants that are unintelligible or not speech-like are left out.
 _EXCLUDED_VARIANTS = {"Demonic", "UniRobot", "anikaRobot", "croak", "whisper", "whisperf",
                       "Tweaky", "shelby", "RicishayMax", "RicishayMax2", "RicishayMax3", "kaukovalta"}
@@ -141,12 +143,13 @@ class EspeakSynth:
         return normalize(trim_silence(resample(x, self.sample_rate)))
 
 
-def espeak_voices() -> List[Tuple[str, str]]:
-    """All (language, variant) English voices of the installed eSpeak NG data, in a fixed order."""
+def espeak_voices(languages: Sequence[str] = ESPEAK_LANGUAGES) -> List[Tuple[str, str]]:
+    """All (language, variant) voices of the installed eSpeak NG data for `languages` (default: the English
+    ones; ACCENT_LANGUAGES read the English digit words with another language's sounds), in a fixed order."""
     loader = _require("espeakng_loader", "espeakng-loader")
     vdir = os.path.join(loader.get_data_path(), "voices", "!v")
     variants = sorted(v for v in os.listdir(vdir) if " " not in v and v not in _EXCLUDED_VARIANTS)
-    return [(lang, var) for lang in ESPEAK_LANGUAGES for var in variants]
+    return [(lang, var) for lang in languages for var in variants]
 
 
 def make_speakers(n: int, voices: Sequence[Tuple[str, str]], rng: np.random.Generator) -> List[Speaker]:
@@ -244,6 +247,21 @@ def scan_fsdd(speech_dir: str) -> Dict[str, List[Tuple[int, str]]]:
     if not out:
         raise ValueError(f"no FSDD-format recordings ({{digit}}_{{speaker}}_{{take}}.wav) in {speech_dir}")
     return out
+
+
+def held_out_takes(items: Sequence[Tuple[int, str]], fraction: float) -> set:
+    """The paths of one speaker's held-out takes: of each digit, the highest-numbered `fraction` of its
+    takes (at least one where the digit has two or more), from `{digit}_{speaker}_{take}.wav` names."""
+    by_digit: Dict[int, List[Tuple[int, str]]] = {}
+    for d, p in items:
+        m = _FSDD_RE.match(os.path.basename(p))
+        by_digit.setdefault(d, []).append((int(m.group(3)) if m else 0, p))
+    held = set()
+    for takes in by_digit.values():
+        takes.sort()
+        n = min(len(takes) - 1, max(1, int(round(fraction * len(takes))))) if fraction > 0 else 0
+        held.update(p for _, p in takes[len(takes) - n:] if n > 0)
+    return held
 
 
 def split_speakers(speakers: Sequence[str], fractions=(0.6, 0.2, 0.2), seed: int = 0) -> Dict[str, List[str]]:

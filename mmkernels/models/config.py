@@ -35,6 +35,13 @@ class ModelConfig:
     image_layers: int = 0
     audio_layers: int = 1
     n_mels: int = 40
+    audio_frontend: str = "conv1d"      # conv1d (over time, mel bins as channels) | conv2d (over time and frequency)
+    # audio augmentation in training (mmkernels/models/augment.py); none in eval, so a saved model serves as trained
+    audio_speed_perturb: float = 0.0    # waveform resampled by a factor in [1 - x, 1 + x]
+    audio_pitch_perturb: float = 0.0    # mel axis warped by a factor in [1 - x, 1 + x]
+    audio_noise_snr: float = 0.0        # white noise at an SNR in [x, x + 30] dB; 0: none
+    audio_time_masks: int = 0           # SpecAugment time masks per clip
+    audio_freq_masks: int = 0           # SpecAugment frequency masks per clip
     gmu_hidden: int = 128
     task: str = "answer"                # answer | classification | token_classification
     num_labels: int = 21
@@ -48,9 +55,13 @@ class ModelConfig:
                   "n_mels", "gmu_hidden", "num_labels"):
             if not getattr(self, k) >= 1:
                 raise ValueError(f"model.{k} must be >= 1, got {getattr(self, k)!r}")
-        for k in ("fusion_layers", "image_layers", "audio_layers", "text_top_k", "aux_digit_loss"):
+        for k in ("fusion_layers", "image_layers", "audio_layers", "text_top_k", "aux_digit_loss", "audio_noise_snr",
+                  "audio_time_masks", "audio_freq_masks"):
             if not getattr(self, k) >= 0:  # NaN too
                 raise ValueError(f"model.{k} must be >= 0, got {getattr(self, k)!r}")
+        for k in ("audio_speed_perturb", "audio_pitch_perturb"):
+            if not 0 <= getattr(self, k) < 0.5:
+                raise ValueError(f"model.{k} must be in [0, 0.5), got {getattr(self, k)!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
         if self.d_model % self.num_heads:
@@ -58,6 +69,8 @@ class ModelConfig:
         bad = [m for m in self.modalities if m not in ALL_MODALITIES]
         if bad or not self.modalities:
             raise ValueError(f"model.modalities must be a non-empty subset of {list(ALL_MODALITIES)}, got {self.modalities}")
+        if self.audio_frontend not in ("conv1d", "conv2d"):
+            raise ValueError(f"model.audio_frontend must be 'conv1d' or 'conv2d', got {self.audio_frontend!r}")
         if "text" not in self.modalities and self.task == "token_classification":
             raise ValueError("model.task token_classification needs the text modality")
         if self.task not in ("answer", "classification", "token_classification"):

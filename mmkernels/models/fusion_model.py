@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from mmkernels.models.config import (ALL_MODALITIES, CONFIG_NAME, PREPROCESSING_NAME, WEIGHTS_NAME,  # noqa: F401
                                      ModelConfig, load_preprocessing, read_config, saved_config,
                                      write_plain_json)
+from mmkernels.models.augment import AudioAugmentation
 from mmkernels.models.encoders import AudioEncoder, ImageEncoder
 from mmkernels.models.text import apply_finetune_policy, build_text_encoder
 from mmkernels.nn.attention import CrossModalBlock
@@ -48,7 +49,10 @@ class FusionModel(nn.Module):
         if "image" in self.modalities:
             self.image = ImageEncoder(d, c.image_channels, c.image_layers, c.num_heads, c.dropout, backend=be)
         if "audio" in self.modalities:
-            self.audio = AudioEncoder(d, c.n_mels, c.audio_layers, c.num_heads, c.dropout, backend=be)
+            augmentation = AudioAugmentation(c.audio_speed_perturb, c.audio_pitch_perturb, c.audio_noise_snr,
+                                             c.audio_time_masks, c.audio_freq_masks)
+            self.audio = AudioEncoder(d, c.n_mels, c.audio_layers, c.num_heads, c.dropout, backend=be,
+                                      augmentation=augmentation, frontend=c.audio_frontend)
         M = len(self.modalities)
         self.fusion = nn.ModuleList()
         if M > 1:

@@ -23,11 +23,14 @@ def prepare_data_dir(cfg: Config, progress: bool = True) -> Optional[str]:
     if cfg.data.data_dir:
         return cfg.data.data_dir
     out = None
-    if is_main():
-        out = build_avmnist(data_config_of(cfg), cache_dir=cfg.data.cache_dir, progress=progress)
-    barrier()
-    if out is None:
-        out = build_avmnist(data_config_of(cfg), cache_dir=cfg.data.cache_dir, progress=False)
+    try:
+        if is_main():
+            out = build_avmnist(data_config_of(cfg), cache_dir=cfg.data.cache_dir, progress=progress)
+        barrier()
+        if out is None:
+            out = build_avmnist(data_config_of(cfg), cache_dir=cfg.data.cache_dir, progress=False)
+    except ValueError as e:  # the data settings name something the sources do not have (no recordings, speaker)
+        raise ConfigError(str(e)) from e
     return out
 
 
