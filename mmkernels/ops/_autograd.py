@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 import torch
+import torch.utils._pytree as pytree
 
 # Each op's `register(fwd_name, bwd_name)` (fake kernels + autograd), by op name. The op modules
 # fill it at import; the triton load step (_load_triton.py) applies it to the Triton ops without
@@ -23,3 +24,44 @@ def forbid_double_backward(bwd_name: str, op: str) -> None:
         )
 
     torch.library.register_autograd(f"mmkernels::{bwd_name}", backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+class _EagerFused(torch.autograd.Function):
+    """A registered op and its registered autograd formula (setup_context, backward) under a plain
+    torch.autograd.Function, over the op's inputs flattened (lists of tensors become arguments)."""
+
+    @staticmethod
+    def forward(ctx, spec, *flat):
+        op, setup_context, backward, treespec = spec
+        inputs = pytree.tree_unflatten(list(flat), treespec)
+        with torch._C._AutoDispatchBelowAutograd():  # the op's own autograd wrapper is what this replaces
+            output = op(*inputs)
+        setup_context(ctx, inputs, output)
+        ctx.eager_spec = spec
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _, _, backward, treespec = ctx.eager_spec
+        flat, _ = pytree.tree_flatten(backward(ctx, *grads), is_leaf=_is_none)
+        return (None, *flat)
+
+
+def eager_autograd_applies(*tensors) -> bool:
+    """True in plain eager autograd: grad mode on, an input that requires grad, plain tensors, no
+    torch.compile / export tracing, no functorch transform. There the registered op runs under a
+    torch.autograd.Function (about 10 us a call) instead of the dispatcher's autograd wrapper of a
+    torch.library op (about 50 us): the same kernels and formula, the gradients bit for bit."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return any(t.requires_grad for t in tensors) and all(type(t) is torch.Tensor for t in tensors)
+
+
+def call_with_eager_autograd(op, setup_context, backward, inputs):
+    """op(*inputs) with its registered formula, through _EagerFused (see eager_autograd_applies)."""
+    flat, treespec = pytree.tree_flatten(inputs, is_leaf=_is_none)
+    return _EagerFused.apply((op, setup_context, backward, treespec), *flat)

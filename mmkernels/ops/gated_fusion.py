@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from mmkernels import backends, reference
-from mmkernels.ops._autograd import REGISTER, forbid_double_backward
+from mmkernels.ops._autograd import REGISTER, call_with_eager_autograd, eager_autograd_applies, forbid_double_backward
 from mmkernels.ops._checks import check_dtype, check_same_device
 
 ACTIVATIONS = {"tanh": 0, "identity": 1}
@@ -76,13 +76,16 @@ def make_backward(bwd_op):
     return backward
 
 
+# fwd op name -> its registered backward formula, for the eager autograd path (_autograd.call_with_eager_autograd)
+_BACKWARD = {}
+
+
 def register(fwd_name: str, bwd_name: str) -> None:
     torch.library.register_fake(f"mmkernels::{fwd_name}")(_fake_fwd)
     torch.library.register_fake(f"mmkernels::{bwd_name}")(_fake_bwd)
     bwd_op = getattr(torch.ops.mmkernels, bwd_name)
-    torch.library.register_autograd(
-        f"mmkernels::{fwd_name}", make_backward(bwd_op), setup_context=_setup_context
-    )
+    _BACKWARD[fwd_name] = make_backward(bwd_op)
+    torch.library.register_autograd(f"mmkernels::{fwd_name}", _BACKWARD[fwd_name], setup_context=_setup_context)
     forbid_double_backward(bwd_name, "gated_fusion")
 
 
@@ -114,15 +117,20 @@ def gated_fusion(
     if name == "triton":
         from mmkernels.ops import _load_triton  # noqa: F401  (the backend's load step, once)
 
-        op = torch.ops.mmkernels.triton_gated_fusion_fwd
+        fwd_name = "triton_gated_fusion_fwd"
     else:
-        op = torch.ops.mmkernels.gated_fusion_fwd
+        fwd_name = "gated_fusion_fwd"
+    op = getattr(torch.ops.mmkernels, fwd_name)
     M, H = features.shape[0], features.shape[-1]
     lead = features.shape[1:-1]
     f3 = features.reshape(M, -1, H).contiguous()
     l3 = gate_logits.reshape(M, -1, H).contiguous()
     p2 = None if present is None else present.reshape(M, -1).contiguous()
-    fused, gates = op(f3, l3, p2, ACTIVATIONS[activation], bool(return_gates))
+    inputs = (f3, l3, p2, ACTIVATIONS[activation], bool(return_gates))
+    if eager_autograd_applies(f3, l3):
+        fused, gates = call_with_eager_autograd(op, _setup_context, _BACKWARD[fwd_name], inputs)
+    else:
+        fused, gates = op(*inputs)
     fused = fused.reshape(*lead, H)
     if return_gates:
         return fused, gates.reshape(features.shape)
