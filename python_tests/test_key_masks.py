@@ -46,6 +46,9 @@ def _random_masks(g, B, Lks, pattern):
     for L in Lks:
         if pattern == "random":
             m = torch.rand(B, L, generator=g) < torch.rand(B, 1, generator=g)
+        elif pattern == "right_pad":  # an encoder's padding mask: the first n keys valid (the CPU kernel makes it a length)
+            n = torch.randint(0, L + 1, (B, 1), generator=g)
+            m = torch.arange(L)[None, :] < n
         elif pattern == "left_pad":  # transformers' left padding: the last n keys valid
             n = torch.randint(0, L + 1, (B, 1), generator=g)
             m = torch.arange(L)[None, :] >= L - n
@@ -75,7 +78,7 @@ def mask_case(draw):
                 Hkv=draw(st.integers(1, 2)), G=draw(st.sampled_from([1, 2])),
                 D=draw(st.sampled_from([1, 8, 17])), Dv=draw(st.sampled_from([3, 8])),
                 Lks=draw(st.lists(st.integers(0, 300), min_size=M, max_size=M)),
-                pattern=draw(st.sampled_from(["random", "left_pad", "holes", "none_valid", "all_valid"])),
+                pattern=draw(st.sampled_from(["random", "right_pad", "left_pad", "holes", "none_valid", "all_valid"])),
                 lengths=draw(st.booleans()), q_pad=draw(st.booleans()), bias=draw(st.booleans()),
                 gate=draw(st.booleans()), none_entry=draw(st.booleans()), low=draw(st.sampled_from([None, *LOW_PRECISION])),
                 seed=draw(st.integers(0, 2**16)))
@@ -137,6 +140,33 @@ def test_masks_match_reference(backend, device):
             assert_within_rule(out.cpu(), ref, low.cpu())
 
     check()
+
+
+@pytest.mark.parametrize("backend,device", mask_backends())
+@pytest.mark.parametrize("causal", [False, True])
+def test_right_padding_masks_mixed_with_holes(backend, device, causal):
+    """Prefix masks (right padding) in a batch whose other rows have holes, with and without lengths:
+    the CPU kernel reads a prefix mask as a length, except under causal attention, whose offset comes
+    from the lengths and must not move with the masks."""
+    require_backend(backend, device)
+    g = torch.Generator().manual_seed(7)
+    B, Lq, H, D, L = 4, 9, 2, 8, 70
+    q, k, v = (torch.randn(B, n, H, D, generator=g, dtype=torch.float64) for n in (Lq, L, L))
+    mask = torch.arange(L)[None, :] < torch.tensor([[70], [41], [0], [5]])
+    mask[1, 10:20] = False  # a hole: this row keeps its mask
+    for kv_lengths in (None, torch.tensor([[60], [70], [70], [3]])):
+        dtype = _exact(backend, device)
+        q_, k_, v_ = _leaves(dtype, q.to(device), k.to(device), v.to(device))
+        out, lse = mmkernels.cross_modal_attention(q_, [k_], [v_], kv_lengths=None if kv_lengths is None else
+                                                   kv_lengths.to(device), kv_masks=[mask.to(device)], causal=causal,
+                                                   return_lse=True, backend=backend)
+        q64, k64, v64 = _leaves(torch.float64, q, k, v)
+        ref, lse_ref = cross_modal_attention_reference(q64, [k64], [v64], kv_lengths=kv_lengths, kv_masks=[mask],
+                                                       causal=causal, return_lse=True)
+        torch.testing.assert_close(out.double().cpu(), ref, **_tol(dtype))
+        assert torch.equal(lse.isneginf().cpu(), lse_ref.isneginf())
+        for a, b in zip(attention_grads(out, lse, [q_, k_, v_]), attention_grads(ref, lse_ref, [q64, k64, v64])):
+            torch.testing.assert_close(a.double().cpu(), b, **_tol(dtype))
 
 
 # ---------------------------------------------------------------- statements without masks

@@ -27,13 +27,14 @@ struct CrossModalAttentionProblem {
   std::vector<double> bias;     // (Hq*M,) or empty
   std::vector<double> gate_t;   // (Hq,) tanh(head_gate) or empty
   std::vector<at::Tensor> masks;  // (M,) contiguous bool (B, Lk_m), or empty: every key within kv_len
+  std::vector<uint8_t> masked;    // (B*M,) whether the mask of (b, m) is still needed (see fold_prefix_masks)
   bool causal = false;
 
   double bias_at(int64_t h, int64_t m) const { return bias.empty() ? 0.0 : bias[h * M + m]; }
   double gate_at(int64_t h) const { return gate_t.empty() ? 1.0 : gate_t[h]; }
   // Key mask of sample b in segment m (True = attend), or nullptr when there are none.
   const bool* mask_row(int64_t b, int64_t m) const {
-    return masks.empty() ? nullptr : masks[m].data_ptr<bool>() + b * Lk[m];
+    return masks.empty() || !masked[b * M + m] ? nullptr : masks[m].data_ptr<bool>() + b * Lk[m];
   }
   // Number of keys of segment m visible to query i of sample b (before the key mask).
   int64_t visible(int64_t b, int64_t m, int64_t i) const {
@@ -50,6 +51,34 @@ inline std::vector<int64_t> read_lengths(const std::optional<at::Tensor>& t, int
   const int64_t* p = c.data_ptr<int64_t>();
   std::copy(p, p + n, out.begin());
   return out;
+}
+
+// A key mask that keeps a prefix of the keys (right padding, what a padding mask of an encoder is) says
+// no more than a length: it becomes one (kv_len = min(kv_len, prefix)), so that those rows take the
+// length path (blocks past the length skipped, no mask bias added to the scores). Not with causal
+// attention, whose offset comes from the lengths and must not move with the masks.
+inline void fold_prefix_masks(CrossModalAttentionProblem& p) {
+  p.masked.assign(static_cast<size_t>(p.B * p.M), 1);
+  if (p.causal) return;
+  bool any_needed = false;
+  for (int64_t m = 0; m < p.M; ++m) {
+    const bool* base = p.masks[m].data_ptr<bool>();
+    for (int64_t b = 0; b < p.B; ++b) {
+      const bool* row = base + b * p.Lk[m];
+      int64_t prefix = 0;
+      while (prefix < p.Lk[m] && row[prefix]) ++prefix;
+      int64_t j = prefix;
+      while (j < p.Lk[m] && !row[j]) ++j;
+      if (j == p.Lk[m]) {
+        int64_t& kl = p.kv_len[b * p.M + m];
+        kl = std::min(kl, prefix);
+        p.masked[b * p.M + m] = 0;
+      } else {
+        any_needed = true;
+      }
+    }
+  }
+  if (!any_needed) p.masks.clear();
 }
 
 inline CrossModalAttentionProblem make_problem(const at::Tensor& q, at::TensorList keys, at::TensorList values,
@@ -86,6 +115,7 @@ inline CrossModalAttentionProblem make_problem(const at::Tensor& q, at::TensorLi
   } else {
     p.q_len.assign(static_cast<size_t>(p.B), p.Lq);
   }
+  if (!p.masks.empty()) fold_prefix_masks(p);
   if (modality_bias.has_value()) {
     const at::Tensor c = modality_bias->to(at::kCPU, at::kDouble).contiguous();
     p.bias.assign(c.data_ptr<double>(), c.data_ptr<double>() + p.Hq * p.M);
