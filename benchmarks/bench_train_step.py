@@ -61,7 +61,10 @@ def main(argv=None):
         m.set_backend(be)
         models[name] = m
         opts[name] = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4)
-    batch = synthetic_batch(a.batch_size, cfg.data.max_text_len, int(cfg.data.max_audio_seconds * 8000), a.device)
+    # as the trainer feeds it: prepare_batch adds the rows' text keys, so a frozen text encoder runs once per
+    # distinct question (its cache), not every step
+    batch = base.prepare_batch(synthetic_batch(a.batch_size, cfg.data.max_text_len,
+                                               int(cfg.data.max_audio_seconds * 8000)), a.device)
 
     def step(name):
         m, o = models[name], opts[name]
