@@ -196,3 +196,17 @@ def test_tiny_and_jsonl_test_runs_share_their_train_settings():
         assert getattr(tiny, k) == getattr(js, k) == v, k
     assert (tiny.ckpt_every, tiny.eval_batch_size) == (3, 32) and js.eval_batch_size == 64
     assert train_of(tiny_overrides("c", "out", lr=0.5)).lr == train_of(jsonl_overrides(files, "out", lr=0.5)).lr == 0.5
+
+
+def test_shipped_configs_load():
+    """Every config in configs/ names only known keys with values of their types."""
+    import glob
+    import os
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+    files = sorted(glob.glob(os.path.join(root, "*.yaml")))
+    assert len(files) >= 5
+    for f in files:
+        cfg = load_config(f)
+        assert cfg.train.output_dir.startswith("runs/"), f
+    sp = load_config(os.path.join(root, "speakers.yaml"))
+    assert sp.data.test_speaker and sp.data.speech_dir and sp.model.audio_frontend == "conv2d"

@@ -96,6 +96,9 @@ def run_folds(config_path: Optional[str], overrides: List[str], speakers: Option
     base = load_config(config_path, overrides)
     if not base.data.speech_dir:
         raise ConfigError("leave-one-speaker-out needs recorded speech: set data.speech_dir")
+    if not os.path.isdir(base.data.speech_dir):
+        raise ConfigError(f"data.speech_dir: {base.data.speech_dir} is not a folder (recordings named "
+                          "{digit}_{speaker}_{take}.wav, as the Free Spoken Digit Dataset's; set data.speech_dir=PATH)")
     found = sorted(scan_fsdd(base.data.speech_dir))
     if len(found) < 2:
         raise ConfigError(f"leave-one-speaker-out needs at least 2 speakers in {base.data.speech_dir}, found {found}")
