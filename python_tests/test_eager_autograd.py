@@ -85,6 +85,16 @@ def test_gated_fusion_same_as_the_registered_op(monkeypatch):
     assert torch.equal(out, ref) and all(torch.equal(x, y) for x, y in zip(ga, gd))
 
 
+def test_parameters_take_the_function_path(monkeypatch):
+    """A model passes its gate and bias parameters as they are (nn.Parameter, a tensor subclass)."""
+    calls = _count_eager(monkeypatch)
+    q = torch.randn(2, 3, 2, 8, requires_grad=True)
+    k = torch.randn(2, 4, 2, 8)
+    gate = torch.nn.Parameter(torch.randn(2))
+    mmkernels.cross_modal_attention(q, [k], [k], head_gate=gate, backend="cpu").sum().backward()
+    assert len(calls) == 1 and gate.grad is not None and q.grad is not None
+
+
 def test_registered_op_where_the_function_does_not_apply(monkeypatch):
     calls = _count_eager(monkeypatch)
     q = torch.randn(2, 3, 2, 8, requires_grad=True)

@@ -51,14 +51,18 @@ class _EagerFused(torch.autograd.Function):
         return (None, *flat)
 
 
+# tensors and parameters; not the subclasses of tracing (fake or functional tensors) or of users
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def eager_autograd_applies(*tensors) -> bool:
-    """True in plain eager autograd: grad mode on, an input that requires grad, plain tensors, no
+    """True in plain eager autograd: grad mode on, an input that requires grad, plain tensors (or parameters), no
     torch.compile / export tracing, no functorch transform. There the registered op runs under a
     torch.autograd.Function (about 10 us a call) instead of the dispatcher's autograd wrapper of a
     torch.library op (about 50 us): the same kernels and formula, the gradients bit for bit."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
-    return any(t.requires_grad for t in tensors) and all(type(t) is torch.Tensor for t in tensors)
+    return any(t.requires_grad for t in tensors) and all(type(t) in _PLAIN_TENSORS for t in tensors)
 
 
 def call_with_eager_autograd(op, setup_context, backward, inputs):
