@@ -1,28 +1,22 @@
 """FSDD-format real speech: loader, disjoint speaker split, data set built from recordings."""
 import os
-import wave
 
 import numpy as np
 import pytest
 
 from mmkernels.data import speech
+from utils import write_wav
 
 FSDD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fsdd")
 FSDD = os.environ.get("MMKERNELS_FSDD", FSDD if os.path.isdir(FSDD) else "/work/shared/data/fsdd")
 needs_fsdd = pytest.mark.skipif(not os.path.isdir(FSDD), reason="FSDD recordings not present")
 
 
-def _write_wav(path, x, sr=8000):
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1); w.setsampwidth(2); w.setframerate(sr)
-        w.writeframes((np.clip(x, -1, 1) * 32767).astype(np.int16).tobytes())
-
-
 def test_scan_and_split_synthetic_folder(tmp_path):
     t = np.arange(4000) / 8000
     for spk in ("ann", "bob", "cid", "dan", "eve"):
         for d in range(10):
-            _write_wav(tmp_path / f"{d}_{spk}_0.wav", 0.5 * np.sin(2 * np.pi * (200 + 50 * d) * t))
+            write_wav(tmp_path / f"{d}_{spk}_0.wav", 0.5 * np.sin(2 * np.pi * (200 + 50 * d) * t))
     (tmp_path / "README.md").write_text("not a recording")
     by = speech.scan_fsdd(str(tmp_path))
     assert sorted(by) == ["ann", "bob", "cid", "dan", "eve"] and all(len(v) == 10 for v in by.values())
@@ -34,7 +28,7 @@ def test_scan_and_split_synthetic_folder(tmp_path):
 
 
 def test_wav_resampled_and_malformed(tmp_path):
-    _write_wav(tmp_path / "a.wav", 0.3 * np.sin(np.arange(16000) / 5), sr=16000)
+    write_wav(tmp_path / "a.wav", 0.3 * np.sin(np.arange(16000) / 5), sr=16000)
     assert abs(len(speech.load_audio(str(tmp_path / "a.wav"))) - 8000) < 200
     (tmp_path / "bad.wav").write_bytes(b"RIFF0000WAVEjunk")
     with pytest.raises(ValueError, match="malformed WAV file .*bad.wav"):

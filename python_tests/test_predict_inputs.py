@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import wave
 
 import numpy as np
 import pytest
@@ -16,18 +15,9 @@ pytest.importorskip("mnist")
 pytest.importorskip("transformers")
 
 from train_fixtures import jsonl_overrides, write_digit_jsonl  # noqa: E402
+from utils import write_wav  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def write_wav(path, x, sr, channels=1, width=2):
-    x = np.repeat(np.asarray(x, np.float64)[:, None], channels, 1)
-    scale = {1: 127, 2: 32767, 4: 2 ** 31 - 1}[width]
-    data = np.clip(x, -1, 1) * scale
-    data = (data + 128).astype(np.uint8) if width == 1 else data.astype({2: np.int16, 4: np.int32}[width])
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(channels), f.setsampwidth(width), f.setframerate(sr)
-        f.writeframes(data.tobytes())
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,7 @@
 the leave-one-speaker-out runner (mmkernels-speakers), on a folder of FSDD-format tone recordings."""
 import json
 import os
-import subprocess
 import sys
-import wave
 
 import numpy as np
 import pytest
@@ -12,16 +10,11 @@ import pytest
 from mmkernels.data import speech
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_fixtures import TINY_MODEL, TINY_TRAIN  # noqa: E402
+from train_fixtures import TINY_MODEL, TINY_TRAIN, run_cli  # noqa: E402
+from utils import write_wav  # noqa: E402
 
 SPEAKERS = ("ann", "bob", "cid")
 TAKES = 6
-
-
-def _write_wav(path, x, sr=8000):
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1); w.setsampwidth(2); w.setframerate(sr)
-        w.writeframes((np.clip(x, -1, 1) * 32767).astype(np.int16).tobytes())
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +26,7 @@ def tone_folder(tmp_path_factory):
         for digit in range(10):
             for take in range(TAKES):
                 x = 0.5 * np.sin(2 * np.pi * (180 + 60 * digit + 7 * si) * t) + 0.02 * rng.standard_normal(len(t))
-                _write_wav(d / f"{digit}_{spk}_{take}.wav", x)
+                write_wav(d / f"{digit}_{spk}_{take}.wav", x)
     return str(d)
 
 
@@ -80,12 +73,6 @@ def test_synthetic_voices_join_training_only(tone_folder, tmp_path):
         assert set(load_split(os.path.join(d, f"{s}.pt"))["speakers"]) <= set(SPEAKERS)
 
 
-def _cli(args, cwd):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
-
-
 def _tiny(tone_folder, tmp_path):
     train = {**TINY_TRAIN, "final_eval": True, "epochs": 1, "output_dir": str(tmp_path / "loso")}
     return (["data.n_train=48", "data.n_val=16", "data.n_test=32", "data.images_train=300", "data.images_val=100",
@@ -95,12 +82,30 @@ def _tiny(tone_folder, tmp_path):
 
 def test_unknown_test_speaker_is_one_error_line(tone_folder, tmp_path):
     pytest.importorskip("mnist")
-    r = _cli(["mmkernels.train", *_tiny(tone_folder, tmp_path), "data.test_speaker=zed"], str(tmp_path))
+    r = run_cli([*_tiny(tone_folder, tmp_path), "data.test_speaker=zed"])
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: data.test_speaker 'zed'") and "ann, bob, cid" in r.stderr
-    r = _cli(["mmkernels.train.speakers", "--config", "", "--speakers", "ann,zed", *_tiny(tone_folder, tmp_path)],
-             str(tmp_path))
+    r = run_cli(["--config", "", "--speakers", "ann,zed", *_tiny(tone_folder, tmp_path)], module="mmkernels.train.speakers")
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --speakers: no recordings of zed"), r.stderr
+
+
+def test_data_set_settings_checked_everywhere(tone_folder, tmp_path, capsys):
+    """The data set's own settings are checked by the data set (mmkernels-build-data too), and the
+    boolean ones are switches there."""
+    from mmkernels.data import build
+    from mmkernels.data.avmnist import AVMNISTConfig
+    with pytest.raises(ValueError, match="synthetic_speakers adds synthetic voices"):
+        AVMNISTConfig(synthetic_speakers=5)
+    with pytest.raises(ValueError, match="val_takes"):
+        AVMNISTConfig(speech_dir=tone_folder, test_speaker="ann", val_takes=0)
+    assert build.main(["--synthetic-speakers", "5", "--cache-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: synthetic_speakers adds synthetic voices")
+    assert build.main(["--no-synthetic-accents", "--synthetic-accents", "--cache-dir", str(tmp_path)]) == 2
+    assert "set speech_dir" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cli(["--config", "", f"data.speech_dir={empty}"], module="mmkernels.train.speakers")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: no FSDD-format recordings"), r.stderr
 
 
 def test_leave_one_speaker_out(tone_folder, tmp_path):

@@ -13,16 +13,7 @@ pytest.importorskip("espeakng_loader")
 pytest.importorskip("mnist")
 pytest.importorskip("transformers")
 
-from train_fixtures import tiny_overrides  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_cli(args, env=None, module="mmkernels.train"):
-    e = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", module] + args, cwd=ROOT, env=e, capture_output=True, text=True,
-                          timeout=600)
+from train_fixtures import ROOT, run_cli, tiny_overrides  # noqa: E402
 
 
 def weights(run_dir):

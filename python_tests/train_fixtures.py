@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 from typing import List, NamedTuple
 
@@ -117,3 +118,14 @@ def jsonl_overrides(files: dict, output_dir: str, **train) -> List[str]:
     return ["data.dataset=jsonl", "model.task=classification", "model.aux_digit_loss=0.0"] + \
         [f"data.{s}_file={p}" for s, p in files.items()] + \
         [o for o in TINY_MODEL if not o.startswith("model.aux")] + [f"train.{k}={v}" for k, v in t.items()]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(args, env=None, module="mmkernels.train"):
+    """A CLI of the package in a fresh process (one thread), from the repository root."""
+    e = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", module] + args, cwd=ROOT, env=e, capture_output=True, text=True,
+                          timeout=600)

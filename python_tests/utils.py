@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import wave
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +153,14 @@ def record_fsync(monkeypatch, names=False):
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     return events
+
+
+def write_wav(path, x, sr=8000, channels=1, width=2):
+    """x in [-1, 1] as a PCM WAV file of `width` bytes per sample (repeated over `channels`)."""
+    x = np.repeat(np.asarray(x, np.float64)[:, None], channels, 1)
+    scale = {1: 127, 2: 32767, 4: 2 ** 31 - 1}[width]
+    data = np.clip(x, -1, 1) * scale
+    data = (data + 128).astype(np.uint8) if width == 1 else data.astype({2: np.int16, 4: np.int32}[width])
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(channels), f.setsampwidth(width), f.setframerate(sr)
+        f.writeframes(data.tobytes())

@@ -5,7 +5,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 
 namespace mmkernels::cpu {
 
@@ -52,8 +51,8 @@ CpuIsa best_supported() {
   return kIsaBaseline;
 }
 
-// The level chosen at load time: the best the CPU has, or MMKERNELS_CPU_ISA's (an unknown name or a
-// level the CPU lacks is refused when the library loads, with the reason).
+// The level chosen on first use: the best the CPU has, or MMKERNELS_CPU_ISA's (an unknown name or a
+// level the CPU lacks is an error, with the reason, from every CPU op until it is fixed).
 CpuIsa initial_isa() {
   const char* env = std::getenv("MMKERNELS_CPU_ISA");
   if (env == nullptr || env[0] == '\0') return best_supported();

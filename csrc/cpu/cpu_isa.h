@@ -1,6 +1,6 @@
 // Runtime choice of the CPU instruction set for the explicitly vectorised kernels (csrc/cpu/isa):
 // each level is compiled in its own translation unit for its own target, and the best level the
-// CPU supports is chosen once, at load time (MMKERNELS_CPU_ISA=baseline|avx2|avx512 forces one).
+// CPU supports is chosen once, on the first CPU op (MMKERNELS_CPU_ISA=baseline|avx2|avx512 forces one).
 // No torch headers: the ISA translation units include this one.
 #pragma once
 
@@ -26,7 +26,6 @@ constexpr int kMaxVecModalities = kMaxSegments;  // the op's limit; the kernels 
 // The kernels of one level (isa/gated_fusion_rows.h): positions [n0, n1) of the op.
 struct CpuIsaKernels {
   const char* name;
-  int vector_floats;  // floats per vector register at this level
   void (*gated_fusion_fwd)(const GatedFusionRows& rows, float* fused, float* gates, long long n0, long long n1);
   void (*gated_fusion_bwd)(const GatedFusionRows& rows, const float* grad_fused, const float* grad_gates, float* df,
                            float* dl, long long n0, long long n1);

@@ -139,8 +139,7 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
           const int64_t n = std::min(kBwdKeys, maxlim - j0);
           std::fill(dKt.begin(), dKt.begin() + n * D, acc_t(0));
           std::fill(dVt.begin(), dVt.begin() + n * Dv, acc_t(0));
-          if (any_unmasked(mask, j0, n)) {  // a fully masked block only gets zero grads
-            if (mask) mask_bias(sc.mbias.data(), mask, j0, n);
+          if (mask_bias(sc.mbias.data(), mask, j0, n)) {  // a fully masked block only gets zero grads
             int64_t ldk, ldv;
             const acc_t* Kp = load_rows<scalar_t, acc_t>(kbase, skl[m], j0, n, D, Kt.data(), &ldk);
             const acc_t* Vp = load_rows<scalar_t, acc_t>(vbase, svl[m], j0, n, Dv, Vt.data(), &ldv);

@@ -27,7 +27,8 @@ struct CrossModalAttentionProblem {
   std::vector<double> bias;     // (Hq*M,) or empty
   std::vector<double> gate_t;   // (Hq,) tanh(head_gate) or empty
   std::vector<at::Tensor> masks;  // (M,) contiguous bool (B, Lk_m), or empty: every key within kv_len
-  std::vector<uint8_t> masked;    // (B*M,) whether the mask of (b, m) is still needed (see fold_prefix_masks)
+  std::vector<int64_t> key_end;   // (B*M,) end of the kept keys, or empty without masks (see read_key_masks)
+  std::vector<uint8_t> masked;    // (B*M,) whether the mask of (b, m) is still needed below key_end
   bool causal = false;
 
   double bias_at(int64_t h, int64_t m) const { return bias.empty() ? 0.0 : bias[h * M + m]; }
@@ -39,7 +40,8 @@ struct CrossModalAttentionProblem {
   // Number of keys of segment m visible to query i of sample b (before the key mask).
   int64_t visible(int64_t b, int64_t m, int64_t i) const {
     const int64_t kl = kv_len[b * M + m];
-    return causal ? static_cast<int64_t>(causal_visible_keys(i, q_len[b], kl)) : kl;
+    const int64_t n = causal ? static_cast<int64_t>(causal_visible_keys(i, q_len[b], kl)) : kl;
+    return key_end.empty() ? n : std::min(n, key_end[b * M + m]);
   }
 };
 
@@ -53,29 +55,26 @@ inline std::vector<int64_t> read_lengths(const std::optional<at::Tensor>& t, int
   return out;
 }
 
-// A key mask that keeps a prefix of the keys (right padding, what a padding mask of an encoder is) says
-// no more than a length: it becomes one (kv_len = min(kv_len, prefix)), so that those rows take the
-// length path (blocks past the length skipped, no mask bias added to the scores). Not with causal
-// attention, whose offset comes from the lengths and must not move with the masks.
-inline void fold_prefix_masks(CrossModalAttentionProblem& p) {
-  p.masked.assign(static_cast<size_t>(p.B * p.M), 1);
-  if (p.causal) return;
+// Per (b, m), from its key mask: the end of the kept keys (one past the last True within kv_len), a bound
+// that every query's visible keys take (blocks past it are skipped), and whether the mask is still needed
+// below it (not when it keeps every key there: right padding, an encoder's padding mask, then costs no
+// mask bias). kv_len itself is left alone: it sets the causal offset, which the masks must not move.
+inline void read_key_masks(CrossModalAttentionProblem& p) {
+  p.key_end.assign(static_cast<size_t>(p.B * p.M), 0);
+  p.masked.assign(static_cast<size_t>(p.B * p.M), 0);
   bool any_needed = false;
   for (int64_t m = 0; m < p.M; ++m) {
     const bool* base = p.masks[m].data_ptr<bool>();
     for (int64_t b = 0; b < p.B; ++b) {
       const bool* row = base + b * p.Lk[m];
+      const int64_t n = p.kv_len[b * p.M + m];
+      int64_t end = n;
+      while (end > 0 && !row[end - 1]) --end;
       int64_t prefix = 0;
-      while (prefix < p.Lk[m] && row[prefix]) ++prefix;
-      int64_t j = prefix;
-      while (j < p.Lk[m] && !row[j]) ++j;
-      if (j == p.Lk[m]) {
-        int64_t& kl = p.kv_len[b * p.M + m];
-        kl = std::min(kl, prefix);
-        p.masked[b * p.M + m] = 0;
-      } else {
-        any_needed = true;
-      }
+      while (prefix < end && row[prefix]) ++prefix;
+      p.key_end[b * p.M + m] = end;
+      p.masked[b * p.M + m] = prefix < end;
+      any_needed = any_needed || prefix < end;
     }
   }
   if (!any_needed) p.masks.clear();
@@ -115,7 +114,7 @@ inline CrossModalAttentionProblem make_problem(const at::Tensor& q, at::TensorLi
   } else {
     p.q_len.assign(static_cast<size_t>(p.B), p.Lq);
   }
-  if (!p.masks.empty()) fold_prefix_masks(p);
+  if (!p.masks.empty()) read_key_masks(p);
   if (modality_bias.has_value()) {
     const at::Tensor c = modality_bias->to(at::kCPU, at::kDouble).contiguous();
     p.bias.assign(c.data_ptr<double>(), c.data_ptr<double>() + p.Hq * p.M);
@@ -128,20 +127,19 @@ inline CrossModalAttentionProblem make_problem(const at::Tensor& q, at::TensorLi
   return p;
 }
 
-// Whether any key of [j0, j0 + n) is unmasked (always, without masks).
-inline bool any_unmasked(const bool* mask, int64_t j0, int64_t n) {
-  if (mask == nullptr) return true;
-  for (int64_t j = j0; j < j0 + n; ++j)
-    if (mask[j]) return true;
-  return false;
-}
-
 // The key mask of keys [j0, j0 + n) as an additive bias: 0 where kept, -inf where masked (exp
 // gives exactly 0). Built once per key block; adding it to each row's scores is a plain vector add.
+// Returns whether any key of the block is kept (without a mask: every key, and nothing is written).
 template <typename acc_t>
-inline void mask_bias(acc_t* out, const bool* mask, int64_t j0, int64_t n) {
+inline bool mask_bias(acc_t* out, const bool* mask, int64_t j0, int64_t n) {
+  if (mask == nullptr) return true;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = 0; j < n; ++j) out[j] = mask[j0 + j] ? acc_t(0) : ninf;
+  bool any = false;
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = mask[j0 + j] ? acc_t(0) : ninf;
+    any = any || mask[j0 + j];
+  }
+  return any;
 }
 
 template <typename acc_t>

@@ -100,8 +100,7 @@ void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const a
         const bool* mask = p.mask_row(b, m);
         for (int64_t j0 = 0; j0 < maxlim; j0 += kFwdKeys) {
           const int64_t n = std::min(kFwdKeys, maxlim - j0);
-          if (!any_unmasked(mask, j0, n)) continue;  // a fully masked block changes nothing
-          if (mask) mask_bias(mbias, mask, j0, n);
+          if (!mask_bias(mbias, mask, j0, n)) continue;  // a fully masked block changes nothing
           int64_t ldk, ldv;
           const acc_t* Kp = load_rows<scalar_t, acc_t>(kbase, skl[m], j0, n, D, Kt.data(), &ldk);
           const acc_t* Vp = load_rows<scalar_t, acc_t>(vbase, svl[m], j0, n, Dv, Vt.data(), &ldv);

@@ -14,14 +14,14 @@ import os
 import pickle
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 
 from mmkernels.data import speech
-from mmkernels.data.questions import (ANSWER_TO_ID, ANSWERS, MODALITIES, QUESTION_TYPES,  # noqa: F401
-                                     TEMPLATES, all_templates, templates_digest)
+from mmkernels.data.questions import (ANSWER_TO_ID, ANSWERS, QUESTION_TYPES, TEMPLATES,  # noqa: F401
+                                     all_templates, templates_digest)
 from mmkernels.utils.atomic import atomic_write, remove_stale_temp, write_json
 
 FORMAT_VERSION = 2
@@ -46,9 +46,22 @@ class AVMNISTConfig:
     # speakers train, with their last takes of each digit (val_takes of them) held out for validation.
     # None: the speakers are split disjointly train/val/test.
     test_speaker: Optional[str] = None
-    val_takes: float = 0.1              # fraction of each (speaker, digit)'s takes held out (test_speaker set)
+    val_takes: float = 0.1              # fraction of each (speaker, digit)'s takes held out, in (0, 1) (test_speaker set)
     synthetic_speakers: int = 0         # with speech_dir: eSpeak NG speakers added to the training clips
     synthetic_accents: bool = False     # those speakers also from voices of other languages (speech.ACCENT_LANGUAGES)
+
+    def __post_init__(self):
+        if not self.synthetic_speakers >= 0:
+            raise ValueError(f"synthetic_speakers must be >= 0, got {self.synthetic_speakers!r}")
+        if not 0 < self.val_takes < 1:
+            raise ValueError(f"val_takes must be in (0, 1), got {self.val_takes!r}")
+        if self.test_speaker is not None and not self.speech_dir:
+            raise ValueError("test_speaker names a speaker of recorded speech: set speech_dir too")
+        if (self.synthetic_speakers or self.synthetic_accents) and not self.speech_dir:
+            raise ValueError("synthetic_speakers adds synthetic voices to recorded speech: set speech_dir "
+                             "(without it every speaker is synthetic: speakers_train)")
+        if not self.max_audio_seconds > 0:
+            raise ValueError(f"max_audio_seconds must be > 0, got {self.max_audio_seconds!r}")
 
     def key(self) -> str:
         d = asdict(self)
@@ -155,9 +168,9 @@ def _speech_pools(cfg: AVMNISTConfig, rng: np.random.Generator, progress: bool):
         voice_rng = np.random.default_rng([cfg.seed, 1])  # the sample draws stay those without synthetic voices
         languages = speech.ESPEAK_LANGUAGES + (speech.ACCENT_LANGUAGES if cfg.synthetic_accents else [])
         speakers = speech.make_speakers(cfg.synthetic_speakers, speech.espeak_voices(languages), voice_rng)
-        jobs = [(speech.DIGIT_WORDS[d], spk) for spk in speakers for d in range(10)]
-        wavs = speech.synthesize_many(jobs, progress=progress)
-        pools["train"] += [(w, d % 10, jobs[d][1].name) for d, w in enumerate(wavs)]
+        jobs = [(spk, d) for spk in speakers for d in range(10)]
+        wavs = speech.synthesize_many([(speech.DIGIT_WORDS[d], spk) for spk, d in jobs], progress=progress)
+        pools["train"] += [(w, d, spk.name) for (spk, d), w in zip(jobs, wavs)]
     for s, pool in pools.items():
         if not pool:
             raise ValueError(f"no recordings for the {s} split in {cfg.speech_dir}")

@@ -17,12 +17,16 @@ def main(argv=None):
     p.add_argument("--cache-dir", default=None, help=f"default: {default_cache_dir()} (or $MMKERNELS_CACHE)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     for f in fields(AVMNISTConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            continue
         t = float if f.type in ("float", float) else int if f.type in ("int", int) else str
-        p.add_argument("--" + f.name.replace("_", "-"), type=t, default=f.default)
+        p.add_argument(flag, type=t, default=f.default)
     a = p.parse_args(argv)
-    cfg = AVMNISTConfig(**{f.name: getattr(a, f.name) for f in fields(AVMNISTConfig)})
     t = time.time()
     try:
+        cfg = AVMNISTConfig(**{f.name: getattr(a, f.name) for f in fields(AVMNISTConfig)})
         out = build_avmnist(cfg, cache_dir=a.cache_dir, force=a.force)
     except (MissingPackageError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -46,7 +46,7 @@ class _EagerFused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        _, _, backward, treespec = ctx.eager_spec
+        backward = ctx.eager_spec[2]
         flat, _ = pytree.tree_flatten(backward(ctx, *grads), is_leaf=_is_none)
         return (None, *flat)
 
@@ -65,7 +65,22 @@ def eager_autograd_applies(*tensors) -> bool:
     return any(t.requires_grad for t in tensors) and all(type(t) in _PLAIN_TENSORS for t in tensors)
 
 
-def call_with_eager_autograd(op, setup_context, backward, inputs):
-    """op(*inputs) with its registered formula, through _EagerFused (see eager_autograd_applies)."""
+# fwd op name -> (setup_context, backward): the formula registered for it, for the eager path
+_FORMULAS: Dict[str, tuple] = {}
+
+
+def register_autograd(fwd_name: str, backward, setup_context) -> None:
+    """torch.library.register_autograd for mmkernels::fwd_name, the formula also kept for run_fwd."""
+    _FORMULAS[fwd_name] = (setup_context, backward)
+    torch.library.register_autograd(f"mmkernels::{fwd_name}", backward, setup_context=setup_context)
+
+
+def run_fwd(fwd_name: str, inputs: tuple, differentiable):
+    """torch.ops.mmkernels.<fwd_name>(*inputs): under _EagerFused where eager_autograd_applies to the
+    `differentiable` tensors, else the registered op (and its dispatcher autograd)."""
+    op = getattr(torch.ops.mmkernels, fwd_name)
+    if not eager_autograd_applies(*differentiable):
+        return op(*inputs)
+    setup_context, backward = _FORMULAS[fwd_name]
     flat, treespec = pytree.tree_flatten(inputs, is_leaf=_is_none)
     return _EagerFused.apply((op, setup_context, backward, treespec), *flat)

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from mmkernels import backends, reference
-from mmkernels.ops._autograd import REGISTER, call_with_eager_autograd, eager_autograd_applies, forbid_double_backward
+from mmkernels.ops._autograd import REGISTER, forbid_double_backward, register_autograd, run_fwd
 from mmkernels.ops._checks import check_dtype, check_lengths, check_same_device
 
 
@@ -173,17 +173,11 @@ def make_backward(bwd_op):
     return backward
 
 
-# fwd op name -> its registered backward formula, for the eager autograd path (_autograd.call_with_eager_autograd)
-_BACKWARD = {}
-
-
 def register(fwd_name: str, bwd_name: str) -> None:
     """Fake kernels and autograd for a (fwd, bwd) pair with the shared signature."""
     torch.library.register_fake(f"mmkernels::{fwd_name}")(_fake_fwd)
     torch.library.register_fake(f"mmkernels::{bwd_name}")(_fake_bwd)
-    bwd_op = getattr(torch.ops.mmkernels, bwd_name)
-    _BACKWARD[fwd_name] = make_backward(bwd_op)
-    torch.library.register_autograd(f"mmkernels::{fwd_name}", _BACKWARD[fwd_name], setup_context=_setup_context)
+    register_autograd(fwd_name, make_backward(getattr(torch.ops.mmkernels, bwd_name)), _setup_context)
     forbid_double_backward(bwd_name, "cross_modal_attention")
 
 
@@ -206,14 +200,11 @@ def _run_backend(name, q, keys, values, kv_lengths, q_lengths, modality_bias, he
         fwd_name = "triton_cross_modal_attention_fwd"
     else:  # cpu and cuda: the C++ op, dispatched on the device of q
         fwd_name = "cross_modal_attention_fwd"
-    op = getattr(torch.ops.mmkernels, fwd_name)
     # every argument given: leaving kv_masks to the schema's default makes the autograd wrapper fill it
     # in on each call (30 us)
     inputs = (q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, scale, causal, kv_masks)
-    if eager_autograd_applies(q, *keys, *values, *(t for t in (modality_bias, head_gate) if t is not None)):
-        out, lse, _ = call_with_eager_autograd(op, _setup_context, _BACKWARD[fwd_name], inputs)
-    else:
-        out, lse, _ = op(*inputs)
+    differentiable = (q, *keys, *values, *(t for t in (modality_bias, head_gate) if t is not None))
+    out, lse, _ = run_fwd(fwd_name, inputs, differentiable)
     return out, lse
 
 

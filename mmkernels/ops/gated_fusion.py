@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from mmkernels import backends, reference
-from mmkernels.ops._autograd import REGISTER, call_with_eager_autograd, eager_autograd_applies, forbid_double_backward
+from mmkernels.ops._autograd import REGISTER, forbid_double_backward, register_autograd, run_fwd
 from mmkernels.ops._checks import check_dtype, check_same_device
 
 ACTIVATIONS = {"tanh": 0, "identity": 1}
@@ -76,16 +76,10 @@ def make_backward(bwd_op):
     return backward
 
 
-# fwd op name -> its registered backward formula, for the eager autograd path (_autograd.call_with_eager_autograd)
-_BACKWARD = {}
-
-
 def register(fwd_name: str, bwd_name: str) -> None:
     torch.library.register_fake(f"mmkernels::{fwd_name}")(_fake_fwd)
     torch.library.register_fake(f"mmkernels::{bwd_name}")(_fake_bwd)
-    bwd_op = getattr(torch.ops.mmkernels, bwd_name)
-    _BACKWARD[fwd_name] = make_backward(bwd_op)
-    torch.library.register_autograd(f"mmkernels::{fwd_name}", _BACKWARD[fwd_name], setup_context=_setup_context)
+    register_autograd(fwd_name, make_backward(getattr(torch.ops.mmkernels, bwd_name)), _setup_context)
     forbid_double_backward(bwd_name, "gated_fusion")
 
 
@@ -120,17 +114,12 @@ def gated_fusion(
         fwd_name = "triton_gated_fusion_fwd"
     else:
         fwd_name = "gated_fusion_fwd"
-    op = getattr(torch.ops.mmkernels, fwd_name)
     M, H = features.shape[0], features.shape[-1]
     lead = features.shape[1:-1]
     f3 = features.reshape(M, -1, H).contiguous()
     l3 = gate_logits.reshape(M, -1, H).contiguous()
     p2 = None if present is None else present.reshape(M, -1).contiguous()
-    inputs = (f3, l3, p2, ACTIVATIONS[activation], bool(return_gates))
-    if eager_autograd_applies(f3, l3):
-        fused, gates = call_with_eager_autograd(op, _setup_context, _BACKWARD[fwd_name], inputs)
-    else:
-        fused, gates = op(*inputs)
+    fused, gates = run_fwd(fwd_name, (f3, l3, p2, ACTIVATIONS[activation], bool(return_gates)), (f3, l3))
     fused = fused.reshape(*lead, H)
     if return_gates:
         return fused, gates.reshape(features.shape)

@@ -33,6 +33,9 @@ def _at_least(name: str, value, low) -> None:
         raise ConfigError(f"{name} must be >= {low}, got {value!r}")
 
 
+_DATA_SET_FIELDS = {f.name for f in fields(AVMNISTConfig)}
+
+
 @dataclass
 class DataConfig(AVMNISTConfig):
     """The data set's own settings (AVMNISTConfig: sizes, speakers, seed, speech_dir) plus where it lives."""
@@ -47,16 +50,10 @@ class DataConfig(AVMNISTConfig):
     def __post_init__(self):
         _one_of("data.dataset", self.dataset, ("avmnist", "jsonl"))
         _at_least("data.max_text_len", self.max_text_len, 1)
-        _at_least("data.synthetic_speakers", self.synthetic_speakers, 0)
-        if not 0 <= self.val_takes < 1:
-            raise ConfigError(f"data.val_takes must be in [0, 1), got {self.val_takes!r}")
-        if self.test_speaker is not None and not self.speech_dir:
-            raise ConfigError("data.test_speaker names a speaker of recorded speech: set data.speech_dir too")
-        if self.synthetic_speakers and not self.speech_dir:
-            raise ConfigError("data.synthetic_speakers adds synthetic voices to recorded speech: set data.speech_dir "
-                              "(without it every speaker is synthetic: data.speakers_train)")
-        if not self.max_audio_seconds > 0:
-            raise ConfigError(f"data.max_audio_seconds must be > 0, got {self.max_audio_seconds!r}")
+        try:
+            super().__post_init__()  # the data set's own settings
+        except ValueError as e:
+            raise ConfigError(" ".join(f"data.{w}" if w in _DATA_SET_FIELDS else w for w in str(e).split(" "))) from e
 
 
 @dataclass

@@ -113,8 +113,8 @@ def run_folds(config_path: Optional[str], overrides: List[str], speakers: Option
         fold_dir = os.path.join(out_dir, spk)
         report = _fold_done(fold_dir)
         if report is None:
-            cfg = load_config(config_path, overrides + [f"data.test_speaker={spk}", f"train.output_dir={fold_dir}"])
-            cfg.train.final_eval = True
+            cfg = load_config(config_path, overrides + [f"data.test_speaker={spk}", f"train.output_dir={fold_dir}",
+                                                        "train.final_eval=true"])  # a fold needs its report
             resume = fold_dir if os.path.exists(os.path.join(fold_dir, "checkpoint.pt")) else None
             print(f"== fold: test speaker {spk} ({'resumed' if resume else 'new'}) -> {fold_dir}", flush=True)
             Trainer(cfg, resume=resume).train()
@@ -153,8 +153,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     speakers = [s.strip() for s in a.speakers.split(",") if s.strip()] if a.speakers else None
     try:
         summary = run_folds(a.config, list(a.overrides), speakers)
-    except (ConfigError, CheckpointError, DataFormatError, MissingPackageError, FileNotFoundError) as e:
-        return _fail(str(e))
+    except (ConfigError, CheckpointError, DataFormatError, MissingPackageError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))  # ValueError: a folder with no recordings in it (scan_fsdd)
     print(format_summary(summary))
     print(json.dumps({k: v for k, v in summary.items() if k == "report" or k.startswith(("mean_", "std_", "min_"))}))
     return 0

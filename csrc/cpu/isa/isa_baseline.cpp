@@ -1,4 +1,5 @@
-// The CPU kernels at the baseline level: SSE2 on x86-64 (4 floats), the target's default elsewhere.
+// The CPU kernels at the baseline level: SSE2 on x86-64 (4 floats), the target's default elsewhere
+// (with MMKERNELS_NATIVE=1 the whole build, this file included, targets the building CPU).
 #include "../cpu_isa.h"
 
 #define MMK_ISA_NAMESPACE isa_baseline

@@ -45,11 +45,6 @@ struct Vec {
 };
 
 template <int W>
-inline typename Vec<W>::F vsel(typename Vec<W>::I mask, typename Vec<W>::F a, typename Vec<W>::F b) {
-  return mask ? a : b;  // lane-wise select (mask lanes are 0 or -1)
-}
-
-template <int W>
 inline typename Vec<W>::F vmax(typename Vec<W>::F a, typename Vec<W>::F b) {
   return a > b ? a : b;
 }
