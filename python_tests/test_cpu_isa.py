@@ -13,7 +13,7 @@ import torch
 import mmkernels
 from mmkernels import backends
 from mmkernels.reference import cross_modal_attention_reference, gated_fusion_reference
-from utils import require_backend
+from utils import assert_within_rule, require_backend
 
 LEVELS = backends.cpu_isa_levels_here() or ("baseline",)
 
@@ -86,6 +86,37 @@ def test_attention_every_level(at_level, causal):
     go = torch.randn(out.shape, generator=g, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(out.double(), leaves32, go), torch.autograd.grad(ref, leaves64, go)):
         torch.testing.assert_close(a.double(), b, **_tol())
+
+
+# Shapes that reach every remainder of the forward's register tiles at every width (4, 8, 16 floats):
+# query rows (positions x grouped heads) below, at and past a vector, head dims of 1 to past a tile of
+# 6 outputs, keys past a block of 128 and short of a tile, a segment's bias of -inf, half inputs.
+@pytest.mark.parametrize("at_level", LEVELS, indirect=True)
+@pytest.mark.parametrize(
+    "Lq,Hq,Hkv,D,Dv,Lks,dtype",
+    [
+        (1, 1, 1, 1, 1, (1,), torch.float32),
+        (5, 3, 1, 7, 29, (131, 4), torch.float32),
+        (17, 2, 2, 64, 70, (257,), torch.float32),
+        (64, 1, 1, 33, 16, (13, 140), torch.float32),
+        (40, 8, 2, 16, 6, (129,), torch.float16),
+    ],
+)
+def test_attention_forward_tiles_every_level(at_level, Lq, Hq, Hkv, D, Dv, Lks, dtype):
+    g = torch.Generator().manual_seed(Lq * 1000 + D)
+    B, M = 2, len(Lks)
+    q = torch.randn(B, Lq, Hq, D, generator=g, dtype=torch.float64)
+    keys = [torch.randn(B, L, Hkv, D, generator=g, dtype=torch.float64) for L in Lks]
+    values = [torch.randn(B, L, Hkv, Dv, generator=g, dtype=torch.float64) for L in Lks]
+    bias = torch.randn(Hq, M, generator=g, dtype=torch.float64)
+    bias[0, 0] = float("-inf")
+    q_lengths = torch.tensor([Lq, max(1, Lq - 3)])
+    low = [t.to(dtype) for t in (q, *keys, *values)]
+    kw = dict(modality_bias=bias.float(), q_lengths=q_lengths)
+    out = mmkernels.cross_modal_attention(low[0], low[1 : 1 + M], low[1 + M :], **kw, backend="cpu")
+    ref = cross_modal_attention_reference(q, keys, values, modality_bias=bias, q_lengths=q_lengths)
+    ref_low = cross_modal_attention_reference(low[0], low[1 : 1 + M], low[1 + M :], **kw, upcast=False)
+    assert_within_rule(out, ref, ref_low)
 
 
 def test_levels_are_ordered_and_the_best_is_chosen():

@@ -23,9 +23,31 @@ struct GatedFusionRows {
 };
 constexpr int kMaxVecModalities = kMaxSegments;  // the op's limit; the kernels keep one vector per modality
 
+// One key block of the fp32 attention forward (isa/attention_tiles.h) on a tile of R query rows, held
+// transposed with rp = R rounded up to the level's vector width (rows past R: zero in qt, limit 0).
+struct AttnFwdBlock {
+  const float* qt;  // (D, rp) the tile's queries times the softmax scale, transposed
+  const float* k;   // (n, D) the block's keys, row stride ldk
+  const float* v;   // (n, Dv) its values, row stride ldv
+  long long ldk, ldv, n, R, rp, D, Dv;
+  const float* mask_bias;  // (n,) 0 for a kept key, -inf for a masked one; null without a mask
+  const int* limit;        // (rp,) per row: the block's keys [0, limit) are visible
+  const float* row_bias;   // (rp,) per row: the segment's modality bias
+  float* st;               // (n, rp) scratch: the scores, then the probabilities, transposed
+  float* row_max;          // (rp,) running max of each row's biased scores (-inf before its first key)
+  float* row_sum;          // (rp,) running sum of exp(score - max)
+  float* alpha;            // (rp,) scratch: this block's rescaling of each row's output
+  float* acc_t;            // (Dv, rp) running unnormalised output rows, transposed
+  // The next block's keys and values, prefetched into L2 while this block computes (null: none).
+  const void* next_k;
+  const void* next_v;
+  long long next_k_stride, next_v_stride, next_n, next_row_bytes_k, next_row_bytes_v;  // strides in bytes
+};
+
 // The kernels of one level (isa/gated_fusion_rows.h): positions [n0, n1) of the op.
 struct CpuIsaKernels {
   const char* name;
+  int width;  // floats per vector
   void (*gated_fusion_fwd)(const GatedFusionRows& rows, float* fused, float* gates, long long n0, long long n1);
   void (*gated_fusion_bwd)(const GatedFusionRows& rows, const float* grad_fused, const float* grad_gates, float* df,
                            float* dl, long long n0, long long n1);
@@ -34,6 +56,7 @@ struct CpuIsaKernels {
   float (*row_max)(const float* s, long long n);
   float (*exp_sum)(float* s, long long n, float c);
   float (*exp_ds)(float* s, float* dp, long long n, float c, float delta);
+  void (*attention_fwd_block)(const AttnFwdBlock& block);
 };
 
 // nullptr where the level is not compiled in (not x86-64).

@@ -74,8 +74,7 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
     std::vector<int64_t> lim;
     std::vector<acc_t> S, dP, dKt, dVt, Kt, Vt, mbias;
   };
-  auto make_scratch = [&] {
-    Scratch sc;
+  auto size_scratch = [&](Scratch& sc) {
     sc.S.resize(kBwdRows * kBwdKeys);
     sc.dP.resize(kBwdRows * kBwdKeys);
     sc.dKt.resize(kBwdKeys * D);
@@ -83,9 +82,8 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
     sc.Kt.resize(kBwdKeys * D);
     sc.Vt.resize(kBwdKeys * Dv);
     sc.mbias.resize(kBwdKeys);
-    return sc;
   };
-  parallel_tasks(B * Hkv, make_scratch, [&](int64_t t, Scratch& sc) {
+  parallel_tasks<Scratch>(B * Hkv, size_scratch, [&](int64_t t, Scratch& sc) {
     auto& Qs = sc.Qs; auto& dO = sc.dO; auto& dQ = sc.dQ; auto& Di = sc.Di; auto& lrow = sc.lrow;
     auto& lim = sc.lim; auto& S = sc.S; auto& dP = sc.dP; auto& dKt = sc.dKt; auto& dVt = sc.dVt;
     auto& Kt = sc.Kt; auto& Vt = sc.Vt;

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -174,17 +175,35 @@ inline const acc_t* load_rows(const scalar_t* base, int64_t row_stride, int64_t 
   return buf;
 }
 
+// Rows [j0, j0 + n) of a (B, L, H, W) tensor at fixed (b, h) copied into `buf` as floats (n x W,
+// contiguous): one L1-resident stretch for the vector kernels, read row by row as stored.
+template <typename scalar_t>
+inline void pack_rows(const scalar_t* base, int64_t row_stride, int64_t j0, int64_t n, int64_t W, float* buf) {
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t* src = base + (j0 + j) * row_stride;
+    float* dst = buf + j * W;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      std::memcpy(dst, src, W * sizeof(float));
+    } else {
+      for (int64_t d = 0; d < W; ++d) dst[d] = static_cast<float>(src[d]);
+    }
+  }
+}
+
 // Runs body(task, scratch) for task in [0, n) on the intra-op thread pool with dynamic
 // scheduling (tasks differ in cost through padding, and a busy machine may stall one thread).
-// Each worker builds one `Scratch` (thread-local tile buffers) with make_scratch(). Results do
-// not depend on which worker runs a task, so the kernels stay deterministic.
-template <typename MakeScratch, typename Body>
-void parallel_tasks(int64_t n, const MakeScratch& make_scratch, const Body& body) {
+// Each worker's `Scratch` (tile buffers) is its thread's own, kept from call to call and sized by
+// size_scratch(scratch) (vectors resized: they only grow): no allocation per call once grown. Freeing
+// per call also let glibc trim its heap, so that the next op's outputs page-faulted in again.
+// Results do not depend on which worker runs a task, so the kernels stay deterministic.
+template <typename Scratch, typename SizeScratch, typename Body>
+void parallel_tasks(int64_t n, const SizeScratch& size_scratch, const Body& body) {
   if (n <= 0) return;
   const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    auto scratch = make_scratch();
+    static thread_local Scratch scratch;
+    size_scratch(scratch);
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(t, scratch);
   });
 }

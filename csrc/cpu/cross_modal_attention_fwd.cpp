@@ -24,21 +24,61 @@ namespace mmkernels::cpu {
 namespace {
 
 constexpr int64_t kFwdRows = 64;   // target query rows (positions x grouped heads) per task
-constexpr int64_t kFwdKeys = 256;  // key block
+constexpr int64_t kFwdKeys = 256;  // key block of the fp64 path
+constexpr int64_t kTileKeys = 128; // key block of the vector path: its scores stay in L1/L2
+
+// Writes the outputs of query positions [i0, i1) of (b, kv head kvh) from the tile's running rows
+// (row r <-> position i0 + r / G, head kvh * G + r % G; its output element d at acc[r * ld_row + d * ld_dim]);
+// positions from iv1 on are padding.
+template <typename scalar_t, typename acc_t>
+void finalise_rows(const CrossModalAttentionProblem& p, int64_t b, int64_t kvh, int64_t i0, int64_t i1,
+                   int64_t iv1, const acc_t* lrow, const acc_t* mrow, const acc_t* acc, int64_t ld_row,
+                   int64_t ld_dim, scalar_t* op, scalar_t* orp, acc_t* lp) {
+  const int64_t Lq = p.Lq, Hq = p.Hq, Dv = p.Dv, G = p.G;
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = kvh * G + g;
+      scalar_t* o = op + ((b * Lq + i) * Hq + h) * Dv;
+      scalar_t* orow = orp ? orp + ((b * Lq + i) * Hq + h) * Dv : nullptr;
+      acc_t* l_out = lp + (b * Hq + h) * Lq + i;
+      if (i >= iv1) {
+        for (int64_t d = 0; d < Dv; ++d) o[d] = scalar_t(0);
+        if (orow)
+          for (int64_t d = 0; d < Dv; ++d) orow[d] = scalar_t(0);
+        *l_out = ninf;
+        continue;
+      }
+      const int64_t r = (i - i0) * G + g;
+      const bool has = lrow[r] > acc_t(0);
+      const acc_t inv = has ? acc_t(1) / lrow[r] : acc_t(0);
+      *l_out = has ? mrow[r] + std::log(lrow[r]) : ninf;
+      const acc_t* a = acc + r * ld_row;
+      const acc_t gt = static_cast<acc_t>(p.gate_at(h));
+      if (orow) {
+        for (int64_t d = 0; d < Dv; ++d) {
+          const acc_t v = a[d * ld_dim] * inv;
+          orow[d] = static_cast<scalar_t>(v);
+          o[d] = static_cast<scalar_t>(v * gt);
+        }
+      } else {
+        for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(a[d * ld_dim] * inv);
+      }
+    }
+  }
+}
 
 template <typename scalar_t>
-void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const at::Tensor& q, at::TensorList keys,
+void cross_modal_attention_fwd_gemm(const CrossModalAttentionProblem& p, const at::Tensor& q, at::TensorList keys,
                   at::TensorList values, double scale_d, at::Tensor& out, at::Tensor& lse,
                   at::Tensor* out_raw) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = p.B, Lq = p.Lq, Hq = p.Hq, Hkv = p.Hkv, D = p.D, Dv = p.Dv, M = p.M,
-                G = p.G;
+  const int64_t B = p.B, Lq = p.Lq, Hkv = p.Hkv, D = p.D, Dv = p.Dv, M = p.M, G = p.G;
   const int64_t BQ = std::max<int64_t>(1, kFwdRows / G);  // query positions per task
   const int64_t nqb = (Lq + BQ - 1) / BQ;
   const int64_t R_max = BQ * G;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  const CpuIsaKernels& isa = current_kernels();
 
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const int64_t sqb = q.stride(0), sql = q.stride(1), sqh = q.stride(2);
@@ -58,14 +98,12 @@ void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const a
     std::vector<acc_t> Qb, S, acc, Kt, Vt, mrow, lrow, brow, mbias;
     std::vector<int64_t> lim;
   };
-  auto make_scratch = [&] {
-    return Scratch{std::vector<acc_t>(R_max * D), std::vector<acc_t>(R_max * kFwdKeys),
-                   std::vector<acc_t>(R_max * Dv), std::vector<acc_t>(kFwdKeys * D),
-                   std::vector<acc_t>(kFwdKeys * Dv), std::vector<acc_t>(R_max),
-                   std::vector<acc_t>(R_max), std::vector<acc_t>(R_max),
-                   std::vector<acc_t>(kFwdKeys), std::vector<int64_t>(R_max)};
+  auto size_scratch = [&](Scratch& sc) {
+    sc.Qb.resize(R_max * D), sc.S.resize(R_max * kFwdKeys), sc.acc.resize(R_max * Dv);
+    sc.Kt.resize(kFwdKeys * D), sc.Vt.resize(kFwdKeys * Dv), sc.mrow.resize(R_max);
+    sc.lrow.resize(R_max), sc.brow.resize(R_max), sc.mbias.resize(kFwdKeys), sc.lim.resize(R_max);
   };
-  parallel_tasks(B * Hkv * nqb, make_scratch, [&](int64_t t, Scratch& sc) {
+  parallel_tasks<Scratch>(B * Hkv * nqb, size_scratch, [&](int64_t t, Scratch& sc) {
     auto& Qb = sc.Qb; auto& S = sc.S; auto& acc = sc.acc; auto& Kt = sc.Kt; auto& Vt = sc.Vt;
     auto& mrow = sc.mrow; auto& lrow = sc.lrow; auto& brow = sc.brow; auto& lim = sc.lim;
     acc_t* mbias = sc.mbias.data();
@@ -111,12 +149,8 @@ void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const a
             const int64_t lr = std::clamp<int64_t>(lim[r] - j0, 0, n);
             if (mask) add_mask_bias(s, mbias, lr);
             acc_t mx = ninf;
-            if constexpr (std::is_same_v<acc_t, float>) {
-              mx = isa.row_max(s, lr);
-            } else {
 #pragma omp simd reduction(max : mx)
-              for (int64_t j = 0; j < lr; ++j) mx = s[j] > mx ? s[j] : mx;
-            }
+            for (int64_t j = 0; j < lr; ++j) mx = s[j] > mx ? s[j] : mx;
             const acc_t nm = std::max(mrow[r], mx + brow[r]);
             if (lr == 0 || nm == ninf) {
               for (int64_t j = 0; j < n; ++j) s[j] = 0;
@@ -124,15 +158,11 @@ void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const a
             }
             const acc_t c = nm - brow[r];
             acc_t sum = 0;
-            if constexpr (std::is_same_v<acc_t, float>) {
-              sum = isa.exp_sum(s, lr, c);
-            } else {
 #pragma omp simd reduction(+ : sum)
-              for (int64_t j = 0; j < lr; ++j) {
-                const acc_t e = fast_exp(s[j] - c);
-                s[j] = e;
-                sum += e;
-              }
+            for (int64_t j = 0; j < lr; ++j) {
+              const acc_t e = fast_exp(s[j] - c);
+              s[j] = e;
+              sum += e;
             }
             for (int64_t j = lr; j < n; ++j) s[j] = 0;
             const acc_t alpha = mrow[r] == ninf ? acc_t(0) : fast_exp(mrow[r] - nm);
@@ -148,38 +178,118 @@ void cross_modal_attention_fwd_impl(const CrossModalAttentionProblem& p, const a
         }
       }
 
-      // Finalise valid rows, zero padded rows.
-      for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t h = kvh * G + g;
-          scalar_t* o = op + ((b * Lq + i) * Hq + h) * Dv;
-          scalar_t* orow = orp ? orp + ((b * Lq + i) * Hq + h) * Dv : nullptr;
-          acc_t* l_out = lp + (b * Hq + h) * Lq + i;
-          if (i >= iv1) {
-            for (int64_t d = 0; d < Dv; ++d) o[d] = scalar_t(0);
-            if (orow)
-              for (int64_t d = 0; d < Dv; ++d) orow[d] = scalar_t(0);
-            *l_out = ninf;
-            continue;
-          }
-          const int64_t r = (i - i0) * G + g;
-          const bool has = lrow[r] > acc_t(0);
-          const acc_t inv = has ? acc_t(1) / lrow[r] : acc_t(0);
-          *l_out = has ? mrow[r] + std::log(lrow[r]) : ninf;
-          const acc_t* a = acc.data() + r * Dv;
-          const acc_t gt = static_cast<acc_t>(p.gate_at(h));
-          if (orow) {
-            for (int64_t d = 0; d < Dv; ++d) {
-              const acc_t v = a[d] * inv;
-              orow[d] = static_cast<scalar_t>(v);
-              o[d] = static_cast<scalar_t>(v * gt);
-            }
-          } else {
-            for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(a[d] * inv);
-          }
-        }
+      finalise_rows<scalar_t, acc_t>(p, b, kvh, i0, i1, iv1, lrow.data(), mrow.data(), acc.data(), Dv, 1, op, orp,
+                                     lp);
+    }
+  });
+}
+
+// fp32 accumulation (float, half, bfloat16 inputs): the level's vector kernels (isa/attention_tiles.h)
+// on each task's query tile held transposed; half and bfloat16 keys and values are converted per block.
+template <typename scalar_t>
+void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const at::Tensor& q,
+                                     at::TensorList keys, at::TensorList values, double scale_d,
+                                     at::Tensor& out, at::Tensor& lse, at::Tensor* out_raw) {
+  const int64_t B = p.B, Lq = p.Lq, Hkv = p.Hkv, D = p.D, Dv = p.Dv, M = p.M, G = p.G;
+  const int64_t BQ = std::max<int64_t>(1, kFwdRows / G);  // query positions per task
+  const int64_t nqb = (Lq + BQ - 1) / BQ;
+  const CpuIsaKernels& isa = current_kernels();
+  const int64_t width = isa.width;
+  const int64_t rp_max = (BQ * G + width - 1) / width * width;
+  const float scale = static_cast<float>(scale_d);
+  const float ninf = -std::numeric_limits<float>::infinity();
+
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const int64_t sqb = q.stride(0), sql = q.stride(1), sqh = q.stride(2);
+  std::vector<const scalar_t*> kp(M), vp(M);
+  std::vector<int64_t> skb(M), skl(M), skh(M), svb(M), svl(M), svh(M);
+  for (int64_t m = 0; m < M; ++m) {
+    kp[m] = keys[m].data_ptr<scalar_t>();
+    vp[m] = values[m].data_ptr<scalar_t>();
+    skb[m] = keys[m].stride(0), skl[m] = keys[m].stride(1), skh[m] = keys[m].stride(2);
+    svb[m] = values[m].stride(0), svl[m] = values[m].stride(1), svh[m] = values[m].stride(2);
+  }
+  scalar_t* op = out.data_ptr<scalar_t>();
+  scalar_t* orp = out_raw ? out_raw->data_ptr<scalar_t>() : nullptr;
+  float* lp = lse.data_ptr<float>();
+
+  struct Scratch {
+    std::vector<float> qt, st, acc_t, Kt, Vt, row_max, row_sum, row_bias, alpha, mbias;
+    std::vector<int> limit;
+    std::vector<int64_t> visible;
+  };
+  auto size_scratch = [&](Scratch& sc) {
+    sc.qt.resize(D * rp_max), sc.st.resize(kTileKeys * rp_max), sc.acc_t.resize(rp_max * Dv);
+    sc.Kt.resize(kTileKeys * D), sc.Vt.resize(kTileKeys * Dv), sc.row_max.resize(rp_max);
+    sc.row_sum.resize(rp_max), sc.row_bias.resize(rp_max), sc.alpha.resize(rp_max);
+    sc.mbias.resize(kTileKeys), sc.limit.resize(rp_max), sc.visible.resize(rp_max);
+  };
+  parallel_tasks<Scratch>(B * Hkv * nqb, size_scratch, [&](int64_t t, Scratch& sc) {
+    const int64_t b = t / (Hkv * nqb);
+    const int64_t kvh = (t / nqb) % Hkv;
+    const int64_t i0 = (t % nqb) * BQ;
+    const int64_t i1 = std::min(Lq, i0 + BQ);
+    const int64_t iv1 = std::min(i1, p.q_len[b]);
+    const int64_t R = std::max<int64_t>(0, iv1 - i0) * G;  // valid rows, row r <-> (i, g)
+    const int64_t rp = (R + width - 1) / width * width;
+
+    float* qt = sc.qt.data();
+    for (int64_t r = 0; r < rp; ++r) {
+      if (r < R) {
+        const scalar_t* src = qp + b * sqb + (i0 + r / G) * sql + (kvh * G + r % G) * sqh;
+        for (int64_t d = 0; d < D; ++d) qt[d * rp + r] = static_cast<float>(src[d]) * scale;
+      } else {
+        for (int64_t d = 0; d < D; ++d) qt[d * rp + r] = 0.f;
+      }
+      sc.row_max[r] = ninf;
+      sc.row_sum[r] = 0.f;
+    }
+    std::fill(sc.acc_t.begin(), sc.acc_t.begin() + Dv * rp, 0.f);
+
+    AttnFwdBlock blk{};
+    blk.qt = qt, blk.R = R, blk.rp = rp, blk.D = D, blk.Dv = Dv;
+    blk.limit = sc.limit.data(), blk.row_bias = sc.row_bias.data(), blk.st = sc.st.data();
+    blk.row_max = sc.row_max.data(), blk.row_sum = sc.row_sum.data(), blk.alpha = sc.alpha.data();
+    blk.acc_t = sc.acc_t.data();
+    for (int64_t m = 0; m < M && R > 0; ++m) {
+      int64_t max_visible = 0;
+      for (int64_t r = 0; r < rp; ++r) {
+        sc.visible[r] = r < R ? p.visible(b, m, i0 + r / G) : 0;
+        sc.row_bias[r] = r < R ? static_cast<float>(p.bias_at(kvh * G + r % G, m)) : 0.f;
+        max_visible = std::max(max_visible, sc.visible[r]);
+      }
+      const scalar_t* kbase = kp[m] + b * skb[m] + kvh * skh[m];
+      const scalar_t* vbase = vp[m] + b * svb[m] + kvh * svh[m];
+      const bool* mask = p.mask_row(b, m);
+      for (int64_t j0 = 0; j0 < max_visible; j0 += kTileKeys) {
+        const int64_t n = std::min(kTileKeys, max_visible - j0);
+        if (!mask_bias(sc.mbias.data(), mask, j0, n)) continue;  // a fully masked block changes nothing
+        // The next block: this segment's, or the start of the next segment's.
+        const bool last = j0 + kTileKeys >= max_visible;
+        const int64_t mn = last ? m + 1 : m;
+        const int64_t next = last ? 0 : j0 + kTileKeys;
+        const int64_t n_next =
+            mn == M ? 0 : std::min(kTileKeys, (last ? p.kv_len[b * M + mn] : max_visible) - next);
+        const scalar_t* knext = mn == M ? kbase : kp[mn] + b * skb[mn] + kvh * skh[mn];
+        const scalar_t* vnext = mn == M ? vbase : vp[mn] + b * svb[mn] + kvh * svh[mn];
+        pack_rows<scalar_t>(kbase, skl[m], j0, n, D, sc.Kt.data());
+        pack_rows<scalar_t>(vbase, svl[m], j0, n, Dv, sc.Vt.data());
+        blk.k = sc.Kt.data(), blk.v = sc.Vt.data();
+        blk.next_k = n_next > 0 ? knext + next * skl[mn] : nullptr;
+        blk.next_v = n_next > 0 ? vnext + next * svl[mn] : nullptr;
+        blk.next_n = std::max<int64_t>(n_next, 0);
+        blk.next_k_stride = n_next > 0 ? skl[mn] * sizeof(scalar_t) : 0;
+        blk.next_v_stride = n_next > 0 ? svl[mn] * sizeof(scalar_t) : 0;
+        blk.next_row_bytes_k = D * sizeof(scalar_t), blk.next_row_bytes_v = Dv * sizeof(scalar_t);
+        blk.ldk = D, blk.ldv = Dv, blk.n = n;
+        blk.mask_bias = mask ? sc.mbias.data() : nullptr;
+        for (int64_t r = 0; r < rp; ++r)
+          sc.limit[r] = static_cast<int>(std::clamp<int64_t>(sc.visible[r] - j0, 0, n));
+        isa.attention_fwd_block(blk);
       }
     }
+    finalise_rows<scalar_t, float>(p, b, kvh, i0, i1, iv1, sc.row_sum.data(), sc.row_max.data(),
+                                   sc.acc_t.data(), 1, rp, op, orp, lp);
   });
 }
 
@@ -206,8 +316,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modal_attention_fwd_cpu(
     out_raw = at::empty({0}, q.options());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cross_modal_attention_fwd_cpu", [&] {
-    cross_modal_attention_fwd_impl<scalar_t>(p, q, keys, values, scale, out, lse,
-                           head_gate.has_value() ? &out_raw : nullptr);
+    at::Tensor* raw = head_gate.has_value() ? &out_raw : nullptr;
+    if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
+      cross_modal_attention_fwd_tiles<scalar_t>(p, q, keys, values, scale, out, lse, raw);
+    } else {
+      cross_modal_attention_fwd_gemm<scalar_t>(p, q, keys, values, scale, out, lse, raw);
+    }
   });
   return {out, lse, out_raw};
 }

@@ -1,6 +1,7 @@
 // fp32 row loops of the CPU attention kernels with explicit vectors of W floats (see vec.h):
 // the max of a row of scores, exp(s - c) in place with its sum (forward), and the backward's
-// P = exp(s - c), dS = P (dP - delta) in place with the sum of dS. exp is vexp: exactly 0 for -inf.
+// P = exp(s - c), dS = P (dP - delta) in place with the sum of dS. c is the row's max or log-sum-exp,
+// so exp's argument is <= 0: vexp_nonpositive, exactly 0 for -inf.
 #pragma once
 
 template <int W>
@@ -29,7 +30,7 @@ float exp_sum_rows(float* s, long long n, float c) {
   F acc = Vec<W>::splat(0.f).v;
   long long j = 0;
   for (; j + W <= n; j += W) {
-    const F e = vexp<W>(Vec<W>::load(s + j).v - c);
+    const F e = vexp_nonpositive<W>(Vec<W>::load(s + j).v - c);
     Vec<W>{e}.store(s + j);
     acc += e;
   }
@@ -37,7 +38,7 @@ float exp_sum_rows(float* s, long long n, float c) {
   if (j < n) {  // the tail through a padded vector (padding -inf: exp gives 0)
     float buf[W];
     for (int i = 0; i < W; ++i) buf[i] = j + i < n ? s[j + i] : -__builtin_inff();
-    const F e = vexp<W>(Vec<W>::load(buf).v - c);
+    const F e = vexp_nonpositive<W>(Vec<W>::load(buf).v - c);
     Vec<W>{e}.store(buf);
     for (int i = 0; j + i < n; ++i) s[j + i] = buf[i];
     t += hsum<W>(e);
@@ -51,7 +52,7 @@ float exp_ds_rows(float* s, float* dp, long long n, float c, float delta) {
   F acc = Vec<W>::splat(0.f).v;
   long long j = 0;
   for (; j + W <= n; j += W) {
-    const F p = vexp<W>(Vec<W>::load(s + j).v - c);
+    const F p = vexp_nonpositive<W>(Vec<W>::load(s + j).v - c);
     const F ds = p * (Vec<W>::load(dp + j).v - delta);
     Vec<W>{p}.store(s + j);
     Vec<W>{ds}.store(dp + j);
@@ -64,7 +65,7 @@ float exp_ds_rows(float* s, float* dp, long long n, float c, float delta) {
       bs[i] = j + i < n ? s[j + i] : -__builtin_inff();
       bd[i] = j + i < n ? dp[j + i] : 0.f;
     }
-    const F p = vexp<W>(Vec<W>::load(bs).v - c);
+    const F p = vexp_nonpositive<W>(Vec<W>::load(bs).v - c);
     const F ds = p * (Vec<W>::load(bd).v - delta);
     Vec<W>{p}.store(bs);
     Vec<W>{ds}.store(bd);

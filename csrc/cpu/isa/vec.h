@@ -9,20 +9,24 @@
 // GCC ignores vector_size on a typedef that depends on a template parameter: one type per width.
 template <int W>
 struct VecTypes;
+// splat spells every lane out: a loop of lane stores compiles to one masked broadcast per lane.
 template <>
 struct VecTypes<4> {
   typedef float F __attribute__((vector_size(16)));
   typedef int I __attribute__((vector_size(16)));
+  static F splat(float x) { return F{x, x, x, x}; }
 };
 template <>
 struct VecTypes<8> {
   typedef float F __attribute__((vector_size(32)));
   typedef int I __attribute__((vector_size(32)));
+  static F splat(float x) { return F{x, x, x, x, x, x, x, x}; }
 };
 template <>
 struct VecTypes<16> {
   typedef float F __attribute__((vector_size(64)));
   typedef int I __attribute__((vector_size(64)));
+  static F splat(float x) { return F{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 };
 
 template <int W>
@@ -31,11 +35,7 @@ struct Vec {
   typedef typename VecTypes<W>::I I;
   F v;
 
-  static Vec splat(float x) {
-    Vec r;
-    for (int i = 0; i < W; ++i) r.v[i] = x;
-    return r;
-  }
+  static Vec splat(float x) { return Vec{VecTypes<W>::splat(x)}; }
   static Vec load(const float* p) {
     Vec r;
     __builtin_memcpy(&r.v, p, sizeof(F));
@@ -72,6 +72,37 @@ inline typename Vec<W>::F vexp(typename Vec<W>::F x) {
   p = p * r + kExpP5;
   p = p * r * r + r + 1.0f;
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  F scale;
+  __builtin_memcpy(&scale, &bits, sizeof(F));
+  const F res = p * scale;
+  return under ? Vec<W>::splat(0.0f).v : res;
+}
+
+// vexp for the softmax's x <= 0 (scores minus their max or log-sum-exp; -inf too), in 17 operations
+// instead of 24: no upper clamp, and x / ln2 rounded by adding 1.5 * 2^23, whose low mantissa bits are
+// then the exponent (the same polynomial and error; it differs from vexp only where x / ln2 is a tie).
+// Exactly 0 below kExpLo.
+template <int W>
+inline typename Vec<W>::F vexp_nonpositive(typename Vec<W>::F x) {
+  typedef typename Vec<W>::F F;
+  typedef typename Vec<W>::I I;
+  using namespace ::mmkernels::fast_math;
+  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23
+  const I under = x < kExpLo;
+  const F t = x * kLog2e + kShift;
+  const F n = t - kShift;
+  F r = x - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  F p = Vec<W>::splat(kExpP0).v;
+  p = p * r + kExpP1;
+  p = p * r + kExpP2;
+  p = p * r + kExpP3;
+  p = p * r + kExpP4;
+  p = p * r + kExpP5;
+  p = p * r * r + r + 1.0f;
+  I bits;
+  __builtin_memcpy(&bits, &t, sizeof(F));
+  bits = (bits + 127) << 23;
   F scale;
   __builtin_memcpy(&scale, &bits, sizeof(F));
   const F res = p * scale;
