@@ -52,16 +52,11 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* gop = go.data_ptr<scalar_t>();
   const scalar_t* orp = o_raw.data_ptr<scalar_t>();
-  std::vector<const scalar_t*> kp(M), vp(M);
+  const SegmentTensors<scalar_t> ks(keys), vs(values);
   std::vector<scalar_t*> dkp(M), dvp(M);
-  std::vector<int64_t> skb(M), skl(M), skh(M), svb(M), svl(M), svh(M);
   for (int64_t m = 0; m < M; ++m) {
-    kp[m] = keys[m].data_ptr<scalar_t>();
-    vp[m] = values[m].data_ptr<scalar_t>();
     dkp[m] = dk[m].data_ptr<scalar_t>();
     dvp[m] = dv[m].data_ptr<scalar_t>();
-    skb[m] = keys[m].stride(0), skl[m] = keys[m].stride(1), skh[m] = keys[m].stride(2);
-    svb[m] = values[m].stride(0), svl[m] = values[m].stride(1), svh[m] = values[m].stride(2);
   }
   scalar_t* dqp = dq.data_ptr<scalar_t>();
 
@@ -121,8 +116,8 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
           lim[r] = lrow[r] == ninf ? 0 : p.visible(b, m, r / G);
           maxlim = std::max(maxlim, lim[r]);
         }
-        const scalar_t* kbase = kp[m] + b * skb[m] + kvh * skh[m];
-        const scalar_t* vbase = vp[m] + b * svb[m] + kvh * svh[m];
+        const scalar_t* kbase = ks.rows(m, b, kvh);
+        const scalar_t* vbase = vs.rows(m, b, kvh);
         const bool* mask = p.mask_row(b, m);
         // Output grads: (B, Lk, Hkv, W) with the strides of empty_like(input) (unit last dim).
         const int64_t Lk = p.Lk[m];
@@ -139,8 +134,8 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
           std::fill(dVt.begin(), dVt.begin() + n * Dv, acc_t(0));
           if (mask_bias(sc.mbias.data(), mask, j0, n)) {  // a fully masked block only gets zero grads
             int64_t ldk, ldv;
-            const acc_t* Kp = load_rows<scalar_t, acc_t>(kbase, skl[m], j0, n, D, Kt.data(), &ldk);
-            const acc_t* Vp = load_rows<scalar_t, acc_t>(vbase, svl[m], j0, n, Dv, Vt.data(), &ldv);
+            const acc_t* Kp = load_rows<scalar_t, acc_t>(kbase, ks.row_stride(m), j0, n, D, Kt.data(), &ldk);
+            const acc_t* Vp = load_rows<scalar_t, acc_t>(vbase, vs.row_stride(m), j0, n, Dv, Vt.data(), &ldv);
             // Rows are ordered by query position, so (causal) visibility is nondecreasing in r
             // except for rows with lse = -inf; skip leading blocks that see nothing.
             int64_t rstart = 0;

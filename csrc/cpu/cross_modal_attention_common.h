@@ -154,6 +154,22 @@ inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
   return (t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
+// Data pointer and strides of each segment's (B, L, H, W) keys or values.
+template <typename scalar_t>
+struct SegmentTensors {
+  std::vector<const scalar_t*> data;
+  std::vector<int64_t> sb, sl, sh;  // batch, row (position) and head strides
+  explicit SegmentTensors(at::TensorList ts) {
+    for (const at::Tensor& t : ts) {
+      data.push_back(t.data_ptr<scalar_t>());
+      sb.push_back(t.stride(0)), sl.push_back(t.stride(1)), sh.push_back(t.stride(2));
+    }
+  }
+  // Row 0 of segment m at (b, h); row j is at row_stride(m) * j from it.
+  const scalar_t* rows(int64_t m, int64_t b, int64_t h) const { return data[m] + b * sb[m] + h * sh[m]; }
+  int64_t row_stride(int64_t m) const { return sl[m]; }
+};
+
 // Rows [j0, j0 + n) of a (B, L, H, W) tensor at fixed (b, h), as an acc_t matrix: a direct
 // pointer when no conversion is needed and the row stride is BLAS-compatible, otherwise a copy
 // into `buf` (n x W, ld = W).

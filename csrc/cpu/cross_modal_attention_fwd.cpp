@@ -82,14 +82,7 @@ void cross_modal_attention_fwd_gemm(const CrossModalAttentionProblem& p, const a
 
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const int64_t sqb = q.stride(0), sql = q.stride(1), sqh = q.stride(2);
-  std::vector<const scalar_t*> kp(M), vp(M);
-  std::vector<int64_t> skb(M), skl(M), skh(M), svb(M), svl(M), svh(M);
-  for (int64_t m = 0; m < M; ++m) {
-    kp[m] = keys[m].data_ptr<scalar_t>();
-    vp[m] = values[m].data_ptr<scalar_t>();
-    skb[m] = keys[m].stride(0), skl[m] = keys[m].stride(1), skh[m] = keys[m].stride(2);
-    svb[m] = values[m].stride(0), svl[m] = values[m].stride(1), svh[m] = values[m].stride(2);
-  }
+  const SegmentTensors<scalar_t> ks(keys), vs(values);
   scalar_t* op = out.data_ptr<scalar_t>();
   scalar_t* orp = out_raw ? out_raw->data_ptr<scalar_t>() : nullptr;
   acc_t* lp = lse.data_ptr<acc_t>();
@@ -133,15 +126,15 @@ void cross_modal_attention_fwd_gemm(const CrossModalAttentionProblem& p, const a
           maxlim = std::max(maxlim, lim[r]);
           brow[r] = static_cast<acc_t>(p.bias_at(kvh * G + r % G, m));
         }
-        const scalar_t* kbase = kp[m] + b * skb[m] + kvh * skh[m];
-        const scalar_t* vbase = vp[m] + b * svb[m] + kvh * svh[m];
+        const scalar_t* kbase = ks.rows(m, b, kvh);
+        const scalar_t* vbase = vs.rows(m, b, kvh);
         const bool* mask = p.mask_row(b, m);
         for (int64_t j0 = 0; j0 < maxlim; j0 += kFwdKeys) {
           const int64_t n = std::min(kFwdKeys, maxlim - j0);
           if (!mask_bias(mbias, mask, j0, n)) continue;  // a fully masked block changes nothing
           int64_t ldk, ldv;
-          const acc_t* Kp = load_rows<scalar_t, acc_t>(kbase, skl[m], j0, n, D, Kt.data(), &ldk);
-          const acc_t* Vp = load_rows<scalar_t, acc_t>(vbase, svl[m], j0, n, Dv, Vt.data(), &ldv);
+          const acc_t* Kp = load_rows<scalar_t, acc_t>(kbase, ks.row_stride(m), j0, n, D, Kt.data(), &ldk);
+          const acc_t* Vp = load_rows<scalar_t, acc_t>(vbase, vs.row_stride(m), j0, n, Dv, Vt.data(), &ldv);
           gemm(false, true, R, n, D, acc_t(1), Qb.data(), D, Kp, ldk, acc_t(0), S.data(),
                kFwdKeys);
           for (int64_t r = 0; r < R; ++r) {
@@ -201,14 +194,7 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
 
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const int64_t sqb = q.stride(0), sql = q.stride(1), sqh = q.stride(2);
-  std::vector<const scalar_t*> kp(M), vp(M);
-  std::vector<int64_t> skb(M), skl(M), skh(M), svb(M), svl(M), svh(M);
-  for (int64_t m = 0; m < M; ++m) {
-    kp[m] = keys[m].data_ptr<scalar_t>();
-    vp[m] = values[m].data_ptr<scalar_t>();
-    skb[m] = keys[m].stride(0), skl[m] = keys[m].stride(1), skh[m] = keys[m].stride(2);
-    svb[m] = values[m].stride(0), svl[m] = values[m].stride(1), svh[m] = values[m].stride(2);
-  }
+  const SegmentTensors<scalar_t> ks(keys), vs(values);
   scalar_t* op = out.data_ptr<scalar_t>();
   scalar_t* orp = out_raw ? out_raw->data_ptr<scalar_t>() : nullptr;
   float* lp = lse.data_ptr<float>();
@@ -258,8 +244,8 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
         sc.row_bias[r] = r < R ? static_cast<float>(p.bias_at(kvh * G + r % G, m)) : 0.f;
         max_visible = std::max(max_visible, sc.visible[r]);
       }
-      const scalar_t* kbase = kp[m] + b * skb[m] + kvh * skh[m];
-      const scalar_t* vbase = vp[m] + b * svb[m] + kvh * svh[m];
+      const scalar_t* kbase = ks.rows(m, b, kvh);
+      const scalar_t* vbase = vs.rows(m, b, kvh);
       const bool* mask = p.mask_row(b, m);
       for (int64_t j0 = 0; j0 < max_visible; j0 += kTileKeys) {
         const int64_t n = std::min(kTileKeys, max_visible - j0);
@@ -270,16 +256,14 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
         const int64_t next = last ? 0 : j0 + kTileKeys;
         const int64_t n_next =
             mn == M ? 0 : std::min(kTileKeys, (last ? p.kv_len[b * M + mn] : max_visible) - next);
-        const scalar_t* knext = mn == M ? kbase : kp[mn] + b * skb[mn] + kvh * skh[mn];
-        const scalar_t* vnext = mn == M ? vbase : vp[mn] + b * svb[mn] + kvh * svh[mn];
-        pack_rows<scalar_t>(kbase, skl[m], j0, n, D, sc.Kt.data());
-        pack_rows<scalar_t>(vbase, svl[m], j0, n, Dv, sc.Vt.data());
+        pack_rows<scalar_t>(kbase, ks.row_stride(m), j0, n, D, sc.Kt.data());
+        pack_rows<scalar_t>(vbase, vs.row_stride(m), j0, n, Dv, sc.Vt.data());
         blk.k = sc.Kt.data(), blk.v = sc.Vt.data();
-        blk.next_k = n_next > 0 ? knext + next * skl[mn] : nullptr;
-        blk.next_v = n_next > 0 ? vnext + next * svl[mn] : nullptr;
         blk.next_n = std::max<int64_t>(n_next, 0);
-        blk.next_k_stride = n_next > 0 ? skl[mn] * sizeof(scalar_t) : 0;
-        blk.next_v_stride = n_next > 0 ? svl[mn] * sizeof(scalar_t) : 0;
+        blk.next_k = n_next > 0 ? ks.rows(mn, b, kvh) + next * ks.row_stride(mn) : nullptr;
+        blk.next_v = n_next > 0 ? vs.rows(mn, b, kvh) + next * vs.row_stride(mn) : nullptr;
+        blk.next_k_stride = n_next > 0 ? ks.row_stride(mn) * sizeof(scalar_t) : 0;
+        blk.next_v_stride = n_next > 0 ? vs.row_stride(mn) * sizeof(scalar_t) : 0;
         blk.next_row_bytes_k = D * sizeof(scalar_t), blk.next_row_bytes_v = Dv * sizeof(scalar_t);
         blk.ldk = D, blk.ldv = Dv, blk.n = n;
         blk.mask_bias = mask ? sc.mbias.data() : nullptr;

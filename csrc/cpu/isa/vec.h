@@ -49,6 +49,19 @@ inline typename Vec<W>::F vmax(typename Vec<W>::F a, typename Vec<W>::F b) {
   return a > b ? a : b;
 }
 
+// exp(r) on the reduced range |r| <= ln2 / 2 (fast_expf's polynomial).
+template <int W>
+inline typename Vec<W>::F vexp_poly(typename Vec<W>::F r) {
+  using namespace ::mmkernels::fast_math;
+  typename Vec<W>::F p = Vec<W>::splat(kExpP0).v;
+  p = p * r + kExpP1;
+  p = p * r + kExpP2;
+  p = p * r + kExpP3;
+  p = p * r + kExpP4;
+  p = p * r + kExpP5;
+  return p * r * r + r + 1.0f;
+}
+
 template <int W>
 inline typename Vec<W>::F vexp(typename Vec<W>::F x) {
   typedef typename Vec<W>::F F;
@@ -64,13 +77,7 @@ inline typename Vec<W>::F vexp(typename Vec<W>::F x) {
   n = n > t ? n - 1.0f : n;
   F r = xc - n * kLn2Hi;
   r = r - n * kLn2Lo;
-  F p = Vec<W>::splat(kExpP0).v;
-  p = p * r + kExpP1;
-  p = p * r + kExpP2;
-  p = p * r + kExpP3;
-  p = p * r + kExpP4;
-  p = p * r + kExpP5;
-  p = p * r * r + r + 1.0f;
+  const F p = vexp_poly<W>(r);
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
   F scale;
   __builtin_memcpy(&scale, &bits, sizeof(F));
@@ -93,13 +100,7 @@ inline typename Vec<W>::F vexp_nonpositive(typename Vec<W>::F x) {
   const F n = t - kShift;
   F r = x - n * kLn2Hi;
   r = r - n * kLn2Lo;
-  F p = Vec<W>::splat(kExpP0).v;
-  p = p * r + kExpP1;
-  p = p * r + kExpP2;
-  p = p * r + kExpP3;
-  p = p * r + kExpP4;
-  p = p * r + kExpP5;
-  p = p * r * r + r + 1.0f;
+  const F p = vexp_poly<W>(r);
   I bits;
   __builtin_memcpy(&bits, &t, sizeof(F));
   bits = (bits + 127) << 23;
