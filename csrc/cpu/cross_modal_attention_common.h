@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstring>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -189,21 +188,6 @@ inline const acc_t* load_rows(const scalar_t* base, int64_t row_stride, int64_t 
   }
   *ld = W;
   return buf;
-}
-
-// Rows [j0, j0 + n) of a (B, L, H, W) tensor at fixed (b, h) copied into `buf` as floats (n x W,
-// contiguous): one L1-resident stretch for the vector kernels, read row by row as stored.
-template <typename scalar_t>
-inline void pack_rows(const scalar_t* base, int64_t row_stride, int64_t j0, int64_t n, int64_t W, float* buf) {
-  for (int64_t j = 0; j < n; ++j) {
-    const scalar_t* src = base + (j0 + j) * row_stride;
-    float* dst = buf + j * W;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      std::memcpy(dst, src, W * sizeof(float));
-    } else {
-      for (int64_t d = 0; d < W; ++d) dst[d] = static_cast<float>(src[d]);
-    }
-  }
 }
 
 // Runs body(task, scratch) for task in [0, n) on the intra-op thread pool with dynamic

@@ -256,16 +256,17 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
         const int64_t next = last ? 0 : j0 + kTileKeys;
         const int64_t n_next =
             mn == M ? 0 : std::min(kTileKeys, (last ? p.kv_len[b * M + mn] : max_visible) - next);
-        pack_rows<scalar_t>(kbase, ks.row_stride(m), j0, n, D, sc.Kt.data());
-        pack_rows<scalar_t>(vbase, vs.row_stride(m), j0, n, Dv, sc.Vt.data());
-        blk.k = sc.Kt.data(), blk.v = sc.Vt.data();
+        int64_t ldk, ldv;
+        blk.k = load_rows<scalar_t, float>(kbase, ks.row_stride(m), j0, n, D, sc.Kt.data(), &ldk);
+        blk.v = load_rows<scalar_t, float>(vbase, vs.row_stride(m), j0, n, Dv, sc.Vt.data(), &ldv);
+        blk.ldk = ldk, blk.ldv = ldv;
         blk.next_n = std::max<int64_t>(n_next, 0);
         blk.next_k = n_next > 0 ? ks.rows(mn, b, kvh) + next * ks.row_stride(mn) : nullptr;
         blk.next_v = n_next > 0 ? vs.rows(mn, b, kvh) + next * vs.row_stride(mn) : nullptr;
         blk.next_k_stride = n_next > 0 ? ks.row_stride(mn) * sizeof(scalar_t) : 0;
         blk.next_v_stride = n_next > 0 ? vs.row_stride(mn) * sizeof(scalar_t) : 0;
         blk.next_row_bytes_k = D * sizeof(scalar_t), blk.next_row_bytes_v = Dv * sizeof(scalar_t);
-        blk.ldk = D, blk.ldv = Dv, blk.n = n;
+        blk.n = n;
         blk.mask_bias = mask ? sc.mbias.data() : nullptr;
         for (int64_t r = 0; r < rp; ++r)
           sc.limit[r] = static_cast<int>(std::clamp<int64_t>(sc.visible[r] - j0, 0, n));
