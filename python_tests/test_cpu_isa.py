@@ -88,9 +88,10 @@ def test_attention_every_level(at_level, causal):
         torch.testing.assert_close(a.double(), b, **_tol())
 
 
-# Shapes that reach every remainder of the forward's register tiles at every width (4, 8, 16 floats):
-# query rows (positions x grouped heads) below, at and past a vector, head dims of 1 to past a tile of
-# 6 outputs, keys past a block of 128 and short of a tile, a segment's bias of -inf, half inputs.
+# Shapes that reach every remainder of the register tiles at every width (4, 8, 16 floats): query
+# rows (positions x grouped heads) below, at and past a vector and past a row block of 64, head dims
+# of 1 to past a tile of 6 outputs and not whole vectors, keys past a block of 128 and short of a
+# tile, a segment's bias of -inf, half inputs; forward and every gradient.
 @pytest.mark.parametrize("at_level", LEVELS, indirect=True)
 @pytest.mark.parametrize(
     "Lq,Hq,Hkv,D,Dv,Lks,dtype",
@@ -98,11 +99,11 @@ def test_attention_every_level(at_level, causal):
         (1, 1, 1, 1, 1, (1,), torch.float32),
         (5, 3, 1, 7, 29, (131, 4), torch.float32),
         (17, 2, 2, 64, 70, (257,), torch.float32),
-        (64, 1, 1, 33, 16, (13, 140), torch.float32),
+        (70, 1, 1, 33, 16, (13, 140), torch.float32),
         (40, 8, 2, 16, 6, (129,), torch.float16),
     ],
 )
-def test_attention_forward_tiles_every_level(at_level, Lq, Hq, Hkv, D, Dv, Lks, dtype):
+def test_attention_tiles_every_level(at_level, Lq, Hq, Hkv, D, Dv, Lks, dtype):
     g = torch.Generator().manual_seed(Lq * 1000 + D)
     B, M = 2, len(Lks)
     q = torch.randn(B, Lq, Hq, D, generator=g, dtype=torch.float64)
@@ -111,12 +112,26 @@ def test_attention_forward_tiles_every_level(at_level, Lq, Hq, Hkv, D, Dv, Lks, 
     bias = torch.randn(Hq, M, generator=g, dtype=torch.float64)
     bias[0, 0] = float("-inf")
     q_lengths = torch.tensor([Lq, max(1, Lq - 3)])
-    low = [t.to(dtype) for t in (q, *keys, *values)]
-    kw = dict(modality_bias=bias.float(), q_lengths=q_lengths)
-    out = mmkernels.cross_modal_attention(low[0], low[1 : 1 + M], low[1 + M :], **kw, backend="cpu")
-    ref = cross_modal_attention_reference(q, keys, values, modality_bias=bias, q_lengths=q_lengths)
-    ref_low = cross_modal_attention_reference(low[0], low[1 : 1 + M], low[1 + M :], **kw, upcast=False)
+    leaves64 = [t.requires_grad_(True) for t in (q, *keys, *values)]
+    leaves_low = [t.detach().to(dtype).requires_grad_(True) for t in leaves64]
+    leaves_ref_low = [t.detach().to(dtype).requires_grad_(True) for t in leaves64]
+    bias64, bias32, bias_ref32 = (bias.requires_grad_(True), bias.detach().float().requires_grad_(True),
+                                  bias.detach().float().requires_grad_(True))
+    leaves64.append(bias64), leaves_low.append(bias32), leaves_ref_low.append(bias_ref32)
+    out = mmkernels.cross_modal_attention(leaves_low[0], leaves_low[1 : 1 + M], leaves_low[1 + M : 1 + 2 * M],
+                                          modality_bias=bias32, q_lengths=q_lengths, backend="cpu")
+    ref = cross_modal_attention_reference(leaves64[0], leaves64[1 : 1 + M], leaves64[1 + M : 1 + 2 * M],
+                                          modality_bias=bias64, q_lengths=q_lengths)
+    ref_low = cross_modal_attention_reference(leaves_ref_low[0], leaves_ref_low[1 : 1 + M],
+                                              leaves_ref_low[1 + M : 1 + 2 * M], modality_bias=bias_ref32,
+                                              q_lengths=q_lengths, upcast=False)
     assert_within_rule(out, ref, ref_low)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves_low, go.to(dtype))
+    grads64 = torch.autograd.grad(ref, leaves64, go)
+    grads_low = torch.autograd.grad(ref_low, leaves_ref_low, go.to(dtype))
+    for i, (a, b, c) in enumerate(zip(grads, grads64, grads_low)):
+        assert_within_rule(a, b, c, name=f"grad {i}")
 
 
 def test_levels_are_ordered_and_the_best_is_chosen():

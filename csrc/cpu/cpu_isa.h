@@ -23,6 +23,36 @@ struct GatedFusionRows {
 };
 constexpr int kMaxVecModalities = kMaxSegments;  // the op's limit; the kernels keep one vector per modality
 
+// A register-tiled product of the CPU attention (isa/attention_tiles.h), with vector lanes along the
+// contiguous dimension of `a` and `out`:
+//   out[i * ldo + l] = init + sum over t < len of b[i * b_outer + t * b_inner] * a[t * lda + l]
+// for outputs i < outer and lanes l < vecs * width; init = 0, out itself, or out times scale[l].
+enum TileInit : int { kTileZero = 0, kTileAccumulate = 1, kTileScale = 2 };
+struct TileProduct {
+  const float* a;
+  long long lda;
+  const float* b;
+  long long b_outer, b_inner, len;
+  float* out;
+  long long ldo;
+  int init;
+  const float* scale;
+  long long outer, vecs;
+};
+
+// The backward's elementwise step on a (key block x row block) tile held transposed (n x rp; see
+// attention_bwd_scores_rows): st -> P^T, dpt -> dS^T, ds_sum += each row's sum of dS.
+struct AttnBwdScores {
+  float* st;
+  float* dpt;
+  long long n, rp;
+  const float* mask_bias;  // (n,) or null
+  const int* limit;        // (rp,) visible keys of the block per row
+  const float* shift;      // (rp,) lse - bias per row
+  const float* di;         // (rp,) Di per row
+  float* ds_sum;           // (rp,)
+};
+
 // One key block of the fp32 attention forward (isa/attention_tiles.h) on a tile of R query rows, held
 // transposed with rp = R rounded up to the level's vector width (rows past R: zero in qt, limit 0).
 struct AttnFwdBlock {
@@ -51,12 +81,11 @@ struct CpuIsaKernels {
   void (*gated_fusion_fwd)(const GatedFusionRows& rows, float* fused, float* gates, long long n0, long long n1);
   void (*gated_fusion_bwd)(const GatedFusionRows& rows, const float* grad_fused, const float* grad_gates, float* df,
                            float* dl, long long n0, long long n1);
-  // Attention rows (isa/softmax_rows.h): max of s[0, n); s = exp(s - c) returning its sum;
-  // s = P = exp(s - c), dp = P (dp - delta) returning the sum of dp.
-  float (*row_max)(const float* s, long long n);
-  float (*exp_sum)(float* s, long long n, float c);
-  float (*exp_ds)(float* s, float* dp, long long n, float c, float delta);
+  // Attention (isa/attention_tiles.h): one forward key block, a register-tiled product, the backward's
+  // elementwise step.
   void (*attention_fwd_block)(const AttnFwdBlock& block);
+  void (*tile_product)(const TileProduct& product);
+  void (*attention_bwd_scores)(const AttnBwdScores& tile);
 };
 
 // nullptr where the level is not compiled in (not x86-64).

@@ -2,6 +2,8 @@
 // Parallel over (batch, kv head) tasks: a task owns the dK/dV rows of its kv head and the dQ
 // rows of the G query heads sharing it, so there are no races and no float atomics; per-task
 // partials of grad_bias / grad_gate are reduced afterwards in a fixed order (deterministic).
+// This file: the op's entry point and the fp64 path (BLAS products on row-major tiles); fp32
+// accumulation is in cross_modal_attention_bwd_tiles.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -17,18 +19,16 @@
 #include <vector>
 
 #include "../common/fast_math.h"
+#include "cross_modal_attention_bwd.h"
 #include "cross_modal_attention_common.h"
 #include "cpu_blas.h"
-#include "cpu_isa.h"
 
 namespace mmkernels::cpu {
 namespace {
 
-constexpr int64_t kBwdRows = 64;   // row block (query positions x grouped heads)
-constexpr int64_t kBwdKeys = 128;  // key block
-
+// fp64: BLAS products on row-major tiles.
 template <typename scalar_t>
-void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const at::Tensor& go, const at::Tensor* glse,
+void cross_modal_attention_bwd_gemm(const CrossModalAttentionProblem& p, const at::Tensor& go, const at::Tensor* glse,
                   const at::Tensor& q, at::TensorList keys, at::TensorList values,
                   const at::Tensor& o_raw, const at::Tensor& lse_in, double scale_d,
                   at::Tensor& dq, std::vector<at::Tensor>& dk, std::vector<at::Tensor>& dv,
@@ -38,27 +38,14 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
                 G = p.G;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  const CpuIsaKernels& isa = current_kernels();
 
-  const at::Tensor lse = lse_in.to(lse_in.options().dtype(c10::CppTypeToScalarType<acc_t>::value))
-                             .contiguous();
-  at::Tensor glse_c;
-  if (glse) glse_c = glse->to(glse->options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  const acc_t* lsep = lse.data_ptr<acc_t>();
-  const acc_t* glp = glse ? glse_c.data_ptr<acc_t>() : nullptr;
-  const int64_t sgl0 = glse ? glse_c.stride(0) : 0, sgl1 = glse ? glse_c.stride(1) : 0,
-                sgl2 = glse ? glse_c.stride(2) : 0;
-
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* gop = go.data_ptr<scalar_t>();
-  const scalar_t* orp = o_raw.data_ptr<scalar_t>();
+  const BwdRowReader<scalar_t, acc_t> rows(q, go, o_raw, lse_in, glse);
   const SegmentTensors<scalar_t> ks(keys), vs(values);
   std::vector<scalar_t*> dkp(M), dvp(M);
   for (int64_t m = 0; m < M; ++m) {
     dkp[m] = dk[m].data_ptr<scalar_t>();
     dvp[m] = dv[m].data_ptr<scalar_t>();
   }
-  scalar_t* dqp = dq.data_ptr<scalar_t>();
 
   // Per-task partials: grad_bias (B, Hq, M), grad_gate dot products (B, Hq).
   std::vector<double> gb_part(static_cast<size_t>(B * Hq * M), 0.0);
@@ -68,6 +55,9 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
     std::vector<acc_t> Qs, dO, dQ, Di, lrow;
     std::vector<int64_t> lim;
     std::vector<acc_t> S, dP, dKt, dVt, Kt, Vt, mbias;
+    void trim() {
+      for (auto* v : {&Qs, &dO, &dQ}) trim_scratch(*v);
+    }
   };
   auto size_scratch = [&](Scratch& sc) {
     sc.S.resize(kBwdRows * kBwdKeys);
@@ -93,21 +83,11 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
       lrow.resize(R);
       lim.resize(R);
       for (int64_t r = 0; r < R; ++r) {
-        const int64_t i = r / G, g = r % G, h = kvh * G + g;
-        const scalar_t* qs = qp + b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
-        const scalar_t* gs = gop + b * go.stride(0) + i * go.stride(1) + h * go.stride(2);
-        const scalar_t* os = orp + b * o_raw.stride(0) + i * o_raw.stride(1) + h * o_raw.stride(2);
-        for (int64_t d = 0; d < D; ++d) Qs[r * D + d] = static_cast<acc_t>(qs[d]) * scale;
-        const acc_t gt = static_cast<acc_t>(p.gate_at(h));
-        acc_t dot = 0;
-        for (int64_t d = 0; d < Dv; ++d) {
-          const acc_t gv = static_cast<acc_t>(gs[d]);
-          dot += gv * static_cast<acc_t>(os[d]);
-          dO[r * Dv + d] = gt * gv;
-        }
+        const int64_t i = r / G, h = kvh * G + r % G;
+        const acc_t dot = rows.read(
+            b, i, h, Lq, scale, static_cast<acc_t>(p.gate_at(h)), [&](int64_t d, acc_t v) { Qs[r * D + d] = v; },
+            [&](int64_t d, acc_t v) { dO[r * Dv + d] = v; }, &lrow[r], &Di[r]);
         gg_part[b * Hq + h] += static_cast<double>(dot);
-        lrow[r] = lsep[(b * Hq + h) * Lq + i];
-        Di[r] = gt * dot - (glp ? glp[b * sgl0 + h * sgl1 + i * sgl2] : acc_t(0));
       }
 
       for (int64_t m = 0; m < M; ++m) {
@@ -159,17 +139,13 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
                 const acc_t c = lrow[r] - static_cast<acc_t>(p.bias_at(h, m));
                 const acc_t di = Di[r];
                 acc_t sum = 0;
-                if constexpr (std::is_same_v<acc_t, float>) {
-                  sum = isa.exp_ds(s, dp, lr, c, di);
-                } else {
 #pragma omp simd reduction(+ : sum)
-                  for (int64_t j = 0; j < lr; ++j) {
-                    const acc_t pj = fast_exp(s[j] - c);
-                    const acc_t ds = pj * (dp[j] - di);
-                    s[j] = pj;
-                    dp[j] = ds;
-                    sum += ds;
-                  }
+                for (int64_t j = 0; j < lr; ++j) {
+                  const acc_t pj = fast_exp(s[j] - c);
+                  const acc_t ds = pj * (dp[j] - di);
+                  s[j] = pj;
+                  dp[j] = ds;
+                  sum += ds;
                 }
                 for (int64_t j = lr; j < n; ++j) s[j] = dp[j] = 0;
                 gb_part[(b * Hq + h) * M + m] += static_cast<double>(sum);
@@ -190,49 +166,15 @@ void cross_modal_attention_bwd_impl(const CrossModalAttentionProblem& p, const a
             for (int64_t d = 0; d < Dv; ++d) v[d] = static_cast<scalar_t>(dVt[j * Dv + d]);
           }
         }
-        for (int64_t j = maxlim; j < Lk; ++j) {
-          scalar_t* a = dk_row(j);
-          scalar_t* v = dv_row(j);
-          for (int64_t d = 0; d < D; ++d) a[d] = scalar_t(0);
-          for (int64_t d = 0; d < Dv; ++d) v[d] = scalar_t(0);
-        }
+        zero_grad_rows(dk0, dks, D, maxlim, Lk);
+        zero_grad_rows(dv0, dvs, Dv, maxlim, Lk);
       }
 
-      for (int64_t i = 0; i < Lq; ++i) {
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t h = kvh * G + g;
-          scalar_t* dst = dqp + b * dq.stride(0) + i * dq.stride(1) + h * dq.stride(2);
-          if (i >= ql) {
-            for (int64_t d = 0; d < D; ++d) dst[d] = scalar_t(0);
-          } else {
-            const acc_t* src = dQ.data() + (i * G + g) * D;
-            for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d] * scale);
-          }
-        }
-      }
+      write_dq_rows<scalar_t, acc_t>(p, dq, b, kvh, ql, dQ.data(), D, 1, scale);
     }
   });
 
-  // Deterministic reductions over the batch.
-  acc_t* gbp = gbias.data_ptr<acc_t>();
-  acc_t* ggp = ggate.data_ptr<acc_t>();
-  if (!p.bias.empty()) {
-    for (int64_t h = 0; h < Hq; ++h)
-      for (int64_t m = 0; m < M; ++m) {
-        double s = 0;
-        for (int64_t b = 0; b < B; ++b) s += gb_part[(b * Hq + h) * M + m];
-        gbp[h * M + m] = static_cast<acc_t>(s);
-      }
-  }
-  if (!p.gate_t.empty()) {
-    for (int64_t h = 0; h < Hq; ++h) {
-      double s = 0;
-      for (int64_t b = 0; b < B; ++b) s += gg_part[b * Hq + h];
-      const double tt = p.gate_t[h];
-      ggate.data_ptr<acc_t>()[h] = static_cast<acc_t>((1.0 - tt * tt) * s);
-    }
-  }
-  (void)ggp;
+  reduce_partials<acc_t>(p, gb_part, gg_part, gbias, ggate);
 }
 
 // Gradient buffer with the layout of torch.empty_like(input) (what the fake kernel returns:
@@ -284,8 +226,13 @@ cross_modal_attention_bwd_cpu(const at::Tensor& grad_out_in, const std::optional
   at::Tensor ggate = at::zeros({p.Hq}, q.options().dtype(acc_type));
   const at::Tensor* glse = grad_lse.has_value() ? &*grad_lse : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "cross_modal_attention_bwd_cpu", [&] {
-    cross_modal_attention_bwd_impl<scalar_t>(p, go, glse, q, keys, values, o_raw, lse, scale, dq, dk, dv, gbias,
-                           ggate);
+    if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
+      cross_modal_attention_bwd_tiles<scalar_t>(p, go, glse, q, keys, values, o_raw, lse, scale, dq, dk, dv, gbias,
+                                                ggate);
+    } else {
+      cross_modal_attention_bwd_gemm<scalar_t>(p, go, glse, q, keys, values, o_raw, lse, scale, dq, dk, dv, gbias,
+                                               ggate);
+    }
   });
   return {dq, dk, dv, gbias, ggate};
 }

@@ -190,12 +190,21 @@ inline const acc_t* load_rows(const scalar_t* base, int64_t row_stride, int64_t 
   return buf;
 }
 
+constexpr size_t kKeptScratchBytes = size_t(4) << 20;
+
+template <typename T>
+void trim_scratch(std::vector<T>& v) {
+  if (v.capacity() * sizeof(T) > kKeptScratchBytes) std::vector<T>().swap(v);
+}
+
 // Runs body(task, scratch) for task in [0, n) on the intra-op thread pool with dynamic
 // scheduling (tasks differ in cost through padding, and a busy machine may stall one thread).
 // Each worker's `Scratch` (tile buffers) is its thread's own, kept from call to call and sized by
 // size_scratch(scratch) (vectors resized: they only grow): no allocation per call once grown. Freeing
 // per call also let glibc trim its heap, so that the next op's outputs page-faulted in again.
 // Results do not depend on which worker runs a task, so the kernels stay deterministic.
+// Scratch sized by the input's length (not by a tile) calls trim_scratch on it from trim(): a buffer
+// past kKeptScratchBytes is freed after the call rather than kept by the thread.
 template <typename Scratch, typename SizeScratch, typename Body>
 void parallel_tasks(int64_t n, const SizeScratch& size_scratch, const Body& body) {
   if (n <= 0) return;
@@ -205,6 +214,7 @@ void parallel_tasks(int64_t n, const SizeScratch& size_scratch, const Body& body
     static thread_local Scratch scratch;
     size_scratch(scratch);
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(t, scratch);
+    scratch.trim();
   });
 }
 

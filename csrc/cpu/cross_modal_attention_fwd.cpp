@@ -1,7 +1,8 @@
 // CPU forward of mmkernels::cross_modal_attention_fwd: blocked online-softmax attention over M key segments.
 // Parallel over (batch, kv head, query block) tasks; each task stacks the G query heads that
-// share its kv head into one row block so every K/V tile is read once per task. Q·K^T and P·V
-// are small GEMMs on thread-local tiles; key blocks past the valid length are never visited.
+// share its kv head into one row block so every K/V tile is read once per task; key blocks past the
+// valid length are never visited. fp32 accumulation (float, half, bfloat16) runs the chosen level's
+// register tiles (isa/attention_tiles.h); fp64 runs BLAS products on thread-local tiles.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -90,6 +91,7 @@ void cross_modal_attention_fwd_gemm(const CrossModalAttentionProblem& p, const a
   struct Scratch {
     std::vector<acc_t> Qb, S, acc, Kt, Vt, mrow, lrow, brow, mbias;
     std::vector<int64_t> lim;
+    void trim() {}  // sized by tiles only
   };
   auto size_scratch = [&](Scratch& sc) {
     sc.Qb.resize(R_max * D), sc.S.resize(R_max * kFwdKeys), sc.acc.resize(R_max * Dv);
@@ -203,6 +205,7 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
     std::vector<float> qt, st, acc_t, Kt, Vt, row_max, row_sum, row_bias, alpha, mbias;
     std::vector<int> limit;
     std::vector<int64_t> visible;
+    void trim() {}  // sized by tiles only
   };
   auto size_scratch = [&](Scratch& sc) {
     sc.qt.resize(D * rp_max), sc.st.resize(kTileKeys * rp_max), sc.acc_t.resize(rp_max * Dv);

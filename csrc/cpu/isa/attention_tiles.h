@@ -23,15 +23,15 @@ constexpr int outer_tile() {
   return RC == 2 ? 6 : 12;
 }
 
-// out[i * rp + c * W + l] = init + sum over t < len of b[i * b_outer + t * b_inner] * a[t * rp + c * W + l]
-// for i < JJ, c < RC, lanes l; init = 0, or out's own value times scale[c * W + l] when scale is set.
+// out[i * ldo + c * W + l] = init + sum over t < len of b[i * b_outer + t * b_inner] * a[t * lda + c * W + l]
+// for i < JJ, c < RC, lanes l; init = 0, out's own value, or out's own value times scale[c * W + l].
 template <int W, int RC, int JJ>
-inline void tile_product(const float* __restrict__ a, long long rp, const float* __restrict__ b, long long b_outer,
-                         long long b_inner, long long len, float* __restrict__ out,
+inline void tile_product(const float* __restrict__ a, long long lda, const float* __restrict__ b, long long b_outer,
+                         long long b_inner, long long len, float* __restrict__ out, long long ldo, int init,
                          const float* __restrict__ scale) {
   typedef typename Vec<W>::F F;
   F acc[JJ][RC];
-  if (scale == nullptr) {
+  if (init == kTileZero) {
 #pragma GCC unroll 16
     for (int i = 0; i < JJ; ++i)
 #pragma GCC unroll 16
@@ -39,15 +39,15 @@ inline void tile_product(const float* __restrict__ a, long long rp, const float*
   } else {
 #pragma GCC unroll 16
     for (int c = 0; c < RC; ++c) {
-      const F s = Vec<W>::load(scale + c * W).v;
+      const F s = init == kTileScale ? Vec<W>::load(scale + c * W).v : Vec<W>::splat(1.f).v;
 #pragma GCC unroll 16
-      for (int i = 0; i < JJ; ++i) acc[i][c] = Vec<W>::load(out + i * rp + c * W).v * s;
+      for (int i = 0; i < JJ; ++i) acc[i][c] = Vec<W>::load(out + i * ldo + c * W).v * s;
     }
   }
   for (long long t = 0; t < len; ++t) {
     F av[RC];
 #pragma GCC unroll 16
-    for (int c = 0; c < RC; ++c) av[c] = Vec<W>::load(a + t * rp + c * W).v;
+    for (int c = 0; c < RC; ++c) av[c] = Vec<W>::load(a + t * lda + c * W).v;
 #pragma GCC unroll 16
     for (int i = 0; i < JJ; ++i) {
       const F bv = Vec<W>::splat(b[i * b_outer + t * b_inner]).v;
@@ -58,52 +58,47 @@ inline void tile_product(const float* __restrict__ a, long long rp, const float*
 #pragma GCC unroll 16
   for (int i = 0; i < JJ; ++i)
 #pragma GCC unroll 16
-    for (int c = 0; c < RC; ++c) Vec<W>{acc[i][c]}.store(out + i * rp + c * W);
+    for (int c = 0; c < RC; ++c) Vec<W>{acc[i][c]}.store(out + i * ldo + c * W);
 }
 
-// Outputs [0, outer) of row vectors [0, RC): full tiles, then the rest (below outer_tile <= 16) in
+// Outputs [0, outer) of lane vectors [0, RC): full tiles, then the rest (below outer_tile <= 16) in
 // tiles of 8, 4, 2 and 1.
 template <int W, int RC>
-inline void tile_product_outer(const float* a, long long rp, const float* b, long long b_outer, long long b_inner,
-                               long long len, float* out, const float* scale, long long outer) {
+inline void tile_product_outer(const TileProduct& t, const float* a, float* out, const float* scale) {
   constexpr int JJ = outer_tile<W, RC>();
   static_assert(JJ <= 16, "the rest is split into tiles of 8, 4, 2 and 1");
   long long i = 0;
-  for (; i + JJ <= outer; i += JJ)
-    tile_product<W, RC, JJ>(a, rp, b + i * b_outer, b_outer, b_inner, len, out + i * rp, scale);
-  if (outer - i >= 8) {
-    tile_product<W, RC, 8>(a, rp, b + i * b_outer, b_outer, b_inner, len, out + i * rp, scale);
-    i += 8;
+  for (; i + JJ <= t.outer; i += JJ)
+    tile_product<W, RC, JJ>(a, t.lda, t.b + i * t.b_outer, t.b_outer, t.b_inner, t.len, out + i * t.ldo, t.ldo,
+                            t.init, scale);
+#define MMK_TILE_REST(K)                                                                                      \
+  if (t.outer - i >= K) {                                                                                     \
+    tile_product<W, RC, K>(a, t.lda, t.b + i * t.b_outer, t.b_outer, t.b_inner, t.len, out + i * t.ldo, t.ldo, \
+                           t.init, scale);                                                                    \
+    i += K;                                                                                                   \
   }
-  if (outer - i >= 4) {
-    tile_product<W, RC, 4>(a, rp, b + i * b_outer, b_outer, b_inner, len, out + i * rp, scale);
-    i += 4;
-  }
-  if (outer - i >= 2) {
-    tile_product<W, RC, 2>(a, rp, b + i * b_outer, b_outer, b_inner, len, out + i * rp, scale);
-    i += 2;
-  }
-  if (outer - i >= 1) tile_product<W, RC, 1>(a, rp, b + i * b_outer, b_outer, b_inner, len, out + i * rp, scale);
+  MMK_TILE_REST(8)
+  MMK_TILE_REST(4)
+  MMK_TILE_REST(2)
+  MMK_TILE_REST(1)
+#undef MMK_TILE_REST
 }
 
-// The whole (outer x rp) product, in column chunks of row_vecs vectors.
+// The whole product (see TileProduct), in lane chunks of row_vecs vectors.
 template <int W>
-inline void tile_product_all(const float* a, long long rp, const float* b, long long b_outer, long long b_inner,
-                             long long len, float* out, const float* scale, long long outer) {
+inline void tile_product_all(const TileProduct& t) {
   constexpr int RC = row_vecs<W>();
-  const long long nvec = rp / W;
   long long c = 0;
-  for (; c + RC <= nvec; c += RC)
-    tile_product_outer<W, RC>(a + c * W, rp, b, b_outer, b_inner, len, out + c * W, scale ? scale + c * W : nullptr,
-                              outer);
-  if (c == nvec) return;
-  const float* ac = a + c * W;
-  float* oc = out + c * W;
-  const float* sc = scale ? scale + c * W : nullptr;
-  switch (nvec - c) {
-    case 1: tile_product_outer<W, 1>(ac, rp, b, b_outer, b_inner, len, oc, sc, outer); break;
-    case 2: tile_product_outer<W, 2>(ac, rp, b, b_outer, b_inner, len, oc, sc, outer); break;
-    default: tile_product_outer<W, 3>(ac, rp, b, b_outer, b_inner, len, oc, sc, outer); break;
+  for (; c + RC <= t.vecs; c += RC)
+    tile_product_outer<W, RC>(t, t.a + c * W, t.out + c * W, t.scale ? t.scale + c * W : nullptr);
+  if (c == t.vecs) return;
+  const float* ac = t.a + c * W;
+  float* oc = t.out + c * W;
+  const float* sc = t.scale ? t.scale + c * W : nullptr;
+  switch (t.vecs - c) {
+    case 1: tile_product_outer<W, 1>(t, ac, oc, sc); break;
+    case 2: tile_product_outer<W, 2>(t, ac, oc, sc); break;
+    default: tile_product_outer<W, 3>(t, ac, oc, sc); break;
   }
 }
 
@@ -165,10 +160,42 @@ void attention_fwd_block_rows(const AttnFwdBlock& a) {
       for (long long off = 0; off < a.next_row_bytes_k; off += 64) __builtin_prefetch(kr + off, 0, 2);
       for (long long off = 0; off < a.next_row_bytes_v; off += 64) __builtin_prefetch(vr + off, 0, 2);
     }
-    tile_product_all<W>(a.qt, a.rp, a.k + j * a.ldk, a.ldk, 1, a.D, a.st + j * a.rp, nullptr,
-                        a.n - j < kChunk ? a.n - j : kChunk);
+    const long long keys = a.n - j < kChunk ? a.n - j : kChunk;
+    tile_product_all<W>(TileProduct{a.qt, a.rp, a.k + j * a.ldk, a.ldk, 1, a.D, a.st + j * a.rp, a.rp,
+                                    kTileZero, nullptr, keys, a.rp / W});
   }
   softmax_block<W>(a.st, a.rp, a.n, a.mask_bias, a.limit, a.row_bias, a.row_max, a.row_sum, a.alpha);
   // O^T[d, r] = alpha[r] O^T[d, r] + sum_j V[j, d] P^T[j, r]
-  tile_product_all<W>(a.st, a.rp, a.v, 1, a.ldv, a.n, a.acc_t, a.alpha, a.Dv);
+  tile_product_all<W>(TileProduct{a.st, a.rp, a.v, 1, a.ldv, a.n, a.acc_t, a.rp, kTileScale, a.alpha, a.Dv,
+                                  a.rp / W});
+}
+
+// The backward's elementwise step on one (key block x row block), transposed (n x rp, rows in lanes):
+// P = exp(s + mask bias - shift) for keys below the row's limit (0 elsewhere), shift = lse - bias, and
+// dS = P (dP - Di); s becomes P, dp becomes dS, and ds_sum (per row) gains the sum of dS.
+template <int W>
+void attention_bwd_scores_rows(const AttnBwdScores& a) {
+  typedef typename Vec<W>::F F;
+  typedef typename Vec<W>::I I;
+  const F zero = Vec<W>::splat(0.f).v;
+  for (long long c = 0; c < a.rp; c += W) {
+    I lim;
+    __builtin_memcpy(&lim, a.limit + c, sizeof(I));
+    const F shift = Vec<W>::load(a.shift + c).v;
+    const F di = Vec<W>::load(a.di + c).v;
+    F sum = zero;
+    for (long long j = 0; j < a.n; ++j) {
+      float* s = a.st + j * a.rp + c;
+      float* dp = a.dpt + j * a.rp + c;
+      F x = Vec<W>::load(s).v - shift;
+      if (a.mask_bias != nullptr) x += a.mask_bias[j];
+      const I jv = I{} + static_cast<int>(j);
+      const F pj = jv < lim ? vexp_nonpositive<W>(x) : zero;
+      const F ds = pj * (Vec<W>::load(dp).v - di);
+      Vec<W>{pj}.store(s);
+      Vec<W>{ds}.store(dp);
+      sum += ds;
+    }
+    Vec<W>{Vec<W>::load(a.ds_sum + c).v + sum}.store(a.ds_sum + c);
+  }
 }

@@ -1,0 +1,124 @@
+// The two CPU backward paths of mmkernels::cross_modal_attention_bwd and what they share:
+// fp32 accumulation on the level's register tiles (cross_modal_attention_bwd_tiles.cpp), fp64 on BLAS
+// products (cross_modal_attention_bwd.cpp, which also holds the op's entry point).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <c10/core/ScalarType.h>
+
+#include <vector>
+
+#include "cross_modal_attention_common.h"
+
+namespace mmkernels::cpu {
+
+constexpr int64_t kBwdRows = 64;   // row block (query positions x grouped heads)
+constexpr int64_t kBwdKeys = 128;  // key block
+
+
+// The per-task partials reduced over the batch in a fixed order (deterministic).
+template <typename acc_t>
+inline void reduce_partials(const CrossModalAttentionProblem& p, const std::vector<double>& gb_part,
+                     const std::vector<double>& gg_part, at::Tensor& gbias, at::Tensor& ggate) {
+  const int64_t B = p.B, Hq = p.Hq, M = p.M;
+  acc_t* gbp = gbias.data_ptr<acc_t>();
+  acc_t* ggp = ggate.data_ptr<acc_t>();
+  if (!p.bias.empty()) {
+    for (int64_t h = 0; h < Hq; ++h)
+      for (int64_t m = 0; m < M; ++m) {
+        double s = 0;
+        for (int64_t b = 0; b < B; ++b) s += gb_part[(b * Hq + h) * M + m];
+        gbp[h * M + m] = static_cast<acc_t>(s);
+      }
+  }
+  if (!p.gate_t.empty()) {
+    for (int64_t h = 0; h < Hq; ++h) {
+      double s = 0;
+      for (int64_t b = 0; b < B; ++b) s += gg_part[b * Hq + h];
+      const double tt = p.gate_t[h];
+      ggp[h] = static_cast<acc_t>((1.0 - tt * tt) * s);
+    }
+  }
+}
+
+// What both paths read per query row: q, grad_out and out_ungated as stored, lse and grad_lse in acc_t.
+template <typename scalar_t, typename acc_t>
+struct BwdRowReader {
+  at::Tensor lse, glse;
+  const acc_t* lsep;
+  const acc_t* glp = nullptr;
+  int64_t sgl0 = 0, sgl1 = 0, sgl2 = 0;
+  const at::Tensor& q;
+  const at::Tensor& go;
+  const at::Tensor& o_raw;
+
+  BwdRowReader(const at::Tensor& q_, const at::Tensor& go_, const at::Tensor& o_raw_, const at::Tensor& lse_in,
+               const at::Tensor* glse_in)
+      : q(q_), go(go_), o_raw(o_raw_) {
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    lse = lse_in.to(lse_in.options().dtype(acc_type)).contiguous();
+    lsep = lse.data_ptr<acc_t>();
+    if (glse_in) {
+      glse = glse_in->to(glse_in->options().dtype(acc_type));
+      glp = glse.data_ptr<acc_t>(), sgl0 = glse.stride(0), sgl1 = glse.stride(1), sgl2 = glse.stride(2);
+    }
+  }
+
+  // Query row (b, i) of head h with the head's gate gt: put_q(d, q * scale) for d < D and
+  // put_do(d, gt * grad_out) for d < Dv; returns dot(grad_out, out_ungated) (the gate's gradient
+  // partial) and sets *lse_out and *di_out = gt * dot - grad_lse (FlashAttention-2's D_i).
+  template <typename PutQ, typename PutDo>
+  acc_t read(int64_t b, int64_t i, int64_t h, int64_t Lq, acc_t scale, acc_t gt, PutQ&& put_q, PutDo&& put_do,
+             acc_t* lse_out, acc_t* di_out) const {
+    const scalar_t* qs = q.data_ptr<scalar_t>() + b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
+    const scalar_t* gs = go.data_ptr<scalar_t>() + b * go.stride(0) + i * go.stride(1) + h * go.stride(2);
+    const scalar_t* os =
+        o_raw.data_ptr<scalar_t>() + b * o_raw.stride(0) + i * o_raw.stride(1) + h * o_raw.stride(2);
+    for (int64_t d = 0; d < q.size(3); ++d) put_q(d, static_cast<acc_t>(qs[d]) * scale);
+    acc_t dot = 0;
+    for (int64_t d = 0; d < go.size(3); ++d) {
+      const acc_t gv = static_cast<acc_t>(gs[d]);
+      dot += gv * static_cast<acc_t>(os[d]);
+      put_do(d, gt * gv);
+    }
+    const int64_t Hq = q.size(2);
+    *lse_out = lsep[(b * Hq + h) * Lq + i];
+    *di_out = gt * dot - (glp ? glp[b * sgl0 + h * sgl1 + i * sgl2] : acc_t(0));
+    return dot;
+  }
+};
+
+// Rows [from, to) of a gradient (row stride ld, W elements each) set to zero: keys no query sees.
+template <typename scalar_t>
+inline void zero_grad_rows(scalar_t* base, int64_t ld, int64_t W, int64_t from, int64_t to) {
+  for (int64_t j = from; j < to; ++j)
+    for (int64_t d = 0; d < W; ++d) base[j * ld + d] = scalar_t(0);
+}
+
+// dQ of sample b's query heads sharing kv head kvh from a task's rows (row r <-> position r / G, head
+// kvh * G + r % G; element d at src[r * ld_row + d * ld_dim]) times scale; positions from ql on get 0.
+template <typename scalar_t, typename acc_t>
+inline void write_dq_rows(const CrossModalAttentionProblem& p, at::Tensor& dq, int64_t b, int64_t kvh, int64_t ql,
+                          const acc_t* src, int64_t ld_row, int64_t ld_dim, acc_t scale) {
+  scalar_t* dqp = dq.data_ptr<scalar_t>();
+  for (int64_t i = 0; i < p.Lq; ++i) {
+    for (int64_t g = 0; g < p.G; ++g) {
+      scalar_t* dst = dqp + b * dq.stride(0) + i * dq.stride(1) + (kvh * p.G + g) * dq.stride(2);
+      const acc_t* row = src + (i * p.G + g) * ld_row;
+      for (int64_t d = 0; d < p.D; ++d)
+        dst[d] = i < ql ? static_cast<scalar_t>(row[d * ld_dim] * scale) : scalar_t(0);
+    }
+  }
+}
+
+// The fp32-accumulation path (float, half, bfloat16): writes dq, dk, dv (allocated by the caller) and
+// gbias, ggate (zeroed by the caller).
+template <typename scalar_t>
+void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const at::Tensor& go, const at::Tensor* glse,
+                                     const at::Tensor& q, at::TensorList keys, at::TensorList values,
+                                     const at::Tensor& o_raw, const at::Tensor& lse_in, double scale_d,
+                                     at::Tensor& dq, std::vector<at::Tensor>& dk, std::vector<at::Tensor>& dv,
+                                     at::Tensor& gbias, at::Tensor& ggate);
+
+}  // namespace mmkernels::cpu
