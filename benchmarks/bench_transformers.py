@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, if not installed
 
-from common import bar_plot, interleaved_median_ms, write_report  # noqa: E402
+from common import bar_plot, interleaved_median_ms, keep_heap, write_report  # noqa: E402
 
 import mmkernels.integrations.transformers as mmhf  # noqa: E402
 
@@ -52,7 +52,11 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="first shape only, 5 repetitions")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--keep-heap", action="store_true",
+                    help="glibc keeps its heap (no trimming, no mmap for large blocks): no variant pays page "
+                         "faults for another's frees (see common.keep_heap)")
     args = ap.parse_args(argv)
+    heap = "kept (--keep-heap)" if args.keep_heap and keep_heap() else "glibc defaults"
     mmhf.register()
     reps = 5 if args.quick else args.reps
     rows = []
@@ -89,7 +93,8 @@ def main(argv=None):
     cols = ["shape", "attn_implementation", "fwd_ms", "fwd_bwd_ms", "fwd_speedup_vs_sdpa", "fwd_bwd_speedup_vs_sdpa"]
     notes = [f"device {args.device}, fp32, medians of {reps} round-robin repetitions, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-             "whole encoder (embeddings, attention, MLP); padding lengths drawn uniformly up to the fraction shown"]
+             "whole encoder (embeddings, attention, MLP); padding lengths drawn uniformly up to the fraction shown",
+             f"heap: {heap}"]
     md = write_report("transformers_bert", rows, cols, "BERT encoder: attn_implementation", notes)
     bar_plot("transformers_bert", [f"{r['shape'][:18]} {r['attn_implementation']}" for r in rows],
              [r["fwd_bwd_ms"] for r in rows], "forward+backward ms", "BERT encoder by attn_implementation")

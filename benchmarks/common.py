@@ -14,6 +14,22 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def keep_heap() -> bool:
+    """Stops glibc from trimming its heap and from serving large blocks by mmap (mallopt), so that no
+    variant pays page faults for memory another variant's frees handed back to the kernel. With the
+    defaults, which variant pays them depends on the order of frees: on a small BERT encoder it moved
+    the faults of the layer after the attention from one attn_implementation to another. Returns
+    whether it took effect (glibc only)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_trim_threshold, 2**31 - 1)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -43,19 +43,27 @@ inline void reduce_partials(const CrossModalAttentionProblem& p, const std::vect
 }
 
 // What both paths read per query row: q, grad_out and out_ungated as stored, lse and grad_lse in acc_t.
+// Pointers and strides are read once here: tensor accessors per row cost more than the row's work at
+// small head dims.
 template <typename scalar_t, typename acc_t>
 struct BwdRowReader {
+  struct Rows {
+    const scalar_t* data;
+    int64_t sb, sl, sh;
+    const scalar_t* at(int64_t b, int64_t i, int64_t h) const { return data + b * sb + i * sl + h * sh; }
+  };
   at::Tensor lse, glse;
   const acc_t* lsep;
   const acc_t* glp = nullptr;
   int64_t sgl0 = 0, sgl1 = 0, sgl2 = 0;
-  const at::Tensor& q;
-  const at::Tensor& go;
-  const at::Tensor& o_raw;
+  Rows q, go, o_raw;
+  int64_t D, Dv, Hq;
+
+  static Rows rows_of(const at::Tensor& t) { return Rows{t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2)}; }
 
   BwdRowReader(const at::Tensor& q_, const at::Tensor& go_, const at::Tensor& o_raw_, const at::Tensor& lse_in,
                const at::Tensor* glse_in)
-      : q(q_), go(go_), o_raw(o_raw_) {
+      : q(rows_of(q_)), go(rows_of(go_)), o_raw(rows_of(o_raw_)), D(q_.size(3)), Dv(go_.size(3)), Hq(q_.size(2)) {
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     lse = lse_in.to(lse_in.options().dtype(acc_type)).contiguous();
     lsep = lse.data_ptr<acc_t>();
@@ -71,18 +79,16 @@ struct BwdRowReader {
   template <typename PutQ, typename PutDo>
   acc_t read(int64_t b, int64_t i, int64_t h, int64_t Lq, acc_t scale, acc_t gt, PutQ&& put_q, PutDo&& put_do,
              acc_t* lse_out, acc_t* di_out) const {
-    const scalar_t* qs = q.data_ptr<scalar_t>() + b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
-    const scalar_t* gs = go.data_ptr<scalar_t>() + b * go.stride(0) + i * go.stride(1) + h * go.stride(2);
-    const scalar_t* os =
-        o_raw.data_ptr<scalar_t>() + b * o_raw.stride(0) + i * o_raw.stride(1) + h * o_raw.stride(2);
-    for (int64_t d = 0; d < q.size(3); ++d) put_q(d, static_cast<acc_t>(qs[d]) * scale);
+    const scalar_t* qs = q.at(b, i, h);
+    const scalar_t* gs = go.at(b, i, h);
+    const scalar_t* os = o_raw.at(b, i, h);
+    for (int64_t d = 0; d < D; ++d) put_q(d, static_cast<acc_t>(qs[d]) * scale);
     acc_t dot = 0;
-    for (int64_t d = 0; d < go.size(3); ++d) {
+    for (int64_t d = 0; d < Dv; ++d) {
       const acc_t gv = static_cast<acc_t>(gs[d]);
       dot += gv * static_cast<acc_t>(os[d]);
       put_do(d, gt * gv);
     }
-    const int64_t Hq = q.size(2);
     *lse_out = lsep[(b * Hq + h) * Lq + i];
     *di_out = gt * dot - (glp ? glp[b * sgl0 + h * sgl1 + i * sgl2] : acc_t(0));
     return dot;
@@ -101,13 +107,17 @@ inline void zero_grad_rows(scalar_t* base, int64_t ld, int64_t W, int64_t from, 
 template <typename scalar_t, typename acc_t>
 inline void write_dq_rows(const CrossModalAttentionProblem& p, at::Tensor& dq, int64_t b, int64_t kvh, int64_t ql,
                           const acc_t* src, int64_t ld_row, int64_t ld_dim, acc_t scale) {
-  scalar_t* dqp = dq.data_ptr<scalar_t>();
+  const int64_t sl = dq.stride(1), sh = dq.stride(2), D = p.D;
+  scalar_t* base = dq.data_ptr<scalar_t>() + b * dq.stride(0) + kvh * p.G * sh;
   for (int64_t i = 0; i < p.Lq; ++i) {
     for (int64_t g = 0; g < p.G; ++g) {
-      scalar_t* dst = dqp + b * dq.stride(0) + i * dq.stride(1) + (kvh * p.G + g) * dq.stride(2);
+      scalar_t* dst = base + i * sl + g * sh;
       const acc_t* row = src + (i * p.G + g) * ld_row;
-      for (int64_t d = 0; d < p.D; ++d)
-        dst[d] = i < ql ? static_cast<scalar_t>(row[d * ld_dim] * scale) : scalar_t(0);
+      if (i >= ql) {
+        for (int64_t d = 0; d < D; ++d) dst[d] = scalar_t(0);
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(row[d * ld_dim] * scale);
+      }
     }
   }
 }

@@ -77,6 +77,7 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
     // per task (rows Rp): Q^T, dO^T, dQ^T (dims x Rp); Q and dO rows (Rp x Dp, Rp x Dvp)
     std::vector<float> qt, dot, dqt, q_rows, do_rows, lse_r, di, shift, ds_sum;
     std::vector<int64_t> visible;
+    std::vector<double> head_sum;  // (G,) this task's per-head partial of grad_gate, then of grad_bias
     // per block
     std::vector<float> st, dpt, dk_blk, dv_blk, Kt, Vt, mbias;
     std::vector<int> limit;
@@ -89,6 +90,7 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
     sc.q_rows.resize(Rp_max * Dp), sc.do_rows.resize(Rp_max * Dvp);
     for (auto* v : {&sc.lse_r, &sc.di, &sc.shift, &sc.ds_sum}) v->resize(Rp_max);
     sc.visible.resize(Rp_max);
+    sc.head_sum.resize(G);
     sc.st.resize(kBwdKeys * kBwdRows), sc.dpt.resize(kBwdKeys * kBwdRows);
     sc.dk_blk.resize(kBwdKeys * Dp), sc.dv_blk.resize(kBwdKeys * Dvp);
     sc.Kt.resize(kBwdKeys * D), sc.Vt.resize(kBwdKeys * Dv), sc.mbias.resize(kBwdKeys);
@@ -104,6 +106,7 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
     std::fill(sc.q_rows.begin(), sc.q_rows.begin() + Rp * Dp, 0.f);
     std::fill(sc.do_rows.begin(), sc.do_rows.begin() + Rp * Dvp, 0.f);
     std::fill(sc.dqt.begin(), sc.dqt.begin() + D * Rp, 0.f);
+    std::fill(sc.head_sum.begin(), sc.head_sum.end(), 0.0);
     for (int64_t r = 0; r < Rp; ++r) {
       if (r >= R) {
         for (int64_t d = 0; d < D; ++d) qt[d * Rp + r] = 0.f;
@@ -116,8 +119,10 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
           b, i, h, Lq, scale, static_cast<float>(p.gate_at(h)),
           [&](int64_t d, float v) { qt[d * Rp + r] = v, sc.q_rows[r * Dp + d] = v; },
           [&](int64_t d, float v) { dot[d * Rp + r] = v, sc.do_rows[r * Dvp + d] = v; }, &sc.lse_r[r], &sc.di[r]);
-      gg_part[b * Hq + h] += static_cast<double>(dotp);
+      sc.head_sum[r % G] += static_cast<double>(dotp);
     }
+
+    for (int64_t g = 0; g < G; ++g) gg_part[b * Hq + kvh * G + g] += sc.head_sum[g];
 
     for (int64_t m = 0; m < M; ++m) {
       int64_t maxlim = 0;
@@ -181,8 +186,10 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
       }
       zero_grad_rows(dk0, dks, D, maxlim, p.Lk[m]);
       zero_grad_rows(dv0, dvs, Dv, maxlim, p.Lk[m]);
-      for (int64_t r = 0; r < R; ++r)
-        gb_part[(b * Hq + kvh * G + r % G) * M + m] += static_cast<double>(sc.ds_sum[r]);
+      // One write per head: tasks on other threads write the neighbouring entries.
+      std::fill(sc.head_sum.begin(), sc.head_sum.end(), 0.0);
+      for (int64_t r = 0; r < R; ++r) sc.head_sum[r % G] += static_cast<double>(sc.ds_sum[r]);
+      for (int64_t g = 0; g < G; ++g) gb_part[(b * Hq + kvh * G + g) * M + m] += sc.head_sum[g];
     }
 
     write_dq_rows<scalar_t, float>(p, dq, b, kvh, ql, sc.dqt.data(), 1, Rp, scale);
