@@ -170,7 +170,7 @@ void cross_modal_attention_bwd_gemm(const CrossModalAttentionProblem& p, const a
         zero_grad_rows(dv0, dvs, Dv, maxlim, Lk);
       }
 
-      write_dq_rows<scalar_t, acc_t>(p, dq, b, kvh, ql, dQ.data(), D, 1, scale);
+      write_dq_rows<scalar_t, acc_t>(p, dq, b, kvh, ql, scale, [&](int64_t r, int64_t d) { return dQ[r * D + d]; });
     }
   });
 

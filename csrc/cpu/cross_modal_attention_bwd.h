@@ -103,20 +103,20 @@ inline void zero_grad_rows(scalar_t* base, int64_t ld, int64_t W, int64_t from, 
 }
 
 // dQ of sample b's query heads sharing kv head kvh from a task's rows (row r <-> position r / G, head
-// kvh * G + r % G; element d at src[r * ld_row + d * ld_dim]) times scale; positions from ql on get 0.
-template <typename scalar_t, typename acc_t>
+// kvh * G + r % G; element d is value(r, d)) times scale; positions from ql on get 0.
+template <typename scalar_t, typename acc_t, typename Value>
 inline void write_dq_rows(const CrossModalAttentionProblem& p, at::Tensor& dq, int64_t b, int64_t kvh, int64_t ql,
-                          const acc_t* src, int64_t ld_row, int64_t ld_dim, acc_t scale) {
+                          acc_t scale, Value&& value) {
   const int64_t sl = dq.stride(1), sh = dq.stride(2), D = p.D;
   scalar_t* base = dq.data_ptr<scalar_t>() + b * dq.stride(0) + kvh * p.G * sh;
   for (int64_t i = 0; i < p.Lq; ++i) {
     for (int64_t g = 0; g < p.G; ++g) {
       scalar_t* dst = base + i * sl + g * sh;
-      const acc_t* row = src + (i * p.G + g) * ld_row;
+      const int64_t r = i * p.G + g;
       if (i >= ql) {
         for (int64_t d = 0; d < D; ++d) dst[d] = scalar_t(0);
       } else {
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(row[d * ld_dim] * scale);
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(value(r, d) * scale);
       }
     }
   }

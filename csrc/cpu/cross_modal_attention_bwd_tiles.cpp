@@ -74,7 +74,8 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
   const bool stream = grad_bytes > kStreamGradBytes;
 
   struct Scratch {
-    // per task (rows Rp): Q^T, dO^T, dQ^T (dims x Rp); Q and dO rows (Rp x Dp, Rp x Dvp)
+    // per task (rows Rp): Q^T, dO^T, dQ^T in panels of a row block (dims x its rows, see panel); Q and
+    // dO rows (Rp x Dp, Rp x Dvp)
     std::vector<float> qt, dot, dqt, q_rows, do_rows, lse_r, di, shift, ds_sum;
     std::vector<int64_t> visible;
     std::vector<double> head_sum;  // (G,) this task's per-head partial of grad_gate, then of grad_bias
@@ -103,22 +104,30 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
     const int64_t Rp = round_up(R);
     float* qt = sc.qt.data();
     float* dot = sc.dot.data();
+    // Element (d, r) of a transposed (dims x Rp) matrix stored as one panel per row block of kBwdRows
+    // rows (the block's dims x its rows, contiguous: the block's products read it with stride rbp,
+    // and writing it row by row stays within a few KB instead of striding over Rp).
+    auto panel = [&](int64_t dims, int64_t d, int64_t r) {
+      const int64_t r0 = r / kBwdRows * kBwdRows;
+      return r0 * dims + d * std::min(kBwdRows, Rp - r0) + (r - r0);
+    };
     std::fill(sc.q_rows.begin(), sc.q_rows.begin() + Rp * Dp, 0.f);
     std::fill(sc.do_rows.begin(), sc.do_rows.begin() + Rp * Dvp, 0.f);
     std::fill(sc.dqt.begin(), sc.dqt.begin() + D * Rp, 0.f);
     std::fill(sc.head_sum.begin(), sc.head_sum.end(), 0.0);
     for (int64_t r = 0; r < Rp; ++r) {
       if (r >= R) {
-        for (int64_t d = 0; d < D; ++d) qt[d * Rp + r] = 0.f;
-        for (int64_t d = 0; d < Dv; ++d) dot[d * Rp + r] = 0.f;
+        for (int64_t d = 0; d < D; ++d) qt[panel(D, d, r)] = 0.f;
+        for (int64_t d = 0; d < Dv; ++d) dot[panel(Dv, d, r)] = 0.f;
         sc.lse_r[r] = ninf, sc.di[r] = 0.f;
         continue;
       }
       const int64_t i = r / G, h = kvh * G + r % G;
       const float dotp = rows.read(
           b, i, h, Lq, scale, static_cast<float>(p.gate_at(h)),
-          [&](int64_t d, float v) { qt[d * Rp + r] = v, sc.q_rows[r * Dp + d] = v; },
-          [&](int64_t d, float v) { dot[d * Rp + r] = v, sc.do_rows[r * Dvp + d] = v; }, &sc.lse_r[r], &sc.di[r]);
+          [&](int64_t d, float v) { qt[panel(D, d, r)] = v, sc.q_rows[r * Dp + d] = v; },
+          [&](int64_t d, float v) { dot[panel(Dv, d, r)] = v, sc.do_rows[r * Dvp + d] = v; }, &sc.lse_r[r],
+          &sc.di[r]);
       sc.head_sum[r % G] += static_cast<double>(dotp);
     }
 
@@ -164,8 +173,8 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
               sc.limit[r] = static_cast<int>(std::clamp<int64_t>(sc.visible[r0 + r] - j0, 0, n));
             float* st = sc.st.data();
             float* dpt = sc.dpt.data();
-            isa.tile_product(TileProduct{qt + r0, Rp, Kp, ldk, 1, D, st, rbp, kTileZero, nullptr, n, vecs});
-            isa.tile_product(TileProduct{dot + r0, Rp, Vp, ldv, 1, Dv, dpt, rbp, kTileZero, nullptr, n, vecs});
+            isa.tile_product(TileProduct{qt + r0 * D, rbp, Kp, ldk, 1, D, st, rbp, kTileZero, nullptr, n, vecs});
+            isa.tile_product(TileProduct{dot + r0 * Dv, rbp, Vp, ldv, 1, Dv, dpt, rbp, kTileZero, nullptr, n, vecs});
             isa.attention_bwd_scores(AttnBwdScores{st, dpt, n, rbp, mask ? sc.mbias.data() : nullptr,
                                                    sc.limit.data(), sc.shift.data() + r0, sc.di.data() + r0,
                                                    sc.ds_sum.data() + r0});
@@ -175,7 +184,7 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
             isa.tile_product(TileProduct{sc.q_rows.data() + r0 * Dp, Dp, dpt, rbp, 1, rbv, sc.dk_blk.data(), Dp,
                                          kTileAccumulate, nullptr, n, Dp / width});
             // dQ^T[d, r] += sum_j K[j, d] dS^T[j, r] (scaled at the end)
-            isa.tile_product(TileProduct{dpt, rbp, Kp, 1, ldk, n, sc.dqt.data() + r0, Rp, kTileAccumulate,
+            isa.tile_product(TileProduct{dpt, rbp, Kp, 1, ldk, n, sc.dqt.data() + r0 * D, rbp, kTileAccumulate,
                                          nullptr, D, vecs});
           }
         }
@@ -192,7 +201,8 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
       for (int64_t g = 0; g < G; ++g) gb_part[(b * Hq + kvh * G + g) * M + m] += sc.head_sum[g];
     }
 
-    write_dq_rows<scalar_t, float>(p, dq, b, kvh, ql, sc.dqt.data(), 1, Rp, scale);
+    write_dq_rows<scalar_t, float>(p, dq, b, kvh, ql, scale,
+                                   [&](int64_t r, int64_t d) { return sc.dqt[panel(D, d, r)]; });
 #if defined(__SSE2__)
     if (stream) _mm_sfence();  // this task's streamed rows are visible before the op returns
 #endif
