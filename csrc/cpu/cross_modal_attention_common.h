@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../cross_modal_attention_checks.h"
@@ -213,7 +214,18 @@ void parallel_tasks(int64_t n, const SizeScratch& size_scratch, const Body& body
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     static thread_local Scratch scratch;
     size_scratch(scratch);
-    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(t, scratch);
+    if constexpr (std::is_invocable_v<const Body&, int64_t, int64_t, Scratch&>) {
+      // body(task, upcoming, scratch): each worker claims its next task one ahead (-1: none), so a task
+      // can prefetch what the next one reads first.
+      int64_t t = next.fetch_add(1);
+      while (t < n) {
+        const int64_t upcoming = next.fetch_add(1);
+        body(t, upcoming < n ? upcoming : int64_t(-1), scratch);
+        t = upcoming;
+      }
+    } else {
+      for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(t, scratch);
+    }
     scratch.trim();
   });
 }

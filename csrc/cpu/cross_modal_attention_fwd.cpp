@@ -213,12 +213,16 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
     sc.row_sum.resize(rp_max), sc.row_bias.resize(rp_max), sc.alpha.resize(rp_max);
     sc.mbias.resize(kTileKeys), sc.limit.resize(rp_max), sc.visible.resize(rp_max);
   };
-  parallel_tasks<Scratch>(B * Hkv * nqb, size_scratch, [&](int64_t t, Scratch& sc) {
+  parallel_tasks<Scratch>(B * Hkv * nqb, size_scratch, [&](int64_t t, int64_t upcoming, Scratch& sc) {
     const int64_t b = t / (Hkv * nqb);
     const int64_t kvh = (t / nqb) % Hkv;
     const int64_t i0 = (t % nqb) * BQ;
     const int64_t i1 = std::min(Lq, i0 + BQ);
     const int64_t iv1 = std::min(i1, p.q_len[b]);
+    // The upcoming task's first block (segment 0 from key 0), prefetched during this task's last block.
+    const int64_t b_up = upcoming < 0 ? 0 : upcoming / (Hkv * nqb);
+    const int64_t kvh_up = upcoming < 0 ? 0 : (upcoming / nqb) % Hkv;
+    const int64_t n_up = upcoming < 0 ? 0 : std::min(kTileKeys, p.kv_len[b_up * M]);
     const int64_t R = std::max<int64_t>(0, iv1 - i0) * G;  // valid rows, row r <-> (i, g)
     const int64_t rp = (R + width - 1) / width * width;
 
@@ -254,18 +258,21 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
         const int64_t n = std::min(kTileKeys, max_visible - j0);
         if (!mask_bias(sc.mbias.data(), mask, j0, n)) continue;  // a fully masked block changes nothing
         // The next block: this segment's, or the start of the next segment's.
+        // The next block: this segment's, the start of the next segment's, or the upcoming task's first.
         const bool last = j0 + kTileKeys >= max_visible;
-        const int64_t mn = last ? m + 1 : m;
+        const bool next_task = last && m + 1 == M;
+        const int64_t mn = next_task ? 0 : last ? m + 1 : m;
+        const int64_t bn = next_task ? b_up : b, kvhn = next_task ? kvh_up : kvh;
         const int64_t next = last ? 0 : j0 + kTileKeys;
-        const int64_t n_next =
-            mn == M ? 0 : std::min(kTileKeys, (last ? p.kv_len[b * M + mn] : max_visible) - next);
+        const int64_t n_next = next_task ? n_up
+                               : std::min(kTileKeys, (last ? p.kv_len[b * M + mn] : max_visible) - next);
         int64_t ldk, ldv;
         blk.k = load_rows<scalar_t, float>(kbase, ks.row_stride(m), j0, n, D, sc.Kt.data(), &ldk);
         blk.v = load_rows<scalar_t, float>(vbase, vs.row_stride(m), j0, n, Dv, sc.Vt.data(), &ldv);
         blk.ldk = ldk, blk.ldv = ldv;
         blk.next_n = std::max<int64_t>(n_next, 0);
-        blk.next_k = n_next > 0 ? ks.rows(mn, b, kvh) + next * ks.row_stride(mn) : nullptr;
-        blk.next_v = n_next > 0 ? vs.rows(mn, b, kvh) + next * vs.row_stride(mn) : nullptr;
+        blk.next_k = n_next > 0 ? ks.rows(mn, bn, kvhn) + next * ks.row_stride(mn) : nullptr;
+        blk.next_v = n_next > 0 ? vs.rows(mn, bn, kvhn) + next * vs.row_stride(mn) : nullptr;
         blk.next_k_stride = n_next > 0 ? ks.row_stride(mn) * sizeof(scalar_t) : 0;
         blk.next_v_stride = n_next > 0 ? vs.row_stride(mn) * sizeof(scalar_t) : 0;
         blk.next_row_bytes_k = D * sizeof(scalar_t), blk.next_row_bytes_v = Dv * sizeof(scalar_t);
