@@ -6,6 +6,12 @@
 // (the constants come from csrc/common/fast_math.h, which cpu_isa.h includes before the target).
 #pragma once
 
+// Every level's unit defines all three widths' types, though each calls only its own: GCC's note that
+// returning a vector wider than the unit's target changes the ABI concerns calls that never happen.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 // GCC ignores vector_size on a typedef that depends on a template parameter: one type per width.
 template <int W>
 struct VecTypes;
