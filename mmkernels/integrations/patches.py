@@ -32,6 +32,7 @@ import torch
 
 import mmkernels
 from mmkernels.integrations import transformers as mmhf
+from mmkernels.integrations.masks import attend_where_zero
 
 _STATS: Counter = Counter()
 IDEFICS2 = "idefics2_perceiver"
@@ -80,8 +81,8 @@ def _attend(mask: torch.Tensor) -> Tuple[Optional[torch.Tensor], str]:
         return mask != 0, ""  # a 0/1 padding mask (flash attention's 2D mask)
     if mask.requires_grad:
         return None, "mask that requires grad"
-    attend = mask == 0
-    if not bool((attend | (mask == float("-inf")) | (mask == torch.finfo(mask.dtype).min)).all()):
+    attend = attend_where_zero(mask, dtype_min_blocks=True)
+    if attend is None:
         return None, "float mask with values other than 0, -inf and the dtype's min"
     return attend, ""
 

@@ -39,6 +39,7 @@ import torch
 
 import mmkernels
 from mmkernels import backends
+from mmkernels.integrations.masks import attend_where_zero
 
 NAME = "mmkernels"
 _STATS: Counter = Counter()
@@ -119,8 +120,8 @@ def _bool_mask(mask: torch.Tensor) -> Tuple[Optional[torch.Tensor], str]:
         return mask, ""
     if mask.requires_grad:
         return None, f"{mask.dtype} mask that requires grad"
-    attend = mask == 0
-    if not bool((attend | (mask == float("-inf")) | (mask == torch.finfo(mask.dtype).min)).all()):
+    attend = attend_where_zero(mask, dtype_min_blocks=True)
+    if attend is None:
         return None, f"{mask.dtype} mask with values other than 0, -inf and the dtype's min"
     if not bool(attend.any(-1).all()):
         return None, f"{mask.dtype} mask with a fully masked query row"

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmkernels import backends
+from mmkernels.integrations.masks import attend_where_zero
 from mmkernels.ops import cross_modal_attention
 
 FUSED = "fused"
@@ -55,10 +56,10 @@ def _attend_mask(key_padding_mask: Optional[torch.Tensor]) -> Tuple[Optional[tor
         return None, f"{key_padding_mask.dtype} key_padding_mask"
     if key_padding_mask.requires_grad:
         return None, "key_padding_mask requires grad"
-    zero = key_padding_mask == 0
-    if not bool((zero | (key_padding_mask == float("-inf"))).all()):
+    attend = attend_where_zero(key_padding_mask, dtype_min_blocks=False)
+    if attend is None:
         return None, "float key_padding_mask with values other than 0 and -inf"
-    return zero, ""
+    return attend, ""
 
 
 def _is_causal_triangle(mask: torch.Tensor, L: int, rows: int) -> bool:
