@@ -170,3 +170,20 @@ def test_setting_a_level_the_cpu_lacks_raises():
     for lvl in missing:
         with pytest.raises(RuntimeError, match="lacks"):
             backends.cpu_isa(lvl)
+
+
+@pytest.mark.parametrize("at_level", LEVELS, indirect=True)
+def test_backward_probabilities_stay_in_range_for_a_low_lse(at_level):
+    """The backward recomputes P = exp(s - lse): from an lse below this forward's (another backend's, a
+    stale one) its argument is positive, where an exp without a bound wraps its exponent into the sign
+    bit. P stays in [0, 1]: with grad_out all ones, each dV row (the sum of P over the queries) lies in
+    [0, Lq]."""
+    g = torch.Generator().manual_seed(3)
+    B, L, H, D = 2, 8, 2, 16
+    q, k, v = (torch.randn(B, L, H, D, generator=g) for _ in range(3))
+    out, lse, _ = torch.ops.mmkernels.cross_modal_attention_fwd(q, [k], [v], None, None, None, None, 0.25, False,
+                                                                None)
+    for shift in (95.0, 120.0):
+        _, _, dv, _, _ = torch.ops.mmkernels.cross_modal_attention_bwd(
+            torch.ones_like(out), None, q, [k], [v], out, lse - shift, None, None, None, None, 0.25, False, None)
+        assert bool((dv[0] >= 0).all()) and bool((dv[0] <= L).all()), (shift, dv[0].min(), dv[0].max())

@@ -59,7 +59,7 @@ struct AttnFwdBlock {
   const float* qt;  // (D, rp) the tile's queries times the softmax scale, transposed
   const float* k;   // (n, D) the block's keys, row stride ldk
   const float* v;   // (n, Dv) its values, row stride ldv
-  long long ldk, ldv, n, R, rp, D, Dv;
+  long long ldk, ldv, n, rp, D, Dv;
   const float* mask_bias;  // (n,) 0 for a kept key, -inf for a masked one; null without a mask
   const int* limit;        // (rp,) per row: the block's keys [0, limit) are visible
   const float* row_bias;   // (rp,) per row: the segment's modality bias
@@ -74,7 +74,7 @@ struct AttnFwdBlock {
   long long next_k_stride, next_v_stride, next_n, next_row_bytes_k, next_row_bytes_v;  // strides in bytes
 };
 
-// The kernels of one level (isa/gated_fusion_rows.h): positions [n0, n1) of the op.
+// The kernels of one level. Gated fusion (isa/gated_fusion_rows.h): positions [n0, n1) of the op.
 struct CpuIsaKernels {
   const char* name;
   int width;  // floats per vector

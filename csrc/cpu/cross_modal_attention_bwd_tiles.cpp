@@ -111,8 +111,6 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
       const int64_t r0 = r / kBwdRows * kBwdRows;
       return r0 * dims + d * std::min(kBwdRows, Rp - r0) + (r - r0);
     };
-    std::fill(sc.q_rows.begin(), sc.q_rows.begin() + Rp * Dp, 0.f);
-    std::fill(sc.do_rows.begin(), sc.do_rows.begin() + Rp * Dvp, 0.f);
     std::fill(sc.dqt.begin(), sc.dqt.begin() + D * Rp, 0.f);
     std::fill(sc.head_sum.begin(), sc.head_sum.end(), 0.0);
     for (int64_t r = 0; r < Rp; ++r) {
@@ -128,6 +126,9 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
           [&](int64_t d, float v) { qt[panel(D, d, r)] = v, sc.q_rows[r * Dp + d] = v; },
           [&](int64_t d, float v) { dot[panel(Dv, d, r)] = v, sc.do_rows[r * Dvp + d] = v; }, &sc.lse_r[r],
           &sc.di[r]);
+      // The rows' pad to whole vectors (the dK and dV products read rows below R only).
+      std::fill(sc.q_rows.begin() + r * Dp + D, sc.q_rows.begin() + (r + 1) * Dp, 0.f);
+      std::fill(sc.do_rows.begin() + r * Dvp + Dv, sc.do_rows.begin() + (r + 1) * Dvp, 0.f);
       sc.head_sum[r % G] += static_cast<double>(dotp);
     }
 

@@ -171,7 +171,7 @@ struct SegmentTensors {
 };
 
 // Rows [j0, j0 + n) of a (B, L, H, W) tensor at fixed (b, h), as an acc_t matrix: a direct
-// pointer when no conversion is needed and the row stride is BLAS-compatible, otherwise a copy
+// pointer when no conversion is needed and the row stride is at least W, otherwise a copy
 // into `buf` (n x W, ld = W).
 template <typename scalar_t, typename acc_t>
 inline const acc_t* load_rows(const scalar_t* base, int64_t row_stride, int64_t j0, int64_t n,

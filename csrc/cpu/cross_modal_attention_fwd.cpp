@@ -16,7 +16,6 @@
 #include <vector>
 
 #include "../common/fast_math.h"
-#include "../common/online_softmax.h"
 #include "cross_modal_attention_common.h"
 #include "cpu_blas.h"
 #include "cpu_isa.h"
@@ -28,14 +27,38 @@ constexpr int64_t kFwdRows = 64;   // target query rows (positions x grouped hea
 constexpr int64_t kFwdKeys = 256;  // key block of the fp64 path
 constexpr int64_t kTileKeys = 128; // key block of the vector path: its scores stay in L1/L2
 
+// Both paths' tasks: (batch, kv head, block of BQ query positions), the G query heads sharing the kv
+// head stacked into rows r <-> (position i0 + r / G, head kvh * G + r % G).
+struct QueryTasks {
+  int64_t BQ, nqb, count;
+  explicit QueryTasks(const CrossModalAttentionProblem& p)
+      : BQ(std::max<int64_t>(1, kFwdRows / p.G)), nqb((p.Lq + BQ - 1) / BQ), count(p.B * p.Hkv * nqb) {}
+  struct Task {
+    int64_t b, kvh, i0, i1, iv1, R;  // positions [i0, i1), valid below iv1; R valid rows
+  };
+  Task at(const CrossModalAttentionProblem& p, int64_t t) const {
+    Task k;
+    k.b = t / (p.Hkv * nqb);
+    k.kvh = (t / nqb) % p.Hkv;
+    k.i0 = (t % nqb) * BQ;
+    k.i1 = std::min(p.Lq, k.i0 + BQ);
+    k.iv1 = std::min(k.i1, p.q_len[k.b]);
+    k.R = std::max<int64_t>(0, k.iv1 - k.i0) * p.G;
+    return k;
+  }
+};
+
 // Writes the outputs of query positions [i0, i1) of (b, kv head kvh) from the tile's running rows
 // (row r <-> position i0 + r / G, head kvh * G + r % G; its output element d at acc[r * ld_row + d * ld_dim]);
-// positions from iv1 on are padding.
+// positions from iv1 on are padding. out_raw (the ungated output) is written when given.
 template <typename scalar_t, typename acc_t>
 void finalise_rows(const CrossModalAttentionProblem& p, int64_t b, int64_t kvh, int64_t i0, int64_t i1,
                    int64_t iv1, const acc_t* lrow, const acc_t* mrow, const acc_t* acc, int64_t ld_row,
-                   int64_t ld_dim, scalar_t* op, scalar_t* orp, acc_t* lp) {
+                   int64_t ld_dim, at::Tensor& out, at::Tensor& lse, at::Tensor* out_raw) {
   const int64_t Lq = p.Lq, Hq = p.Hq, Dv = p.Dv, G = p.G;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  scalar_t* orp = out_raw ? out_raw->data_ptr<scalar_t>() : nullptr;
+  acc_t* lp = lse.data_ptr<acc_t>();
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t i = i0; i < i1; ++i) {
     for (int64_t g = 0; g < G; ++g) {
@@ -74,19 +97,13 @@ void cross_modal_attention_fwd_gemm(const CrossModalAttentionProblem& p, const a
                   at::TensorList values, double scale_d, at::Tensor& out, at::Tensor& lse,
                   at::Tensor* out_raw) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = p.B, Lq = p.Lq, Hkv = p.Hkv, D = p.D, Dv = p.Dv, M = p.M, G = p.G;
-  const int64_t BQ = std::max<int64_t>(1, kFwdRows / G);  // query positions per task
-  const int64_t nqb = (Lq + BQ - 1) / BQ;
-  const int64_t R_max = BQ * G;
+  const int64_t D = p.D, Dv = p.Dv, M = p.M, G = p.G;
+  const QueryTasks tasks(p);
+  const int64_t R_max = tasks.BQ * G;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const int64_t sqb = q.stride(0), sql = q.stride(1), sqh = q.stride(2);
-  const SegmentTensors<scalar_t> ks(keys), vs(values);
-  scalar_t* op = out.data_ptr<scalar_t>();
-  scalar_t* orp = out_raw ? out_raw->data_ptr<scalar_t>() : nullptr;
-  acc_t* lp = lse.data_ptr<acc_t>();
+  const SegmentTensors<scalar_t> qs(q), ks(keys), vs(values);  // q: one "segment"
 
   struct Scratch {
     std::vector<acc_t> Qb, S, acc, Kt, Vt, mrow, lrow, brow, mbias;
@@ -98,22 +115,16 @@ void cross_modal_attention_fwd_gemm(const CrossModalAttentionProblem& p, const a
     sc.Kt.resize(kFwdKeys * D), sc.Vt.resize(kFwdKeys * Dv), sc.mrow.resize(R_max);
     sc.lrow.resize(R_max), sc.brow.resize(R_max), sc.mbias.resize(kFwdKeys), sc.lim.resize(R_max);
   };
-  parallel_tasks<Scratch>(B * Hkv * nqb, size_scratch, [&](int64_t t, Scratch& sc) {
+  parallel_tasks<Scratch>(tasks.count, size_scratch, [&](int64_t t, Scratch& sc) {
     auto& Qb = sc.Qb; auto& S = sc.S; auto& acc = sc.acc; auto& Kt = sc.Kt; auto& Vt = sc.Vt;
     auto& mrow = sc.mrow; auto& lrow = sc.lrow; auto& brow = sc.brow; auto& lim = sc.lim;
     acc_t* mbias = sc.mbias.data();
     {
-      const int64_t b = t / (Hkv * nqb);
-      const int64_t kvh = (t / nqb) % Hkv;
-      const int64_t i0 = (t % nqb) * BQ;
-      const int64_t i1 = std::min(Lq, i0 + BQ);
-      const int64_t ql = p.q_len[b];
-      const int64_t iv1 = std::min(i1, ql);
-      const int64_t R = std::max<int64_t>(0, iv1 - i0) * G;  // valid rows, row r <-> (i, g)
+      const auto [b, kvh, i0, i1, iv1, R] = tasks.at(p, t);
 
       for (int64_t r = 0; r < R; ++r) {
         const int64_t i = i0 + r / G, h = kvh * G + r % G;
-        const scalar_t* src = qp + b * sqb + i * sql + h * sqh;
+        const scalar_t* src = qs.rows(0, b, h) + i * qs.row_stride(0);
         acc_t* dst = Qb.data() + r * D;
         for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]) * scale;
         mrow[r] = ninf;
@@ -173,8 +184,8 @@ void cross_modal_attention_fwd_gemm(const CrossModalAttentionProblem& p, const a
         }
       }
 
-      finalise_rows<scalar_t, acc_t>(p, b, kvh, i0, i1, iv1, lrow.data(), mrow.data(), acc.data(), Dv, 1, op, orp,
-                                     lp);
+      finalise_rows<scalar_t, acc_t>(p, b, kvh, i0, i1, iv1, lrow.data(), mrow.data(), acc.data(), Dv, 1, out, lse,
+                                     out_raw);
     }
   });
 }
@@ -185,21 +196,15 @@ template <typename scalar_t>
 void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const at::Tensor& q,
                                      at::TensorList keys, at::TensorList values, double scale_d,
                                      at::Tensor& out, at::Tensor& lse, at::Tensor* out_raw) {
-  const int64_t B = p.B, Lq = p.Lq, Hkv = p.Hkv, D = p.D, Dv = p.Dv, M = p.M, G = p.G;
-  const int64_t BQ = std::max<int64_t>(1, kFwdRows / G);  // query positions per task
-  const int64_t nqb = (Lq + BQ - 1) / BQ;
+  const int64_t D = p.D, Dv = p.Dv, M = p.M, G = p.G;
+  const QueryTasks tasks(p);
   const CpuIsaKernels& isa = current_kernels();
   const int64_t width = isa.width;
-  const int64_t rp_max = (BQ * G + width - 1) / width * width;
+  const int64_t rp_max = (tasks.BQ * G + width - 1) / width * width;
   const float scale = static_cast<float>(scale_d);
   const float ninf = -std::numeric_limits<float>::infinity();
 
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const int64_t sqb = q.stride(0), sql = q.stride(1), sqh = q.stride(2);
-  const SegmentTensors<scalar_t> ks(keys), vs(values);
-  scalar_t* op = out.data_ptr<scalar_t>();
-  scalar_t* orp = out_raw ? out_raw->data_ptr<scalar_t>() : nullptr;
-  float* lp = lse.data_ptr<float>();
+  const SegmentTensors<scalar_t> qs(q), ks(keys), vs(values);  // q: one "segment"
 
   struct Scratch {
     std::vector<float> qt, st, acc_t, Kt, Vt, row_max, row_sum, row_bias, alpha, mbias;
@@ -213,23 +218,18 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
     sc.row_sum.resize(rp_max), sc.row_bias.resize(rp_max), sc.alpha.resize(rp_max);
     sc.mbias.resize(kTileKeys), sc.limit.resize(rp_max), sc.visible.resize(rp_max);
   };
-  parallel_tasks<Scratch>(B * Hkv * nqb, size_scratch, [&](int64_t t, int64_t upcoming, Scratch& sc) {
-    const int64_t b = t / (Hkv * nqb);
-    const int64_t kvh = (t / nqb) % Hkv;
-    const int64_t i0 = (t % nqb) * BQ;
-    const int64_t i1 = std::min(Lq, i0 + BQ);
-    const int64_t iv1 = std::min(i1, p.q_len[b]);
+  parallel_tasks<Scratch>(tasks.count, size_scratch, [&](int64_t t, int64_t upcoming, Scratch& sc) {
+    const auto [b, kvh, i0, i1, iv1, R] = tasks.at(p, t);
     // The upcoming task's first block (segment 0 from key 0), prefetched during this task's last block.
-    const int64_t b_up = upcoming < 0 ? 0 : upcoming / (Hkv * nqb);
-    const int64_t kvh_up = upcoming < 0 ? 0 : (upcoming / nqb) % Hkv;
+    const QueryTasks::Task up = tasks.at(p, upcoming < 0 ? 0 : upcoming);
+    const int64_t b_up = up.b, kvh_up = up.kvh;
     const int64_t n_up = upcoming < 0 ? 0 : std::min(kTileKeys, p.kv_len[b_up * M]);
-    const int64_t R = std::max<int64_t>(0, iv1 - i0) * G;  // valid rows, row r <-> (i, g)
     const int64_t rp = (R + width - 1) / width * width;
 
     float* qt = sc.qt.data();
     for (int64_t r = 0; r < rp; ++r) {
       if (r < R) {
-        const scalar_t* src = qp + b * sqb + (i0 + r / G) * sql + (kvh * G + r % G) * sqh;
+        const scalar_t* src = qs.rows(0, b, kvh * G + r % G) + (i0 + r / G) * qs.row_stride(0);
         for (int64_t d = 0; d < D; ++d) qt[d * rp + r] = static_cast<float>(src[d]) * scale;
       } else {
         for (int64_t d = 0; d < D; ++d) qt[d * rp + r] = 0.f;
@@ -240,7 +240,7 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
     std::fill(sc.acc_t.begin(), sc.acc_t.begin() + Dv * rp, 0.f);
 
     AttnFwdBlock blk{};
-    blk.qt = qt, blk.R = R, blk.rp = rp, blk.D = D, blk.Dv = Dv;
+    blk.qt = qt, blk.rp = rp, blk.D = D, blk.Dv = Dv;
     blk.limit = sc.limit.data(), blk.row_bias = sc.row_bias.data(), blk.st = sc.st.data();
     blk.row_max = sc.row_max.data(), blk.row_sum = sc.row_sum.data(), blk.alpha = sc.alpha.data();
     blk.acc_t = sc.acc_t.data();
@@ -257,7 +257,6 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
       for (int64_t j0 = 0; j0 < max_visible; j0 += kTileKeys) {
         const int64_t n = std::min(kTileKeys, max_visible - j0);
         if (!mask_bias(sc.mbias.data(), mask, j0, n)) continue;  // a fully masked block changes nothing
-        // The next block: this segment's, or the start of the next segment's.
         // The next block: this segment's, the start of the next segment's, or the upcoming task's first.
         const bool last = j0 + kTileKeys >= max_visible;
         const bool next_task = last && m + 1 == M;
@@ -284,7 +283,7 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
       }
     }
     finalise_rows<scalar_t, float>(p, b, kvh, i0, i1, iv1, sc.row_sum.data(), sc.row_max.data(),
-                                   sc.acc_t.data(), 1, rp, op, orp, lp);
+                                   sc.acc_t.data(), 1, rp, out, lse, out_raw);
   });
 }
 

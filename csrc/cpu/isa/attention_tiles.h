@@ -95,10 +95,15 @@ inline void tile_product_all(const TileProduct& t) {
   const float* ac = t.a + c * W;
   float* oc = t.out + c * W;
   const float* sc = t.scale ? t.scale + c * W : nullptr;
-  switch (t.vecs - c) {
-    case 1: tile_product_outer<W, 1>(t, ac, oc, sc); break;
-    case 2: tile_product_outer<W, 2>(t, ac, oc, sc); break;
-    default: tile_product_outer<W, 3>(t, ac, oc, sc); break;
+  if constexpr (RC == 4) {  // rests of 2 and 3 exist only where a chunk is 4 vectors (AVX-512)
+    switch (t.vecs - c) {
+      case 1: tile_product_outer<W, 1>(t, ac, oc, sc); break;
+      case 2: tile_product_outer<W, 2>(t, ac, oc, sc); break;
+      default: tile_product_outer<W, 3>(t, ac, oc, sc); break;
+    }
+  } else {
+    static_assert(RC == 2, "the rest below a chunk of 2 is one vector");
+    tile_product_outer<W, 1>(t, ac, oc, sc);
   }
 }
 
@@ -189,6 +194,7 @@ void attention_bwd_scores_rows(const AttnBwdScores& a) {
       float* dp = a.dpt + j * a.rp + c;
       F x = Vec<W>::load(s).v - shift;
       if (a.mask_bias != nullptr) x += a.mask_bias[j];
+      x = x > zero ? zero : x;  // <= 0 up to rounding for the forward's lse; an lse from elsewhere must not wrap exp
       const I jv = I{} + static_cast<int>(j);
       const F pj = jv < lim ? vexp_nonpositive<W>(x) : zero;
       const F ds = pj * (Vec<W>::load(dp).v - di);
