@@ -253,14 +253,13 @@ def held_out_takes(items: Sequence[Tuple[int, str]], fraction: float) -> set:
     """The paths of one speaker's held-out takes: of each digit, the highest-numbered `fraction` of its
     takes (at least one where the digit has two or more), from `{digit}_{speaker}_{take}.wav` names."""
     by_digit: Dict[int, List[Tuple[int, str]]] = {}
-    for d, p in items:
-        m = _FSDD_RE.match(os.path.basename(p))
-        by_digit.setdefault(d, []).append((int(m.group(3)) if m else 0, p))
+    for d, p in items:  # scan_fsdd's items: every name matches
+        by_digit.setdefault(d, []).append((int(_FSDD_RE.match(os.path.basename(p)).group(3)), p))
     held = set()
     for takes in by_digit.values():
         takes.sort()
         n = min(len(takes) - 1, max(1, int(round(fraction * len(takes))))) if fraction > 0 else 0
-        held.update(p for _, p in takes[len(takes) - n:] if n > 0)
+        held.update(p for _, p in takes[len(takes) - n:])
     return held
 
 

@@ -32,7 +32,7 @@ import torch
 
 import mmkernels
 from mmkernels.integrations import transformers as mmhf
-from mmkernels.integrations.masks import attend_where_zero
+from mmkernels.nn.masks import attend_where_zero
 
 _STATS: Counter = Counter()
 IDEFICS2 = "idefics2_perceiver"

@@ -39,7 +39,7 @@ import torch
 
 import mmkernels
 from mmkernels import backends
-from mmkernels.integrations.masks import attend_where_zero
+from mmkernels.nn.masks import attend_where_zero
 
 NAME = "mmkernels"
 _STATS: Counter = Counter()

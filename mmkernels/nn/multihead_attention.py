@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmkernels import backends
-from mmkernels.integrations.masks import attend_where_zero
+from mmkernels.nn.masks import attend_where_zero
 from mmkernels.ops import cross_modal_attention
 
 FUSED = "fused"

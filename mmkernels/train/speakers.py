@@ -79,7 +79,9 @@ def plot_summary(summary: Dict, path: str) -> Optional[str]:
 
 
 def _fold_done(fold_dir: str) -> Optional[Dict]:
-    p = os.path.join(fold_dir, "report.json")
+    from mmkernels.train.trainer import RUN_REPORT_NAME
+
+    p = os.path.join(fold_dir, RUN_REPORT_NAME)
     if not os.path.exists(p):
         return None
     with open(p) as f:
@@ -90,6 +92,7 @@ def run_folds(config_path: Optional[str], overrides: List[str], speakers: Option
     """Train (or resume, or reuse) every fold; returns the summary, also written to the output folder."""
     from mmkernels.data.speech import scan_fsdd
     from mmkernels.train.config import ConfigError, load_config
+    from mmkernels.train.checkpoint import CKPT_NAME
     from mmkernels.train.trainer import Trainer
     from mmkernels.utils.atomic import write_json
 
@@ -115,7 +118,7 @@ def run_folds(config_path: Optional[str], overrides: List[str], speakers: Option
         if report is None:
             cfg = load_config(config_path, overrides + [f"data.test_speaker={spk}", f"train.output_dir={fold_dir}",
                                                         "train.final_eval=true"])  # a fold needs its report
-            resume = fold_dir if os.path.exists(os.path.join(fold_dir, "checkpoint.pt")) else None
+            resume = fold_dir if os.path.exists(os.path.join(fold_dir, CKPT_NAME)) else None
             print(f"== fold: test speaker {spk} ({'resumed' if resume else 'new'}) -> {fold_dir}", flush=True)
             Trainer(cfg, resume=resume).train()
             report = _fold_done(fold_dir)

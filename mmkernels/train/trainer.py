@@ -36,6 +36,7 @@ from mmkernels.utils.atomic import write_json
 #   MMKERNELS_KILL_AT_STEP=N          SIGKILL this process right after step N (its checkpoint, if due, written)
 #   MMKERNELS_KILL_IN_SAVE_AT_STEP=N  SIGKILL it inside the checkpoint write of step N, between the complete
 #                                     temporary file and its rename
+RUN_REPORT_NAME = "report.json"  # a finished run's evaluation report, in its output folder
 KILL_AT_STEP = "MMKERNELS_KILL_AT_STEP"
 KILL_IN_SAVE_AT_STEP = "MMKERNELS_KILL_IN_SAVE_AT_STEP"
 
@@ -292,7 +293,7 @@ class Trainer:
             rep = evaluation_report(best, self.data_dir, self.cfg.data.max_text_len, t.eval_batch_size,
                                     self.device, self.amp_dtype, progress=t.progress, cfg=self.cfg)
             result["report"] = rep
-            write_json(os.path.join(self.out, "report.json"),
+            write_json(os.path.join(self.out, RUN_REPORT_NAME),
                        {"train": {k: v for k, v in result.items() if k != "report"}, **rep})
             print(format_report(rep), flush=True)
         barrier()
