@@ -14,6 +14,7 @@ Forward and forward+backward medians, timed round-robin, and the speedup over SD
 
     python benchmarks/bench_key_masks.py            # the table of benchmarks/README.md
     python benchmarks/bench_key_masks.py --quick    # first case, 5 repetitions
+    python benchmarks/bench_key_masks.py --keep-heap  # no page faults from glibc's heap trimming
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bar_plot, interleaved_median_ms, write_report  # noqa: E402
+from common import KEEP_HEAP_HELP, bar_plot, interleaved_median_ms, keep_heap, write_report  # noqa: E402
 
 import mmkernels  # noqa: E402
 
@@ -67,7 +68,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="first case, 5 repetitions")
+    ap.add_argument("--keep-heap", action="store_true", help=KEEP_HEAP_HELP)
     args = ap.parse_args(argv)
+    heap = "kept (--keep-heap)" if args.keep_heap and keep_heap() else "glibc defaults"
     dtype = getattr(torch, args.dtype)
     reps = 5 if args.quick else args.reps
     g = torch.Generator().manual_seed(0)
@@ -119,7 +122,7 @@ def main(argv=None):
                          "fwd_speedup_vs_sdpa": t_f["sdpa"] / t_f[k], "fwd_bwd_speedup_vs_sdpa": t_fb["sdpa"] / t_fb[k]})
     cols = ["case", "variant", "fwd_ms", "fwd_bwd_ms", "fwd_speedup_vs_sdpa", "fwd_bwd_speedup_vs_sdpa"]
     notes = [f"device {args.device}, {args.dtype}, {H} heads of {D}, medians of {reps} round-robin repetitions, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}"]
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}, heap: {heap}"]
     md = write_report("key_masks", rows, cols, "cross_modal_attention with key masks vs SDPA with the mask", notes)
     bar_plot("key_masks", [f"{r['case'][:22]} {r['variant']}" for r in rows], [r["fwd_bwd_ms"] for r in rows],
              "forward+backward ms", "key masks: mmkernels vs SDPA")

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, if not installed
 
-from common import bar_plot, interleaved_median_ms, keep_heap, write_report  # noqa: E402
+from common import KEEP_HEAP_HELP, bar_plot, interleaved_median_ms, keep_heap, write_report  # noqa: E402
 
 import mmkernels.integrations.transformers as mmhf  # noqa: E402
 
@@ -52,9 +52,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="first shape only, 5 repetitions")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--keep-heap", action="store_true",
-                    help="glibc keeps its heap (no trimming, no mmap for large blocks): no variant pays page "
-                         "faults for another's frees (see common.keep_heap)")
+    ap.add_argument("--keep-heap", action="store_true", help=KEEP_HEAP_HELP)
     args = ap.parse_args(argv)
     heap = "kept (--keep-heap)" if args.keep_heap and keep_heap() else "glibc defaults"
     mmhf.register()

@@ -14,6 +14,10 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+KEEP_HEAP_HELP = ("glibc keeps its heap (no trimming, no mmap for large blocks): no variant pays page faults for "
+                  "another's frees (see common.keep_heap)")
+
+
 def keep_heap() -> bool:
     """Stops glibc from trimming its heap and from serving large blocks by mmap (mallopt), so that no
     variant pays page faults for memory another variant's frees handed back to the kernel. With the

@@ -101,6 +101,8 @@ def test_attention_every_level(at_level, causal):
         (17, 2, 2, 64, 70, (257,), torch.float32),
         (70, 1, 1, 33, 16, (13, 140), torch.float32),
         (40, 8, 2, 16, 6, (129,), torch.float16),
+        # key and value gradients past 8 MiB: pages populated up front, rows written by streaming stores
+        (3, 2, 2, 64, 64, (20000, 300), torch.float32),
     ],
 )
 def test_attention_tiles_every_level(at_level, Lq, Hq, Hkv, D, Dv, Lks, dtype):

@@ -7,6 +7,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 
@@ -29,6 +32,29 @@ inline void advise_hugepages(const at::Tensor& t) {
   const uintptr_t a = (p + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t e = (p + bytes) & ~(kHuge - 1);
   if (e > a) (void)madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+// Faults a large fresh output buffer in before a kernel writes it: one madvise(MADV_POPULATE_WRITE)
+// per thread's share instead of a page fault per 4 KiB page taken by the kernel's own stores (half
+// the cost measured here, and no lock contention between threads faulting the same buffer). Pages
+// already resident (a buffer the allocator reused) cost a page-table walk. A kernel older than
+// Linux 5.14 answers EINVAL and the stores fault as before.
+inline void populate_pages(const at::Tensor& t) {
+#if defined(__linux__)
+  constexpr int kMadvPopulateWrite = 23;  // MADV_POPULATE_WRITE, absent from older headers
+  constexpr uintptr_t kPage = 4096;
+  constexpr int64_t kMinBytes = int64_t(2) << 20;
+  const int64_t bytes = t.numel() * t.element_size();
+  if (bytes < kMinBytes) return;
+  const uintptr_t a = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kPage - 1) & ~(kPage - 1);
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kPage - 1);
+  const int64_t pages = static_cast<int64_t>((e - a) / kPage);
+  at::parallel_for(0, pages, 256, [&](int64_t p0, int64_t p1) {
+    (void)madvise(reinterpret_cast<void*>(a + p0 * kPage), static_cast<size_t>(p1 - p0) * kPage, kMadvPopulateWrite);
+  });
 #else
   (void)t;
 #endif

@@ -22,6 +22,7 @@
 #include "cross_modal_attention_bwd.h"
 #include "cross_modal_attention_common.h"
 #include "cpu_blas.h"
+#include "cpu_memory.h"
 
 namespace mmkernels::cpu {
 namespace {
@@ -219,9 +220,12 @@ cross_modal_attention_bwd_cpu(const at::Tensor& grad_out_in, const std::optional
     values.push_back(last_dim_contiguous(values_in[m]));
     dk.push_back(grad_like(keys_in[m]));
     dv.push_back(grad_like(values_in[m]));
+    populate_pages(dk.back());
+    populate_pages(dv.back());
   }
   const auto acc_type = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dq = grad_like(q_in);
+  populate_pages(dq);
   at::Tensor gbias = at::zeros({p.Hq, p.M}, q.options().dtype(acc_type));
   at::Tensor ggate = at::zeros({p.Hq}, q.options().dtype(acc_type));
   const at::Tensor* glse = grad_lse.has_value() ? &*grad_lse : nullptr;
