@@ -66,6 +66,8 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
   const BwdRowReader<scalar_t, float> rows(q, go, o_raw, lse_in, glse);
   const SegmentTensors<scalar_t> ks(keys), vs(values);
 
+  // Partials of the bias and gate gradients, only where there is a bias or a gate.
+  const bool has_bias = !p.bias.empty(), has_gate = !p.gate_t.empty();
   std::vector<double> gb_part(static_cast<size_t>(B * Hq * M), 0.0);
   std::vector<double> gg_part(static_cast<size_t>(B * Hq), 0.0);
   // Key and value gradients past the caches are written around them (see store_row).
@@ -78,7 +80,7 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
     // dO rows (Rp x Dp, Rp x Dvp)
     std::vector<float> qt, dot, dqt, q_rows, do_rows, lse_r, di, shift, ds_sum;
     std::vector<int64_t> visible;
-    std::vector<double> head_sum;  // (G,) this task's per-head partial of grad_gate, then of grad_bias
+    std::vector<double> head_sum;  // (G,) this task's per-head partial of grad_gate
     // per block
     std::vector<float> st, dpt, dk_blk, dv_blk, Kt, Vt, mbias;
     std::vector<int> limit;
@@ -113,14 +115,16 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
     };
     std::fill(sc.dqt.begin(), sc.dqt.begin() + D * Rp, 0.f);
     std::fill(sc.head_sum.begin(), sc.head_sum.end(), 0.0);
-    for (int64_t r = 0; r < Rp; ++r) {
+    // Row r <-> (position i, head g of the group), counted instead of divided: at small head dims a
+    // division per row costs as much as the row's work.
+    for (int64_t r = 0, i = 0, g = 0; r < Rp; ++r, g = g + 1 == G ? (++i, 0) : g + 1) {
       if (r >= R) {
         for (int64_t d = 0; d < D; ++d) qt[panel(D, d, r)] = 0.f;
         for (int64_t d = 0; d < Dv; ++d) dot[panel(Dv, d, r)] = 0.f;
         sc.lse_r[r] = ninf, sc.di[r] = 0.f;
         continue;
       }
-      const int64_t i = r / G, h = kvh * G + r % G;
+      const int64_t h = kvh * G + g;
       const float dotp = rows.read(
           b, i, h, Lq, scale, static_cast<float>(p.gate_at(h)),
           [&](int64_t d, float v) { qt[panel(D, d, r)] = v, sc.q_rows[r * Dp + d] = v; },
@@ -129,18 +133,18 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
       // The rows' pad to whole vectors (the dK and dV products read rows below R only).
       std::fill(sc.q_rows.begin() + r * Dp + D, sc.q_rows.begin() + (r + 1) * Dp, 0.f);
       std::fill(sc.do_rows.begin() + r * Dvp + Dv, sc.do_rows.begin() + (r + 1) * Dvp, 0.f);
-      sc.head_sum[r % G] += static_cast<double>(dotp);
+      sc.head_sum[g] += static_cast<double>(dotp);
     }
-
-    for (int64_t g = 0; g < G; ++g) gg_part[b * Hq + kvh * G + g] += sc.head_sum[g];
+    if (has_gate)
+      for (int64_t g = 0; g < G; ++g) gg_part[b * Hq + kvh * G + g] += sc.head_sum[g];
 
     for (int64_t m = 0; m < M; ++m) {
       int64_t maxlim = 0;
-      for (int64_t r = 0; r < Rp; ++r) {
+      for (int64_t r = 0, i = 0, g = 0; r < Rp; ++r, g = g + 1 == G ? (++i, 0) : g + 1) {
         const bool live = r < R && sc.lse_r[r] != ninf;
-        sc.visible[r] = live ? p.visible(b, m, r / G) : 0;
+        sc.visible[r] = live ? p.visible(b, m, i) : 0;
         maxlim = std::max(maxlim, sc.visible[r]);
-        sc.shift[r] = live ? sc.lse_r[r] - static_cast<float>(p.bias_at(kvh * G + r % G, m)) : 0.f;
+        sc.shift[r] = live ? sc.lse_r[r] - static_cast<float>(p.bias_at(kvh * G + g, m)) : 0.f;
         sc.ds_sum[r] = 0.f;
       }
       const scalar_t* kbase = ks.rows(m, b, kvh);
@@ -196,10 +200,13 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
       }
       zero_grad_rows(dk0, dks, D, maxlim, p.Lk[m]);
       zero_grad_rows(dv0, dvs, Dv, maxlim, p.Lk[m]);
-      // One write per head: tasks on other threads write the neighbouring entries.
-      std::fill(sc.head_sum.begin(), sc.head_sum.end(), 0.0);
-      for (int64_t r = 0; r < R; ++r) sc.head_sum[r % G] += static_cast<double>(sc.ds_sum[r]);
-      for (int64_t g = 0; g < G; ++g) gb_part[(b * Hq + kvh * G + g) * M + m] += sc.head_sum[g];
+      if (has_bias) {  // one write per head: tasks on other threads write the neighbouring entries
+        for (int64_t g = 0; g < G; ++g) {
+          double sum = 0.0;
+          for (int64_t r = g; r < R; r += G) sum += static_cast<double>(sc.ds_sum[r]);
+          gb_part[(b * Hq + kvh * G + g) * M + m] += sum;
+        }
+      }
     }
 
     write_dq_rows<scalar_t, float>(p, dq, b, kvh, ql, scale,

@@ -227,9 +227,10 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
     const int64_t rp = (R + width - 1) / width * width;
 
     float* qt = sc.qt.data();
-    for (int64_t r = 0; r < rp; ++r) {
+    // Row r <-> (position i0 + i, head g of the group), counted instead of divided (see the backward).
+    for (int64_t r = 0, i = 0, g = 0; r < rp; ++r, g = g + 1 == G ? (++i, 0) : g + 1) {
       if (r < R) {
-        const scalar_t* src = qs.rows(0, b, kvh * G + r % G) + (i0 + r / G) * qs.row_stride(0);
+        const scalar_t* src = qs.rows(0, b, kvh * G + g) + (i0 + i) * qs.row_stride(0);
         for (int64_t d = 0; d < D; ++d) qt[d * rp + r] = static_cast<float>(src[d]) * scale;
       } else {
         for (int64_t d = 0; d < D; ++d) qt[d * rp + r] = 0.f;
@@ -246,9 +247,9 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
     blk.acc_t = sc.acc_t.data();
     for (int64_t m = 0; m < M && R > 0; ++m) {
       int64_t max_visible = 0;
-      for (int64_t r = 0; r < rp; ++r) {
-        sc.visible[r] = r < R ? p.visible(b, m, i0 + r / G) : 0;
-        sc.row_bias[r] = r < R ? static_cast<float>(p.bias_at(kvh * G + r % G, m)) : 0.f;
+      for (int64_t r = 0, i = 0, g = 0; r < rp; ++r, g = g + 1 == G ? (++i, 0) : g + 1) {
+        sc.visible[r] = r < R ? p.visible(b, m, i0 + i) : 0;
+        sc.row_bias[r] = r < R ? static_cast<float>(p.bias_at(kvh * G + g, m)) : 0.f;
         max_visible = std::max(max_visible, sc.visible[r]);
       }
       const scalar_t* kbase = ks.rows(m, b, kvh);
