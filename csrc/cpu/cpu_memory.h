@@ -44,7 +44,11 @@ inline void advise_hugepages(const at::Tensor& t) {
 // Linux 5.14 answers EINVAL and the stores fault as before.
 inline void populate_pages(const at::Tensor& t) {
 #if defined(__linux__)
-  constexpr int kMadvPopulateWrite = 23;  // MADV_POPULATE_WRITE, absent from older headers
+#if defined(MADV_POPULATE_WRITE)
+  constexpr int kMadvPopulateWrite = MADV_POPULATE_WRITE;
+#else
+  constexpr int kMadvPopulateWrite = 23;  // Linux's value, absent from older headers
+#endif
   constexpr uintptr_t kPage = 4096;
   constexpr int64_t kMinBytes = int64_t(2) << 20;
   const int64_t bytes = t.numel() * t.element_size();

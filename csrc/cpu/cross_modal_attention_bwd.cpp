@@ -29,23 +29,19 @@ namespace {
 
 // fp64: BLAS products on row-major tiles.
 template <typename scalar_t>
-void cross_modal_attention_bwd_gemm(const CrossModalAttentionProblem& p, const at::Tensor& go, const at::Tensor* glse,
-                  const at::Tensor& q, at::TensorList keys, at::TensorList values,
-                  const at::Tensor& o_raw, const at::Tensor& lse_in, double scale_d,
-                  at::Tensor& dq, std::vector<at::Tensor>& dk, std::vector<at::Tensor>& dv,
-                  at::Tensor& gbias, at::Tensor& ggate) {
+void cross_modal_attention_bwd_gemm(const CrossModalAttentionProblem& p, BwdTensors& io) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = p.B, Lq = p.Lq, Hq = p.Hq, Hkv = p.Hkv, D = p.D, Dv = p.Dv, M = p.M,
                 G = p.G;
-  const acc_t scale = static_cast<acc_t>(scale_d);
+  const acc_t scale = static_cast<acc_t>(io.scale);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
-  const BwdRowReader<scalar_t, acc_t> rows(q, go, o_raw, lse_in, glse);
-  const SegmentTensors<scalar_t> ks(keys), vs(values);
+  const BwdRowReader<scalar_t, acc_t> rows(io.q, io.go, io.o_raw, io.lse, io.glse);
+  const SegmentTensors<scalar_t> ks(io.keys), vs(io.values);
   std::vector<scalar_t*> dkp(M), dvp(M);
   for (int64_t m = 0; m < M; ++m) {
-    dkp[m] = dk[m].data_ptr<scalar_t>();
-    dvp[m] = dv[m].data_ptr<scalar_t>();
+    dkp[m] = io.dk[m].data_ptr<scalar_t>();
+    dvp[m] = io.dv[m].data_ptr<scalar_t>();
   }
 
   // Per-task partials: grad_bias (B, Hq, M), grad_gate dot products (B, Hq).
@@ -102,8 +98,8 @@ void cross_modal_attention_bwd_gemm(const CrossModalAttentionProblem& p, const a
         const bool* mask = p.mask_row(b, m);
         // Output grads: (B, Lk, Hkv, W) with the strides of empty_like(input) (unit last dim).
         const int64_t Lk = p.Lk[m];
-        const at::Tensor& dkm = dk[m];
-        const at::Tensor& dvm = dv[m];
+        const at::Tensor& dkm = io.dk[m];
+        const at::Tensor& dvm = io.dv[m];
         scalar_t* dk0 = dkp[m] + b * dkm.stride(0) + kvh * dkm.stride(2);
         scalar_t* dv0 = dvp[m] + b * dvm.stride(0) + kvh * dvm.stride(2);
         const int64_t dks = dkm.stride(1), dvs = dvm.stride(1);
@@ -171,11 +167,11 @@ void cross_modal_attention_bwd_gemm(const CrossModalAttentionProblem& p, const a
         zero_grad_rows(dv0, dvs, Dv, maxlim, Lk);
       }
 
-      write_dq_rows<scalar_t, acc_t>(p, dq, b, kvh, ql, scale, [&](int64_t r, int64_t d) { return dQ[r * D + d]; });
+      write_dq_rows<scalar_t, acc_t>(p, io.dq, b, kvh, ql, scale, [&](int64_t r, int64_t d) { return dQ[r * D + d]; });
     }
   });
 
-  reduce_partials<acc_t>(p, gb_part, gg_part, gbias, ggate);
+  reduce_partials<acc_t>(p, gb_part, gg_part, io.gbias, io.ggate);
 }
 
 // Gradient buffer with the layout of torch.empty_like(input) (what the fake kernel returns:
@@ -211,34 +207,29 @@ cross_modal_attention_bwd_cpu(const at::Tensor& grad_out_in, const std::optional
     TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "grad_lse: expected ", lse.sizes(), ", got ",
                 grad_lse->sizes());
   const auto dt = q_in.scalar_type();
-  const at::Tensor q = last_dim_contiguous(q_in);
-  const at::Tensor go = last_dim_contiguous(grad_out_in.to(dt));
-  const at::Tensor o_raw = last_dim_contiguous(out_raw_in.to(dt));
-  std::vector<at::Tensor> keys, values, dk, dv;
-  for (int64_t m = 0; m < p.M; ++m) {
-    keys.push_back(last_dim_contiguous(keys_in[m]));
-    values.push_back(last_dim_contiguous(values_in[m]));
-    dk.push_back(grad_like(keys_in[m]));
-    dv.push_back(grad_like(values_in[m]));
-    populate_pages(dk.back());
-    populate_pages(dv.back());
-  }
   const auto acc_type = dt == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor dq = grad_like(q_in);
-  populate_pages(dq);
-  at::Tensor gbias = at::zeros({p.Hq, p.M}, q.options().dtype(acc_type));
-  at::Tensor ggate = at::zeros({p.Hq}, q.options().dtype(acc_type));
-  const at::Tensor* glse = grad_lse.has_value() ? &*grad_lse : nullptr;
+  BwdTensors io{last_dim_contiguous(grad_out_in.to(dt)), grad_lse.has_value() ? &*grad_lse : nullptr,
+                last_dim_contiguous(q_in), {}, {}, last_dim_contiguous(out_raw_in.to(dt)), lse, scale,
+                grad_like(q_in), {}, {},
+                at::zeros({p.Hq, p.M}, q_in.options().dtype(acc_type)),
+                at::zeros({p.Hq}, q_in.options().dtype(acc_type))};
+  populate_pages(io.dq);
+  for (int64_t m = 0; m < p.M; ++m) {
+    io.keys.push_back(last_dim_contiguous(keys_in[m]));
+    io.values.push_back(last_dim_contiguous(values_in[m]));
+    io.dk.push_back(grad_like(keys_in[m]));
+    io.dv.push_back(grad_like(values_in[m]));
+    populate_pages(io.dk.back());
+    populate_pages(io.dv.back());
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "cross_modal_attention_bwd_cpu", [&] {
     if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
-      cross_modal_attention_bwd_tiles<scalar_t>(p, go, glse, q, keys, values, o_raw, lse, scale, dq, dk, dv, gbias,
-                                                ggate);
+      cross_modal_attention_bwd_tiles<scalar_t>(p, io);
     } else {
-      cross_modal_attention_bwd_gemm<scalar_t>(p, go, glse, q, keys, values, o_raw, lse, scale, dq, dk, dv, gbias,
-                                               ggate);
+      cross_modal_attention_bwd_gemm<scalar_t>(p, io);
     }
   });
-  return {dq, dk, dv, gbias, ggate};
+  return {io.dq, io.dk, io.dv, io.gbias, io.ggate};
 }
 
 }  // namespace

@@ -122,13 +122,22 @@ inline void write_dq_rows(const CrossModalAttentionProblem& p, at::Tensor& dq, i
   }
 }
 
-// The fp32-accumulation path (float, half, bfloat16): writes dq, dk, dv (allocated by the caller) and
-// gbias, ggate (zeroed by the caller).
+// What both paths read and write: the op's inputs with unit-stride last dims, grad_lse where given, and
+// the outputs, allocated by the entry point (dq, dk, dv uninitialised; gbias, ggate zeroed).
+struct BwdTensors {
+  at::Tensor go;
+  const at::Tensor* glse;
+  at::Tensor q;
+  std::vector<at::Tensor> keys, values;
+  at::Tensor o_raw, lse;
+  double scale;
+  at::Tensor dq;
+  std::vector<at::Tensor> dk, dv;
+  at::Tensor gbias, ggate;
+};
+
+// The fp32-accumulation path (float, half, bfloat16).
 template <typename scalar_t>
-void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const at::Tensor& go, const at::Tensor* glse,
-                                     const at::Tensor& q, at::TensorList keys, at::TensorList values,
-                                     const at::Tensor& o_raw, const at::Tensor& lse_in, double scale_d,
-                                     at::Tensor& dq, std::vector<at::Tensor>& dk, std::vector<at::Tensor>& dv,
-                                     at::Tensor& gbias, at::Tensor& ggate);
+void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, BwdTensors& io);
 
 }  // namespace mmkernels::cpu

@@ -49,13 +49,9 @@ inline void store_row(scalar_t* dst, const float* src, int64_t n, bool stream) {
 // dQ^T += K^T dS^T (Q^T, dO^T and dQ^T held per task), value and head dims for dV += P^T dO and
 // dK += dS^T Q (rows of dO and Q padded to whole vectors, the pad zero).
 template <typename scalar_t>
-void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const at::Tensor& go, const at::Tensor* glse,
-                                     const at::Tensor& q, at::TensorList keys, at::TensorList values,
-                                     const at::Tensor& o_raw, const at::Tensor& lse_in, double scale_d,
-                                     at::Tensor& dq, std::vector<at::Tensor>& dk, std::vector<at::Tensor>& dv,
-                                     at::Tensor& gbias, at::Tensor& ggate) {
+void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, BwdTensors& io) {
   const int64_t B = p.B, Lq = p.Lq, Hq = p.Hq, Hkv = p.Hkv, D = p.D, Dv = p.Dv, M = p.M, G = p.G;
-  const float scale = static_cast<float>(scale_d);
+  const float scale = static_cast<float>(io.scale);
   const float ninf = -std::numeric_limits<float>::infinity();
   const CpuIsaKernels& isa = current_kernels();
   const int64_t width = isa.width;
@@ -63,8 +59,8 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
   const int64_t Dp = round_up(D), Dvp = round_up(Dv);
   const int64_t Rp_max = round_up(Lq * G);
 
-  const BwdRowReader<scalar_t, float> rows(q, go, o_raw, lse_in, glse);
-  const SegmentTensors<scalar_t> ks(keys), vs(values);
+  const BwdRowReader<scalar_t, float> rows(io.q, io.go, io.o_raw, io.lse, io.glse);
+  const SegmentTensors<scalar_t> ks(io.keys), vs(io.values);
 
   // Partials of the bias and gate gradients, only where there is a bias or a gate.
   const bool has_bias = !p.bias.empty(), has_gate = !p.gate_t.empty();
@@ -72,7 +68,7 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
   std::vector<double> gg_part(static_cast<size_t>(B * Hq), 0.0);
   // Key and value gradients past the caches are written around them (see store_row).
   int64_t grad_bytes = 0;
-  for (int64_t m = 0; m < M; ++m) grad_bytes += (dk[m].numel() + dv[m].numel()) * int64_t(sizeof(scalar_t));
+  for (int64_t m = 0; m < M; ++m) grad_bytes += (io.dk[m].numel() + io.dv[m].numel()) * int64_t(sizeof(scalar_t));
   const bool stream = grad_bytes > kStreamGradBytes;
 
   struct Scratch {
@@ -150,10 +146,10 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
       const scalar_t* kbase = ks.rows(m, b, kvh);
       const scalar_t* vbase = vs.rows(m, b, kvh);
       const bool* mask = p.mask_row(b, m);
-      const at::Tensor& dkm = dk[m];
-      const at::Tensor& dvm = dv[m];
-      scalar_t* dk0 = dk[m].data_ptr<scalar_t>() + b * dkm.stride(0) + kvh * dkm.stride(2);
-      scalar_t* dv0 = dv[m].data_ptr<scalar_t>() + b * dvm.stride(0) + kvh * dvm.stride(2);
+      const at::Tensor& dkm = io.dk[m];
+      const at::Tensor& dvm = io.dv[m];
+      scalar_t* dk0 = io.dk[m].data_ptr<scalar_t>() + b * dkm.stride(0) + kvh * dkm.stride(2);
+      scalar_t* dv0 = io.dv[m].data_ptr<scalar_t>() + b * dvm.stride(0) + kvh * dvm.stride(2);
       const int64_t dks = dkm.stride(1), dvs = dvm.stride(1);
       for (int64_t j0 = 0; j0 < maxlim; j0 += kBwdKeys) {
         const int64_t n = std::min(kBwdKeys, maxlim - j0);
@@ -209,20 +205,17 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, const 
       }
     }
 
-    write_dq_rows<scalar_t, float>(p, dq, b, kvh, ql, scale,
+    write_dq_rows<scalar_t, float>(p, io.dq, b, kvh, ql, scale,
                                    [&](int64_t r, int64_t d) { return sc.dqt[panel(D, d, r)]; });
 #if defined(__SSE2__)
     if (stream) _mm_sfence();  // this task's streamed rows are visible before the op returns
 #endif
   });
-  reduce_partials<float>(p, gb_part, gg_part, gbias, ggate);
+  reduce_partials<float>(p, gb_part, gg_part, io.gbias, io.ggate);
 }
 
-#define MMK_INSTANTIATE(T)                                                                                         \
-  template void cross_modal_attention_bwd_tiles<T>(                                                                \
-      const CrossModalAttentionProblem&, const at::Tensor&, const at::Tensor*, const at::Tensor&, at::TensorList,   \
-      at::TensorList, const at::Tensor&, const at::Tensor&, double, at::Tensor&, std::vector<at::Tensor>&,          \
-      std::vector<at::Tensor>&, at::Tensor&, at::Tensor&);
+#define MMK_INSTANTIATE(T) \
+  template void cross_modal_attention_bwd_tiles<T>(const CrossModalAttentionProblem&, BwdTensors&);
 MMK_INSTANTIATE(float)
 MMK_INSTANTIATE(c10::Half)
 MMK_INSTANTIATE(c10::BFloat16)
