@@ -7,7 +7,9 @@ skips it) and FlexAttention with a padding block mask (compiled; forward only
 on the CPU, which has no FlexAttention backward; --no-flex skips it).
 Reports medians, GFLOP/s on valid tokens (forward 4*Lq*Lk*D per head, backward
 2.5x), each as a fraction of a large matrix product's rate measured in the same
-run, the speedup of mmkernels over the best baseline, and peak extra memory.
+run, the speedup of mmkernels over the best baseline, and peak extra memory;
+then the per-call cost in microseconds at one query over one key (overhead only)
+and at the fusion model's text shape, against SDPA.
 
     python benchmarks/bench_cross_modal_attention.py            # the CPU table of benchmarks/README.md
     python benchmarks/bench_cross_modal_attention.py --quick    # one shape, few repetitions
@@ -159,6 +161,41 @@ def bench_shape(name, B, Hq, Hkv, D, Lq, segs, pad, args, gflops_peak):
     return rows
 
 
+# (name, B, H, L, D): the same L queries and keys, lengths up to L
+OVERHEAD_SHAPES = [
+    ("one query over one key", 1, 1, 1, 16),
+    ("BERT tiny layer: B64 L24 H4 D16", 64, 4, 24, 16),
+]
+
+
+def bench_overhead(args):
+    """What a call costs beyond its arithmetic: at one query over one key that is all it costs (the
+    Python entry point, dispatch, autograd, the kernel's setup), against SDPA's in the same run;
+    at the fusion model's text shape, the same calls with their work. Microseconds."""
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for name, B, H, L, D in OVERHEAD_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, L, H, D, generator=g).to(dtype=dtype, device=args.device) for _ in range(3))
+        lengths = torch.randint(max(L // 2, 1), L + 1, (B, 1), generator=g).to(args.device)
+        mask = (torch.arange(L)[None, :] < lengths.cpu())[:, None, None, :].to(args.device)
+        grad = torch.randn(B, L, H, D, generator=g).to(dtype=dtype, device=args.device)
+        variants = {
+            "mmkernels": lambda q, k, v: mmkernels.cross_modal_attention(q, [k], [v], kv_lengths=lengths,
+                                                                       backend=args.backend),
+            "sdpa (views)": lambda q, k, v: sdpa(q, k, v, mask, False),
+        }
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        fwd = {n: torch.no_grad()(lambda f=f: f(q, k, v)) for n, f in variants.items()}
+        fwd_bwd = {n: _fwd_bwd(lambda f=f: f(*leaves), leaves, grad) for n, f in variants.items()}
+        reps = max(args.reps, 5) * 20
+        t_f = interleaved_median_ms(fwd, reps=reps, warmup=20, device=args.device)
+        t_fb = interleaved_median_ms(fwd_bwd, reps=reps, warmup=20, device=args.device)
+        for n in variants:
+            rows.append(dict(shape=name, variant=n, fwd_us=t_f[n] * 1e3, fwd_bwd_us=t_fb[n] * 1e3))
+    return rows
+
+
 MEMORY_VARIANTS = ("mmkernels", "sdpa (views)", "math")
 
 
@@ -233,6 +270,12 @@ def main(argv=None):
              "speedup = best baseline's time / this variant's time (baselines: every other row)",
              "flex attention: forward only on the CPU (FlexAttention has no CPU backward)"]
     md = write_report("attention_" + args.device, rows, cols, "cross_modal_attention", notes)
+    print(md.read_text())
+    overhead = bench_overhead(args)
+    md = write_report("attention_overhead_" + args.device, overhead, ["shape", "variant", "fwd_us", "fwd_bwd_us"],
+                      "Per-call cost (us, medians, round-robin)",
+                      ["forward without grad; forward+backward through autograd (torch.autograd.grad)",
+                       "mmkernels with kv_lengths, SDPA with the boolean padding mask"])
     print(md.read_text())
     bar_plot("attention_" + args.device, [f"{r['variant']}\n{r['shape'][:18]}" for r in rows],
              [r["fwd_bwd_ms"] or 0 for r in rows], "forward+backward ms (median)", "cross_modal_attention")

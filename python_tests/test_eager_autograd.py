@@ -114,3 +114,42 @@ def test_double_backward_still_refused():
     (gq,) = torch.autograd.grad(out.sum(), [q], create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         gq.sum().backward()
+
+
+def test_flatten_round_trips_the_op_arguments():
+    """The eager path's own flattening: tensors, None, scalars and per-segment lists (masks with a None
+    entry, a missing kv_masks), the gradients' structure too."""
+    t = [torch.randn(2) for _ in range(5)]
+    for args in [(t[0], [t[1], t[2]], [t[3], t[4]], None, None, None, None, 0.5, False, None),
+                 (t[0], [t[1]], [t[2]], t[3], None, t[4], None, 0.25, True, [t[1] > 0, None]),
+                 (None, [None, None], [None], None, 1.0)]:
+        flat, spec = _autograd._flatten(args)
+        assert all(not isinstance(x, (list, tuple)) for x in flat)
+        back = _autograd._unflatten(flat, spec)
+        assert len(back) == len(args)
+        for a, b in zip(args, back):
+            if isinstance(a, list):
+                assert isinstance(b, list) and len(a) == len(b) and all(x is y for x, y in zip(a, b))
+            else:
+                assert a is b
+
+
+def test_inference_below_the_autograd_wrapper_keeps_tracing_and_results():
+    """No grad to record: plain eager calls run the kernel below the dispatcher's autograd wrapper, with
+    the registered op's results; fake tensors (their dispatch key lies below autograd) still trace it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 3, 2, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, 5, 2, 8, generator=g)
+    lengths = torch.tensor([[5], [2]])
+    with torch.no_grad():
+        out = mmkernels.cross_modal_attention(q, [k], [k], kv_lengths=lengths, backend="cpu")
+    ref = torch.ops.mmkernels.cross_modal_attention_fwd(q, [k], [k], lengths, None, None, None, 8 ** -0.5, False,
+                                                        None)[0]
+    assert torch.equal(out, ref) and not out.requires_grad
+    mode = FakeTensorMode()
+    fq, fk = mode.from_tensor(q.detach()), mode.from_tensor(k)
+    with mode:
+        fout = mmkernels.cross_modal_attention(fq, [fk], [fk], backend="cpu")
+    assert type(fout).__name__ == "FakeTensor" and fout.shape == (2, 3, 2, 8)

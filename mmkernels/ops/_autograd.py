@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 import torch
-import torch.utils._pytree as pytree
 
 # Each op's `register(fwd_name, bwd_name)` (fake kernels + autograd), by op name. The op modules
 # fill it at import; the triton load step (_load_triton.py) applies it to the Triton ops without
@@ -26,8 +25,32 @@ def forbid_double_backward(bwd_name: str, op: str) -> None:
     torch.library.register_autograd(f"mmkernels::{bwd_name}", backward, setup_context=lambda ctx, inputs, output: None)
 
 
-def _is_none(x) -> bool:
-    return x is None
+def _flatten(args):
+    """The ops' arguments (and gradients) as one flat tuple, and what _unflatten needs to rebuild them:
+    each argument is a tensor, None or a scalar, or a list of those (one per segment). Written out
+    because torch.utils._pytree's general walk cost about 50 us a call, forward and backward, at
+    the small shapes where the kernels themselves take tens of microseconds."""
+    flat, spec = [], []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            flat.extend(a)
+            spec.append(len(a))
+        else:
+            flat.append(a)
+            spec.append(-1)
+    return tuple(flat), tuple(spec)
+
+
+def _unflatten(flat, spec):
+    args, i = [], 0
+    for n in spec:
+        if n < 0:
+            args.append(flat[i])
+            i += 1
+        else:
+            args.append(list(flat[i:i + n]))
+            i += n
+    return tuple(args)
 
 
 class _EagerFused(torch.autograd.Function):
@@ -36,8 +59,8 @@ class _EagerFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, *flat):
-        op, setup_context, backward, treespec = spec
-        inputs = pytree.tree_unflatten(list(flat), treespec)
+        op, setup_context, backward, arg_spec = spec
+        inputs = _unflatten(flat, arg_spec)
         with torch._C._AutoDispatchBelowAutograd():  # the op's own autograd wrapper is what this replaces
             output = op(*inputs)
         setup_context(ctx, inputs, output)
@@ -47,7 +70,12 @@ class _EagerFused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         backward = ctx.eager_spec[2]
-        flat, _ = pytree.tree_flatten(backward(ctx, *grads), is_leaf=_is_none)
+        if torch.is_grad_enabled():  # create_graph: the fused backward ops' own wrapper refuses it
+            formula_grads = backward(ctx, *grads)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():  # nothing to record: skip the wrapper (10-20 us)
+                formula_grads = backward(ctx, *grads)
+        flat, _ = _flatten(formula_grads)
         return (None, *flat)
 
 
@@ -77,10 +105,23 @@ def register_autograd(fwd_name: str, backward, setup_context) -> None:
 
 def run_fwd(fwd_name: str, inputs: tuple, differentiable):
     """torch.ops.mmkernels.<fwd_name>(*inputs): under _EagerFused where eager_autograd_applies to the
-    `differentiable` tensors, else the registered op (and its dispatcher autograd)."""
+    `differentiable` tensors; in plain eager with nothing to differentiate (inference, no_grad), below
+    the dispatcher's autograd wrapper, which would only hand the call on (about 10 us); else the
+    registered op (and its dispatcher autograd: torch.compile, export, functorch, subclasses needing grad)."""
     op = getattr(torch.ops.mmkernels, fwd_name)
-    if not eager_autograd_applies(*differentiable):
-        return op(*inputs)
-    setup_context, backward = _FORMULAS[fwd_name]
-    flat, treespec = pytree.tree_flatten(inputs, is_leaf=_is_none)
-    return _EagerFused.apply((op, setup_context, backward, treespec), *flat)
+    if eager_autograd_applies(*differentiable):
+        setup_context, backward = _FORMULAS[fwd_name]
+        flat, arg_spec = _flatten(inputs)
+        return _EagerFused.apply((op, setup_context, backward, arg_spec), *flat)
+    if _plain_eager_without_grad(differentiable):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*inputs)
+    return op(*inputs)
+
+
+def _plain_eager_without_grad(differentiable) -> bool:
+    """Eager, outside functorch, and nothing to differentiate. Tensor subclasses and dispatch modes (fake
+    tensors among them) still see the call: their Python dispatch key lies below autograd."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable))
