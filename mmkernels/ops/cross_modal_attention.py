@@ -63,17 +63,21 @@ def check_inputs(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gat
     check_dtype("q", q, backends.FLOAT_DTYPES + (torch.float64,))
     B, Lq, Hq, D = q.shape
     Hkv = Dv = None
+    # argument names are formatted only for an error: this runs on every call
     for m, (k, v) in enumerate(zip(keys, values)):
-        for name, t in ((f"keys[{m}]", k), (f"values[{m}]", v)):
+        for kind, t in (("keys", k), ("values", v)):
             if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+                raise TypeError(f"{kind}[{m}] must be a tensor, got {type(t).__name__}")
             if t.dim() != 4:
-                raise ValueError(f"{name} must have shape (B, Lk, Hkv, D), got {tuple(t.shape)}")
+                raise ValueError(f"{kind}[{m}] must have shape (B, Lk, Hkv, D), got {tuple(t.shape)}")
             if t.dtype != q.dtype:
-                raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-            check_same_device(name, t, q)
+                raise TypeError(f"{kind}[{m}] must have q's dtype {q.dtype}, got {t.dtype}")
+            if t.device != q.device:
+                check_same_device(f"{kind}[{m}]", t, q)
             if t.shape[0] != B:
-                raise ValueError(f"{name} has batch {t.shape[0]}, expected q's batch {B}")
+                raise ValueError(f"{kind}[{m}] has batch {t.shape[0]}, expected q's batch {B}")
+            if t.stride(-1) != 1 and t.numel():
+                raise ValueError(f"{kind}[{m}] must be contiguous in its last dim (stride 1), got stride {t.stride(-1)}")
         if k.shape[1] != v.shape[1]:
             raise ValueError(f"keys[{m}] and values[{m}] must have the same length, got {k.shape[1]} and {v.shape[1]}")
         if k.shape[3] != D:
@@ -86,9 +90,8 @@ def check_inputs(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gat
             raise ValueError(f"values[{m}] must have value dim Dv={Dv} like values[0], got {v.shape[3]}")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
-    for name, t in [("q", q)] + [(f"keys[{m}]", k) for m, k in enumerate(keys)] + [(f"values[{m}]", v) for m, v in enumerate(values)]:
-        if t.numel() and t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got stride {t.stride(-1)}")
+    if q.stride(-1) != 1 and q.numel():
+        raise ValueError(f"q must be contiguous in its last dim (stride 1), got stride {q.stride(-1)}")
     if kv_lengths is not None:
         check_lengths("kv_lengths", kv_lengths, (B, M), [k.shape[1] for k in keys], q)
     if q_lengths is not None:
