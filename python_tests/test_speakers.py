@@ -131,3 +131,7 @@ def test_leave_one_speaker_out(tone_folder, tmp_path):
     again = run_folds(None, over)
     assert all((out / s / "report.json").stat().st_mtime_ns == stamps[s] for s in ("ann", "cid"))
     assert (out / "bob" / "report.json").exists() and set(again["folds"]) == set(SPEAKERS)
+    # a run over some speakers (the other half running side by side) reports every finished fold
+    part = run_folds(None, over, speakers=["cid"])
+    assert list(part["folds"]) == list(SPEAKERS) and part["mean_accuracy"] == pytest.approx(again["mean_accuracy"])
+    assert json.loads((out / REPORT_NAME).read_text())["folds"].keys() == set(SPEAKERS)

@@ -89,7 +89,9 @@ def _fold_done(fold_dir: str) -> Optional[Dict]:
 
 
 def run_folds(config_path: Optional[str], overrides: List[str], speakers: Optional[List[str]] = None) -> Dict:
-    """Train (or resume, or reuse) every fold; returns the summary, also written to the output folder."""
+    """Train (or resume, or reuse) every fold; returns the summary, also written to the output folder. The
+    summary covers every finished fold in the folder, so two runs side by side over disjoint --speakers
+    (one thread each) leave one report of all the folds when the second finishes."""
     from mmkernels.data.speech import scan_fsdd
     from mmkernels.train.config import ConfigError, load_config
     from mmkernels.train.checkpoint import CKPT_NAME
@@ -125,6 +127,13 @@ def run_folds(config_path: Optional[str], overrides: List[str], speakers: Option
         else:
             print(f"== fold: test speaker {spk}: kept ({fold_dir}/report.json)", flush=True)
         folds[spk] = fold_summary(report)
+    # folds another process finished in the same folder (two runs side by side, each given --speakers)
+    for spk in found:
+        report = None if spk in folds else _fold_done(os.path.join(out_dir, spk))
+        if report is not None:
+            print(f"== fold: test speaker {spk}: finished earlier or by another run, in the summary", flush=True)
+            folds[spk] = fold_summary(report)
+    folds = {spk: folds[spk] for spk in found if spk in folds}
     summary = summarize(folds)
     summary["config"] = config_path
     summary["overrides"] = overrides
