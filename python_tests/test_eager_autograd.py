@@ -153,3 +153,30 @@ def test_inference_below_the_autograd_wrapper_keeps_tracing_and_results():
     with mode:
         fout = mmkernels.cross_modal_attention(fq, [fk], [fk], backend="cpu")
     assert type(fout).__name__ == "FakeTensor" and fout.shape == (2, 3, 2, 8)
+
+
+def test_a_torch_without_the_private_pieces_takes_the_registered_op(monkeypatch):
+    """Another torch version may lack the private APIs of the fast paths: then every call goes through the
+    registered op, with the same results and gradients."""
+    import types
+    assert _autograd.fast_paths_available()
+    assert not _autograd.fast_paths_available(types.SimpleNamespace(_AutoDispatchBelowAutograd=object))
+    calls = _count_eager(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 2, 8, generator=g)
+    k = torch.randn(2, 5, 2, 8, generator=g)
+    grad = torch.randn(2, 3, 2, 8, generator=g)
+
+    def run():
+        lq, lk = _leaves(q, k)
+        out = mmkernels.cross_modal_attention(lq, [lk], [lk], backend="cpu")
+        return (out, *torch.autograd.grad(out, [lq, lk], grad))
+
+    fast = run()
+    assert len(calls) == 1
+    monkeypatch.setattr(_autograd, "FAST_PATHS", False)
+    slow = run()
+    with torch.no_grad():
+        slow_inference = mmkernels.cross_modal_attention(q, [k], [k], backend="cpu")
+    assert len(calls) == 1
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow)) and torch.equal(slow_inference, fast[0])

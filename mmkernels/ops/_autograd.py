@@ -83,12 +83,24 @@ class _EagerFused(torch.autograd.Function):
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+def fast_paths_available(torch_c=torch._C) -> bool:
+    """Whether this torch has the private pieces the fast paths stand on. Where one is missing (another
+    torch version), every call takes the registered op and its dispatcher autograd: slower, the same
+    kernels and formula."""
+    return all(callable(getattr(torch_c, name, None))
+               for name in ("_AutoDispatchBelowAutograd", "_are_functorch_transforms_active"))
+
+
+FAST_PATHS = fast_paths_available()
+
+
 def eager_autograd_applies(*tensors) -> bool:
     """True in plain eager autograd: grad mode on, an input that requires grad, plain tensors (or parameters), no
     torch.compile / export tracing, no functorch transform. There the registered op runs under a
     torch.autograd.Function (about 10 us a call) instead of the dispatcher's autograd wrapper of a
     torch.library op (about 50 us): the same kernels and formula, the gradients bit for bit."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if (not FAST_PATHS or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()):
         return False
     return any(t.requires_grad for t in tensors) and all(type(t) in _PLAIN_TENSORS for t in tensors)
 
@@ -122,6 +134,6 @@ def run_fwd(fwd_name: str, inputs: tuple, differentiable):
 def _plain_eager_without_grad(differentiable) -> bool:
     """Eager, outside functorch, and nothing to differentiate. Tensor subclasses and dispatch modes (fake
     tensors among them) still see the call: their Python dispatch key lies below autograd."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if not FAST_PATHS or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable))
