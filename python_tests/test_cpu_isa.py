@@ -136,6 +136,42 @@ def test_attention_tiles_every_level(at_level, Lq, Hq, Hkv, D, Dv, Lks, dtype):
         assert_within_rule(a, b, c, name=f"grad {i}")
 
 
+# Key masks with many holes: the forward gathers a segment's kept keys into packed blocks (more than one
+# block of 128 here, next to a segment with few holes that is not gathered), half inputs converted as
+# they are packed, padded query rows, bias and gate; forward and every gradient.
+@pytest.mark.parametrize("at_level", LEVELS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_gathers_the_keys_of_masks_with_holes(at_level, dtype):
+    g = torch.Generator().manual_seed(11)
+    B, Lq, Hq, Hkv, D, Lks = 3, 9, 4, 2, 40, (300, 50)
+    q = torch.randn(B, Lq, Hq, D, generator=g, dtype=torch.float64)
+    keys = [torch.randn(B, L, Hkv, D, generator=g, dtype=torch.float64) for L in Lks]
+    values = [torch.randn(B, L, Hkv, D, generator=g, dtype=torch.float64) for L in Lks]
+    masks = [torch.rand(B, 300, generator=g) < 0.6, torch.rand(B, 50, generator=g) < 0.97]
+    masks[0][2] = False  # a sample with no key in the first segment
+    kw = dict(kv_masks=masks, q_lengths=torch.tensor([Lq, 4, 1]),
+              kv_lengths=torch.tensor([[300, 50], [280, 49], [300, 50]]))
+    bias = torch.randn(Hq, 2, generator=g, dtype=torch.float64)
+    gate = torch.rand(Hq, generator=g, dtype=torch.float64)
+    leaves64 = [t.requires_grad_(True) for t in (q, *keys, *values, bias, gate)]
+    leaves_low = [t.detach().to(dtype if i < 5 else torch.float32).requires_grad_(True) for i, t in enumerate(leaves64)]
+    leaves_ref = [t.detach().clone().requires_grad_(True) for t in leaves_low]
+
+    def run(fn, ls, **extra):
+        return fn(ls[0], ls[1:3], ls[3:5], modality_bias=ls[5], head_gate=ls[6], **kw, **extra)
+
+    out = run(mmkernels.cross_modal_attention, leaves_low, backend="cpu")
+    ref = run(cross_modal_attention_reference, leaves64)
+    ref_low = run(cross_modal_attention_reference, leaves_ref, upcast=False)
+    assert_within_rule(out, ref, ref_low)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves_low, go.to(dtype))
+    grads64 = torch.autograd.grad(ref, leaves64, go)
+    grads_low = torch.autograd.grad(ref_low, leaves_ref, go.to(dtype))
+    for i, (a, b, c) in enumerate(zip(grads, grads64, grads_low)):
+        assert_within_rule(a, b, c, name=f"grad {i}")
+
+
 def test_levels_are_ordered_and_the_best_is_chosen():
     require_backend("cpu", "cpu")
     assert LEVELS[0] == "baseline"

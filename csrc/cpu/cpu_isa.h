@@ -72,6 +72,7 @@ struct AttnFwdBlock {
   const void* next_k;
   const void* next_v;
   long long next_k_stride, next_v_stride, next_n, next_row_bytes_k, next_row_bytes_v;  // strides in bytes
+  const int* next_rows;  // the next block's row j is row next_rows[j] from next_k / next_v (null: row j)
 };
 
 // The kernels of one level. Gated fusion (isa/gated_fusion_rows.h): positions [n0, n1) of the op.

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -26,6 +27,11 @@ namespace {
 constexpr int64_t kFwdRows = 64;   // target query rows (positions x grouped heads) per task
 constexpr int64_t kFwdKeys = 256;  // key block of the fp64 path
 constexpr int64_t kTileKeys = 128; // key block of the vector path: its scores stay in L1/L2
+// The vector path gathers a segment's unmasked keys into packed blocks when at least this fraction of
+// its visible keys is masked (holes from padded patches, left padding): the masked keys are then neither
+// read nor computed, for the price of copying the kept rows. Not under causal masking, where each row
+// sees its own prefix of key positions.
+constexpr double kCompactMaskedFraction = 0.125;
 
 // Both paths' tasks: (batch, kv head, block of BQ query positions), the G query heads sharing the kv
 // head stacked into rows r <-> (position i0 + r / G, head kvh * G + r % G).
@@ -190,6 +196,33 @@ void cross_modal_attention_fwd_gemm(const CrossModalAttentionProblem& p, const a
   });
 }
 
+// The positions below `visible` that `mask` keeps, into `kept`; false (and kept unspecified) where too
+// few are masked for gathering to pay (kCompactMaskedFraction).
+inline bool compact_keys(const bool* mask, int64_t visible, std::vector<int>& kept) {
+  int64_t n_kept = 0;
+  for (int64_t j = 0; j < visible; ++j) n_kept += mask[j];
+  if (visible == 0 || static_cast<double>(visible - n_kept) < kCompactMaskedFraction * static_cast<double>(visible))
+    return false;
+  kept.resize(n_kept);
+  for (int64_t j = 0, c = 0; j < visible; ++j)
+    if (mask[j]) kept[c++] = static_cast<int>(j);
+  return true;
+}
+
+// Rows rows[0..n) of a (B, L, H, W) tensor at fixed (b, h) (from `base`), as a packed float matrix n x W.
+template <typename scalar_t>
+inline void pack_rows(const scalar_t* base, int64_t row_stride, const int* rows, int64_t n, int64_t W, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t* src = base + rows[j] * row_stride;
+    float* dst = out + j * W;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      std::memcpy(dst, src, W * sizeof(float));
+    } else {
+      for (int64_t d = 0; d < W; ++d) dst[d] = static_cast<float>(src[d]);
+    }
+  }
+}
+
 // fp32 accumulation (float, half, bfloat16 inputs): the level's vector kernels (isa/attention_tiles.h)
 // on each task's query tile held transposed; half and bfloat16 keys and values are converted per block.
 template <typename scalar_t>
@@ -208,9 +241,9 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
 
   struct Scratch {
     std::vector<float> qt, st, acc_t, Kt, Vt, row_max, row_sum, row_bias, alpha, mbias;
-    std::vector<int> limit;
+    std::vector<int> limit, kept;
     std::vector<int64_t> visible;
-    void trim() {}  // sized by tiles only
+    void trim() { trim_scratch(kept); }
   };
   auto size_scratch = [&](Scratch& sc) {
     sc.qt.resize(D * rp_max), sc.st.resize(kTileKeys * rp_max), sc.acc_t.resize(rp_max * Dv);
@@ -255,6 +288,28 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
       const scalar_t* kbase = ks.rows(m, b, kvh);
       const scalar_t* vbase = vs.rows(m, b, kvh);
       const bool* mask = p.mask_row(b, m);
+      if (mask != nullptr && !p.causal &&
+          compact_keys(mask, max_visible, sc.kept)) {  // every row sees keys [0, max_visible): gather the kept
+        const int64_t kept = static_cast<int64_t>(sc.kept.size());
+        for (int64_t c0 = 0; c0 < kept; c0 += kTileKeys) {
+          const int64_t n = std::min(kTileKeys, kept - c0);
+          const int* rows = sc.kept.data() + c0;
+          pack_rows<scalar_t>(kbase, ks.row_stride(m), rows, n, D, sc.Kt.data());
+          pack_rows<scalar_t>(vbase, vs.row_stride(m), rows, n, Dv, sc.Vt.data());
+          blk.k = sc.Kt.data(), blk.v = sc.Vt.data(), blk.ldk = D, blk.ldv = Dv, blk.n = n;
+          blk.mask_bias = nullptr;
+          const int64_t n_next = std::min(kTileKeys, kept - c0 - kTileKeys);
+          blk.next_n = std::max<int64_t>(n_next, 0);
+          blk.next_rows = n_next > 0 ? rows + kTileKeys : nullptr;
+          blk.next_k = n_next > 0 ? kbase : nullptr, blk.next_v = n_next > 0 ? vbase : nullptr;
+          blk.next_k_stride = ks.row_stride(m) * sizeof(scalar_t), blk.next_v_stride = vs.row_stride(m) * sizeof(scalar_t);
+          blk.next_row_bytes_k = D * sizeof(scalar_t), blk.next_row_bytes_v = Dv * sizeof(scalar_t);
+          for (int64_t r = 0; r < rp; ++r) sc.limit[r] = sc.visible[r] > 0 ? static_cast<int>(n) : 0;
+          isa.attention_fwd_block(blk);
+        }
+        continue;
+      }
+      blk.next_rows = nullptr;
       for (int64_t j0 = 0; j0 < max_visible; j0 += kTileKeys) {
         const int64_t n = std::min(kTileKeys, max_visible - j0);
         if (!mask_bias(sc.mbias.data(), mask, j0, n)) continue;  // a fully masked block changes nothing

@@ -160,8 +160,9 @@ void attention_fwd_block_rows(const AttnFwdBlock& a) {
   for (long long j = 0; j < a.n; j += kChunk) {
     const long long until = fetched + per_chunk < a.next_n ? fetched + per_chunk : a.next_n;
     for (; fetched < until; ++fetched) {
-      const char* kr = static_cast<const char*>(a.next_k) + fetched * a.next_k_stride;
-      const char* vr = static_cast<const char*>(a.next_v) + fetched * a.next_v_stride;
+      const long long row = a.next_rows == nullptr ? fetched : a.next_rows[fetched];
+      const char* kr = static_cast<const char*>(a.next_k) + row * a.next_k_stride;
+      const char* vr = static_cast<const char*>(a.next_v) + row * a.next_v_stride;
       for (long long off = 0; off < a.next_row_bytes_k; off += 64) __builtin_prefetch(kr + off, 0, 2);
       for (long long off = 0; off < a.next_row_bytes_v; off += 64) __builtin_prefetch(vr + off, 0, 2);
     }
