@@ -151,7 +151,13 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, BwdTen
       scalar_t* dk0 = io.dk[m].data_ptr<scalar_t>() + b * dkm.stride(0) + kvh * dkm.stride(2);
       scalar_t* dv0 = io.dv[m].data_ptr<scalar_t>() + b * dvm.stride(0) + kvh * dvm.stride(2);
       const int64_t dks = dkm.stride(1), dvs = dvm.stride(1);
-      for (int64_t j0 = 0; j0 < maxlim; j0 += kBwdKeys) {
+      // Blocks start at the first kept key (left padding: no partly masked block); the keys before it
+      // get zero grads like those past the last visible one.
+      int64_t first = 0;
+      while (mask != nullptr && first < maxlim && !mask[first]) ++first;
+      zero_grad_rows(dk0, dks, D, 0, first);
+      zero_grad_rows(dv0, dvs, Dv, 0, first);
+      for (int64_t j0 = first; j0 < maxlim; j0 += kBwdKeys) {
         const int64_t n = std::min(kBwdKeys, maxlim - j0);
         std::fill(sc.dk_blk.begin(), sc.dk_blk.begin() + n * Dp, 0.f);
         std::fill(sc.dv_blk.begin(), sc.dv_blk.begin() + n * Dvp, 0.f);
