@@ -79,9 +79,10 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, BwdTen
     std::vector<double> head_sum;  // (G,) this task's per-head partial of grad_gate
     // per block
     std::vector<float> st, dpt, dk_blk, dv_blk, Kt, Vt, mbias;
-    std::vector<int> limit;
+    std::vector<int> limit, kept;
     void trim() {
       for (auto* v : {&qt, &dot, &dqt, &q_rows, &do_rows}) trim_scratch(*v);
+      trim_scratch(kept);
     }
   };
   auto size_scratch = [&](Scratch& sc) {
@@ -151,20 +152,23 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, BwdTen
       scalar_t* dk0 = io.dk[m].data_ptr<scalar_t>() + b * dkm.stride(0) + kvh * dkm.stride(2);
       scalar_t* dv0 = io.dv[m].data_ptr<scalar_t>() + b * dvm.stride(0) + kvh * dvm.stride(2);
       const int64_t dks = dkm.stride(1), dvs = dvm.stride(1);
-      // Blocks start at the first kept key (left padding: no partly masked block); the keys before it
-      // get zero grads like those past the last visible one.
-      int64_t first = 0;
-      while (mask != nullptr && first < maxlim && !mask[first]) ++first;
-      zero_grad_rows(dk0, dks, D, 0, first);
-      zero_grad_rows(dv0, dvs, Dv, 0, first);
-      for (int64_t j0 = first; j0 < maxlim; j0 += kBwdKeys) {
-        const int64_t n = std::min(kBwdKeys, maxlim - j0);
+      // One key block: keys j0 + [0, n), or (rows given) the kept keys rows[0, n) gathered into a packed
+      // block; its grads are written to the keys' own rows.
+      auto key_block = [&](int64_t j0, int64_t n, const int* rows) {
         std::fill(sc.dk_blk.begin(), sc.dk_blk.begin() + n * Dp, 0.f);
         std::fill(sc.dv_blk.begin(), sc.dv_blk.begin() + n * Dvp, 0.f);
-        if (mask_bias(sc.mbias.data(), mask, j0, n)) {  // a fully masked block only gets zero grads
-          int64_t ldk, ldv;
-          const float* Kp = load_rows<scalar_t, float>(kbase, ks.row_stride(m), j0, n, D, sc.Kt.data(), &ldk);
-          const float* Vp = load_rows<scalar_t, float>(vbase, vs.row_stride(m), j0, n, Dv, sc.Vt.data(), &ldv);
+        if (rows != nullptr || mask_bias(sc.mbias.data(), mask, j0, n)) {  // a fully masked block: zero grads
+          int64_t ldk = D, ldv = Dv;
+          const float* Kp = sc.Kt.data();
+          const float* Vp = sc.Vt.data();
+          if (rows != nullptr) {
+            pack_rows<scalar_t>(kbase, ks.row_stride(m), rows, n, D, sc.Kt.data());
+            pack_rows<scalar_t>(vbase, vs.row_stride(m), rows, n, Dv, sc.Vt.data());
+          } else {
+            Kp = load_rows<scalar_t, float>(kbase, ks.row_stride(m), j0, n, D, sc.Kt.data(), &ldk);
+            Vp = load_rows<scalar_t, float>(vbase, vs.row_stride(m), j0, n, Dv, sc.Vt.data(), &ldv);
+          }
+          const float* block_mask = rows == nullptr && mask != nullptr ? sc.mbias.data() : nullptr;
           // Rows are ordered by query position, so (causal) visibility is nondecreasing in r except
           // for rows without keys; skip leading row blocks that see nothing of this block.
           int64_t rstart = 0;
@@ -176,15 +180,15 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, BwdTen
             const int64_t rbp = std::min(kBwdRows, Rp - r0);  // lanes: a multiple of the width
             const int64_t rbv = std::min(rbp, R - r0);         // valid rows
             const int64_t vecs = rbp / width;
-            for (int64_t r = 0; r < rbp; ++r)
-              sc.limit[r] = static_cast<int>(std::clamp<int64_t>(sc.visible[r0 + r] - j0, 0, n));
+            for (int64_t r = 0; r < rbp; ++r)  // gathered keys: every live row sees the whole block
+              sc.limit[r] = rows != nullptr ? (sc.visible[r0 + r] > 0 ? static_cast<int>(n) : 0)
+                                            : static_cast<int>(std::clamp<int64_t>(sc.visible[r0 + r] - j0, 0, n));
             float* st = sc.st.data();
             float* dpt = sc.dpt.data();
             isa.tile_product(TileProduct{qt + r0 * D, rbp, Kp, ldk, 1, D, st, rbp, kTileZero, nullptr, n, vecs});
             isa.tile_product(TileProduct{dot + r0 * Dv, rbp, Vp, ldv, 1, Dv, dpt, rbp, kTileZero, nullptr, n, vecs});
-            isa.attention_bwd_scores(AttnBwdScores{st, dpt, n, rbp, mask ? sc.mbias.data() : nullptr,
-                                                   sc.limit.data(), sc.shift.data() + r0, sc.di.data() + r0,
-                                                   sc.ds_sum.data() + r0});
+            isa.attention_bwd_scores(AttnBwdScores{st, dpt, n, rbp, block_mask, sc.limit.data(), sc.shift.data() + r0,
+                                                   sc.di.data() + r0, sc.ds_sum.data() + r0});
             // dV[j] += sum_r P[r, j] dO[r]; dK[j] += sum_r dS[r, j] Q[r] (Q carries the scale)
             isa.tile_product(TileProduct{sc.do_rows.data() + r0 * Dvp, Dvp, st, rbp, 1, rbv, sc.dv_blk.data(),
                                          Dvp, kTileAccumulate, nullptr, n, Dvp / width});
@@ -196,9 +200,28 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, BwdTen
           }
         }
         for (int64_t j = 0; j < n; ++j) {
-          store_row<scalar_t>(dk0 + (j0 + j) * dks, sc.dk_blk.data() + j * Dp, D, stream);
-          store_row<scalar_t>(dv0 + (j0 + j) * dvs, sc.dv_blk.data() + j * Dvp, Dv, stream);
+          const int64_t key = rows != nullptr ? rows[j] : j0 + j;
+          store_row<scalar_t>(dk0 + key * dks, sc.dk_blk.data() + j * Dp, D, stream);
+          store_row<scalar_t>(dv0 + key * dvs, sc.dv_blk.data() + j * Dvp, Dv, stream);
         }
+      };
+      if (mask != nullptr && !p.causal && compact_keys(mask, maxlim, sc.kept)) {
+        for (int64_t j = 0; j < maxlim; ++j) {  // the masked keys' grads are 0
+          if (!mask[j]) {
+            zero_grad_rows(dk0, dks, D, j, j + 1);
+            zero_grad_rows(dv0, dvs, Dv, j, j + 1);
+          }
+        }
+        const int64_t kept = static_cast<int64_t>(sc.kept.size());
+        for (int64_t c0 = 0; c0 < kept; c0 += kBwdKeys) key_block(0, std::min(kBwdKeys, kept - c0), sc.kept.data() + c0);
+      } else {
+        // Blocks start at the first kept key (left padding: no partly masked block); the keys before it
+        // get zero grads like those past the last visible one.
+        int64_t first = 0;
+        while (mask != nullptr && first < maxlim && !mask[first]) ++first;
+        zero_grad_rows(dk0, dks, D, 0, first);
+        zero_grad_rows(dv0, dvs, Dv, 0, first);
+        for (int64_t j0 = first; j0 < maxlim; j0 += kBwdKeys) key_block(j0, std::min(kBwdKeys, maxlim - j0), nullptr);
       }
       zero_grad_rows(dk0, dks, D, maxlim, p.Lk[m]);
       zero_grad_rows(dv0, dvs, Dv, maxlim, p.Lk[m]);

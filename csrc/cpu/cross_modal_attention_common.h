@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -147,6 +148,39 @@ template <typename acc_t>
 inline void add_mask_bias(acc_t* __restrict__ s, const acc_t* __restrict__ bias, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) s[j] += bias[j];
+}
+
+// The fp32 paths gather a segment's unmasked keys into packed blocks when at least this fraction of
+// its visible keys is masked (holes from padded patches, left padding): the masked keys are then neither
+// read nor computed, for the price of copying the kept rows. Not under causal masking, where each row
+// sees its own prefix of key positions.
+constexpr double kCompactMaskedFraction = 0.125;
+
+// The positions below `visible` that `mask` keeps, into `kept`; false (and kept unspecified) where too
+// few are masked for gathering to pay (kCompactMaskedFraction).
+inline bool compact_keys(const bool* mask, int64_t visible, std::vector<int>& kept) {
+  int64_t n_kept = 0;
+  for (int64_t j = 0; j < visible; ++j) n_kept += mask[j];
+  if (visible == 0 || static_cast<double>(visible - n_kept) < kCompactMaskedFraction * static_cast<double>(visible))
+    return false;
+  kept.resize(n_kept);
+  for (int64_t j = 0, c = 0; j < visible; ++j)
+    if (mask[j]) kept[c++] = static_cast<int>(j);
+  return true;
+}
+
+// Rows rows[0..n) of a (B, L, H, W) tensor at fixed (b, h) (from `base`), as a packed float matrix n x W.
+template <typename scalar_t>
+inline void pack_rows(const scalar_t* base, int64_t row_stride, const int* rows, int64_t n, int64_t W, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t* src = base + rows[j] * row_stride;
+    float* dst = out + j * W;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      std::memcpy(dst, src, W * sizeof(float));
+    } else {
+      for (int64_t d = 0; d < W; ++d) dst[d] = static_cast<float>(src[d]);
+    }
+  }
 }
 
 // Make the last dim unit-stride (the kernels use strides for every other dim).

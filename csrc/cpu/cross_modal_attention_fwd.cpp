@@ -11,7 +11,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -27,11 +26,6 @@ namespace {
 constexpr int64_t kFwdRows = 64;   // target query rows (positions x grouped heads) per task
 constexpr int64_t kFwdKeys = 256;  // key block of the fp64 path
 constexpr int64_t kTileKeys = 128; // key block of the vector path: its scores stay in L1/L2
-// The vector path gathers a segment's unmasked keys into packed blocks when at least this fraction of
-// its visible keys is masked (holes from padded patches, left padding): the masked keys are then neither
-// read nor computed, for the price of copying the kept rows. Not under causal masking, where each row
-// sees its own prefix of key positions.
-constexpr double kCompactMaskedFraction = 0.125;
 
 // Both paths' tasks: (batch, kv head, block of BQ query positions), the G query heads sharing the kv
 // head stacked into rows r <-> (position i0 + r / G, head kvh * G + r % G).
@@ -194,33 +188,6 @@ void cross_modal_attention_fwd_gemm(const CrossModalAttentionProblem& p, const a
                                      out_raw);
     }
   });
-}
-
-// The positions below `visible` that `mask` keeps, into `kept`; false (and kept unspecified) where too
-// few are masked for gathering to pay (kCompactMaskedFraction).
-inline bool compact_keys(const bool* mask, int64_t visible, std::vector<int>& kept) {
-  int64_t n_kept = 0;
-  for (int64_t j = 0; j < visible; ++j) n_kept += mask[j];
-  if (visible == 0 || static_cast<double>(visible - n_kept) < kCompactMaskedFraction * static_cast<double>(visible))
-    return false;
-  kept.resize(n_kept);
-  for (int64_t j = 0, c = 0; j < visible; ++j)
-    if (mask[j]) kept[c++] = static_cast<int>(j);
-  return true;
-}
-
-// Rows rows[0..n) of a (B, L, H, W) tensor at fixed (b, h) (from `base`), as a packed float matrix n x W.
-template <typename scalar_t>
-inline void pack_rows(const scalar_t* base, int64_t row_stride, const int* rows, int64_t n, int64_t W, float* out) {
-  for (int64_t j = 0; j < n; ++j) {
-    const scalar_t* src = base + rows[j] * row_stride;
-    float* dst = out + j * W;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      std::memcpy(dst, src, W * sizeof(float));
-    } else {
-      for (int64_t d = 0; d < W; ++d) dst[d] = static_cast<float>(src[d]);
-    }
-  }
 }
 
 // fp32 accumulation (float, half, bfloat16 inputs): the level's vector kernels (isa/attention_tiles.h)
