@@ -88,6 +88,18 @@ def test_attention_every_level(at_level, causal):
         torch.testing.assert_close(a.double(), b, **_tol())
 
 
+def _within_rule_with_grads(out, ref, ref_low, leaves, leaves64, leaves_ref_low, g):
+    """The output and every gradient (for one random output gradient) within DESIGN's tolerance rule:
+    against the fp64 reference, with the reference in the inputs' own precision as the yardstick."""
+    assert_within_rule(out, ref, ref_low)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, go.to(out.dtype))
+    grads64 = torch.autograd.grad(ref, leaves64, go)
+    grads_low = torch.autograd.grad(ref_low, leaves_ref_low, go.to(out.dtype))
+    for i, (a, b, c) in enumerate(zip(grads, grads64, grads_low)):
+        assert_within_rule(a, b, c, name=f"grad {i}")
+
+
 # Shapes that reach every remainder of the register tiles at every width (4, 8, 16 floats): query
 # rows (positions x grouped heads) below, at and past a vector and past a row block of 64, head dims
 # of 1 to past a tile of 6 outputs and not whole vectors, keys past a block of 128 and short of a
@@ -127,13 +139,7 @@ def test_attention_tiles_every_level(at_level, Lq, Hq, Hkv, D, Dv, Lks, dtype):
     ref_low = cross_modal_attention_reference(leaves_ref_low[0], leaves_ref_low[1 : 1 + M],
                                               leaves_ref_low[1 + M : 1 + 2 * M], modality_bias=bias_ref32,
                                               q_lengths=q_lengths, upcast=False)
-    assert_within_rule(out, ref, ref_low)
-    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad(out, leaves_low, go.to(dtype))
-    grads64 = torch.autograd.grad(ref, leaves64, go)
-    grads_low = torch.autograd.grad(ref_low, leaves_ref_low, go.to(dtype))
-    for i, (a, b, c) in enumerate(zip(grads, grads64, grads_low)):
-        assert_within_rule(a, b, c, name=f"grad {i}")
+    _within_rule_with_grads(out, ref, ref_low, leaves_low, leaves64, leaves_ref_low, g)
 
 
 # Key masks with many holes: the forward gathers a segment's kept keys into packed blocks (more than one
@@ -163,13 +169,7 @@ def test_attention_gathers_the_keys_of_masks_with_holes(at_level, dtype):
     out = run(mmkernels.cross_modal_attention, leaves_low, backend="cpu")
     ref = run(cross_modal_attention_reference, leaves64)
     ref_low = run(cross_modal_attention_reference, leaves_ref, upcast=False)
-    assert_within_rule(out, ref, ref_low)
-    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad(out, leaves_low, go.to(dtype))
-    grads64 = torch.autograd.grad(ref, leaves64, go)
-    grads_low = torch.autograd.grad(ref_low, leaves_ref, go.to(dtype))
-    for i, (a, b, c) in enumerate(zip(grads, grads64, grads_low)):
-        assert_within_rule(a, b, c, name=f"grad {i}")
+    _within_rule_with_grads(out, ref, ref_low, leaves_low, leaves64, leaves_ref, g)
 
 
 def test_levels_are_ordered_and_the_best_is_chosen():
