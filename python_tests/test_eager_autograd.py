@@ -139,12 +139,24 @@ def test_inference_below_the_autograd_wrapper_keeps_tracing_and_results():
     the registered op's results; fake tensors (their dispatch key lies below autograd) still trace it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    wrapped = []  # the dispatcher's Python autograd wrapper hands a call on through OpOverload.redispatch
+    real_redispatch = torch._ops.OpOverload.redispatch
+
+    def counted_redispatch(self, *args, **kwargs):
+        wrapped.append(self)
+        return real_redispatch(self, *args, **kwargs)
+
     g = torch.Generator().manual_seed(2)
     q = torch.randn(2, 3, 2, 8, generator=g, requires_grad=True)
     k = torch.randn(2, 5, 2, 8, generator=g)
     lengths = torch.tensor([[5], [2]])
-    with torch.no_grad():
-        out = mmkernels.cross_modal_attention(q, [k], [k], kv_lengths=lengths, backend="cpu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch._ops.OpOverload, "redispatch", counted_redispatch)
+        with torch.no_grad():
+            out = mmkernels.cross_modal_attention(q, [k], [k], kv_lengths=lengths, backend="cpu")
+        mmkernels.cross_modal_attention(q.detach(), [k], [k], backend="cpu")  # grad on, nothing requires it
+        if _autograd.FAST_PATHS:
+            assert not wrapped, "inference should run below the autograd wrapper"
     ref = torch.ops.mmkernels.cross_modal_attention_fwd(q, [k], [k], lengths, None, None, None, 8 ** -0.5, False,
                                                         None)[0]
     assert torch.equal(out, ref) and not out.requires_grad

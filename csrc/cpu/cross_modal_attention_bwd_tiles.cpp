@@ -215,10 +215,8 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, BwdTen
         const int64_t kept = static_cast<int64_t>(sc.kept.size());
         for (int64_t c0 = 0; c0 < kept; c0 += kBwdKeys) key_block(0, std::min(kBwdKeys, kept - c0), sc.kept.data() + c0);
       } else {
-        // Blocks start at the first kept key (left padding: no partly masked block); the keys before it
-        // get zero grads like those past the last visible one.
-        int64_t first = 0;
-        while (mask != nullptr && first < maxlim && !mask[first]) ++first;
+        // The keys before the first kept one get zero grads like those past the last visible one.
+        const int64_t first = first_kept(mask, maxlim);
         zero_grad_rows(dk0, dks, D, 0, first);
         zero_grad_rows(dv0, dvs, Dv, 0, first);
         for (int64_t j0 = first; j0 < maxlim; j0 += kBwdKeys) key_block(j0, std::min(kBwdKeys, maxlim - j0), nullptr);

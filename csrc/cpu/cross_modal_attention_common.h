@@ -169,6 +169,14 @@ inline bool compact_keys(const bool* mask, int64_t visible, std::vector<int>& ke
   return true;
 }
 
+// The first position below `visible` that `mask` keeps (visible where none; 0 without a mask): key blocks
+// start there, so left padding costs no partly masked block.
+inline int64_t first_kept(const bool* mask, int64_t visible) {
+  int64_t j = 0;
+  while (mask != nullptr && j < visible && !mask[j]) ++j;
+  return j;
+}
+
 // Rows rows[0..n) of a (B, L, H, W) tensor at fixed (b, h) (from `base`), as a packed float matrix n x W.
 template <typename scalar_t>
 inline void pack_rows(const scalar_t* base, int64_t row_stride, const int* rows, int64_t n, int64_t W, float* out) {

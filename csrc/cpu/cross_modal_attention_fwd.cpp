@@ -277,10 +277,7 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
         continue;
       }
       blk.next_rows = nullptr;
-      // Blocks start at the first kept key: left padding costs no partly masked block.
-      int64_t first = 0;
-      while (mask != nullptr && first < max_visible && !mask[first]) ++first;
-      for (int64_t j0 = first; j0 < max_visible; j0 += kTileKeys) {
+      for (int64_t j0 = first_kept(mask, max_visible); j0 < max_visible; j0 += kTileKeys) {
         const int64_t n = std::min(kTileKeys, max_visible - j0);
         if (!mask_bias(sc.mbias.data(), mask, j0, n)) continue;  // a fully masked block changes nothing
         // The next block: this segment's, the start of the next segment's, or the upcoming task's first.

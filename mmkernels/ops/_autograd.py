@@ -99,8 +99,7 @@ def eager_autograd_applies(*tensors) -> bool:
     torch.compile / export tracing, no functorch transform. There the registered op runs under a
     torch.autograd.Function (about 10 us a call) instead of the dispatcher's autograd wrapper of a
     torch.library op (about 50 us): the same kernels and formula, the gradients bit for bit."""
-    if (not FAST_PATHS or not torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or torch._C._are_functorch_transforms_active()):
+    if not torch.is_grad_enabled() or not _plain_eager():
         return False
     return any(t.requires_grad for t in tensors) and all(type(t) in _PLAIN_TENSORS for t in tensors)
 
@@ -131,9 +130,15 @@ def run_fwd(fwd_name: str, inputs: tuple, differentiable):
     return op(*inputs)
 
 
+def _plain_eager() -> bool:
+    """This torch has the fast paths' pieces, and the call is eager: no torch.compile / export tracing,
+    no functorch transform."""
+    return FAST_PATHS and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
 def _plain_eager_without_grad(differentiable) -> bool:
     """Eager, outside functorch, and nothing to differentiate. Tensor subclasses and dispatch modes (fake
     tensors among them) still see the call: their Python dispatch key lies below autograd."""
-    if not FAST_PATHS or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if not _plain_eager():
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable))
