@@ -172,6 +172,44 @@ def test_attention_gathers_the_keys_of_masks_with_holes(at_level, dtype):
     _within_rule_with_grads(out, ref, ref_low, leaves_low, leaves64, leaves_ref, g)
 
 
+def _run_mask(L, first, end):
+    mask = torch.zeros(L, dtype=torch.bool)
+    mask[first:end] = True
+    return mask
+
+
+# Key masks that keep one run of keys (right padding, left padding, both, none, a run inside one block
+# or past a length) are served as a range of positions, with no per-key bias and no gather: forward and
+# every gradient, the masked keys' grads zero, causal (bottom-right, offsets from the lengths) included.
+@pytest.mark.parametrize("at_level", LEVELS, indirect=True)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_serves_masks_that_keep_one_run(at_level, causal):
+    g = torch.Generator().manual_seed(12 + causal)
+    B, Hq, Hkv, D = 4, 4, 2, 24
+    Lks = (300,) if causal else (300, 40)
+    Lq = 150 if causal else 7
+    runs = [[(0, 210), (90, 300), (130, 140), (0, 0)], [(0, 40), (3, 40), (0, 12), (5, 33)]]
+    masks = [torch.stack([_run_mask(L, *runs[m][b]) for b in range(B)]) for m, L in enumerate(Lks)]
+    kv_lengths = torch.tensor([[300, 40], [250, 40], [300, 20], [300, 40]])[:, : len(Lks)]
+    kw = dict(kv_masks=masks, kv_lengths=kv_lengths, causal=causal,
+              q_lengths=torch.tensor([Lq, Lq - 5, Lq, 3]) if causal else torch.tensor([Lq, 4, 7, 1]))
+    q = torch.randn(B, Lq, Hq, D, generator=g, dtype=torch.float64)
+    keys = [torch.randn(B, L, Hkv, D, generator=g, dtype=torch.float64) for L in Lks]
+    values = [torch.randn(B, L, Hkv, D, generator=g, dtype=torch.float64) for L in Lks]
+    M = len(Lks)
+    leaves64 = [t.requires_grad_(True) for t in (q, *keys, *values)]
+    leaves_low = [t.detach().float().requires_grad_(True) for t in leaves64]
+    leaves_ref = [t.detach().clone().requires_grad_(True) for t in leaves_low]
+
+    def run(fn, ls, **extra):
+        return fn(ls[0], ls[1 : 1 + M], ls[1 + M :], **kw, **extra)
+
+    out = run(mmkernels.cross_modal_attention, leaves_low, backend="cpu")
+    ref = run(cross_modal_attention_reference, leaves64)
+    ref_low = run(cross_modal_attention_reference, leaves_ref, upcast=False)
+    _within_rule_with_grads(out, ref, ref_low, leaves_low, leaves64, leaves_ref, g)
+
+
 def test_levels_are_ordered_and_the_best_is_chosen():
     require_backend("cpu", "cpu")
     assert LEVELS[0] == "baseline"

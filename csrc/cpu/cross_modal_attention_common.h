@@ -177,6 +177,20 @@ inline int64_t first_kept(const bool* mask, int64_t visible) {
   return j;
 }
 
+// Whether the keys below `visible` that `mask` keeps are one run [*first, *end) (right or left padding,
+// or both): such a mask is a range of key positions, served like lengths, with no per-key bias and no
+// gather. *first = *end where it keeps none; both are left as they are where it is not one run.
+inline bool kept_run(const bool* mask, int64_t visible, int64_t* first, int64_t* end) {
+  const int64_t run_first = first_kept(mask, visible);
+  int64_t j = run_first;
+  while (j < visible && mask[j]) ++j;
+  const int64_t run_end = j;
+  while (j < visible && !mask[j]) ++j;
+  if (j != visible) return false;
+  *first = run_first, *end = run_end;
+  return true;
+}
+
 // Rows rows[0..n) of a (B, L, H, W) tensor at fixed (b, h) (from `base`), as a packed float matrix n x W.
 template <typename scalar_t>
 inline void pack_rows(const scalar_t* base, int64_t row_stride, const int* rows, int64_t n, int64_t W, float* out) {
