@@ -210,6 +210,33 @@ def test_attention_serves_masks_that_keep_one_run(at_level, causal):
     _within_rule_with_grads(out, ref, ref_low, leaves_low, leaves64, leaves_ref, g)
 
 
+# A key mask that hides a whole key block inside a segment (too few keys masked to gather them, two
+# runs): the backward skips that block, and its keys' gradients are zero, not a neighbour's.
+@pytest.mark.parametrize("at_level", LEVELS, indirect=True)
+def test_attention_backward_of_a_fully_masked_key_block(at_level):
+    g = torch.Generator().manual_seed(14)
+    B, Lq, Hq, Hkv, D, Lk = 2, 5, 2, 1, 16, 1100
+    mask = torch.ones(B, Lk, dtype=torch.bool)
+    mask[:, 128:256] = False
+    mask[1, 700:705] = False
+    q = torch.randn(B, Lq, Hq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Lk, Hkv, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Lk, Hkv, D, generator=g, dtype=torch.float64)
+    leaves64 = [t.requires_grad_(True) for t in (q, k, v)]
+    leaves_low = [t.detach().float().requires_grad_(True) for t in leaves64]
+    leaves_ref = [t.detach().clone().requires_grad_(True) for t in leaves_low]
+
+    def run(fn, ls, **extra):
+        return fn(ls[0], [ls[1]], [ls[2]], kv_masks=[mask], **extra)
+
+    out = run(mmkernels.cross_modal_attention, leaves_low, backend="cpu")
+    ref = run(cross_modal_attention_reference, leaves64)
+    ref_low = run(cross_modal_attention_reference, leaves_ref, upcast=False)
+    _within_rule_with_grads(out, ref, ref_low, leaves_low, leaves64, leaves_ref, g)
+    dk, dv = torch.autograd.grad(run(mmkernels.cross_modal_attention, leaves_low, backend="cpu").sum(), leaves_low[1:])
+    assert not dk[:, 128:256].any() and not dv[:, 128:256].any()
+
+
 def test_levels_are_ordered_and_the_best_is_chosen():
     require_backend("cpu", "cpu")
     assert LEVELS[0] == "baseline"

@@ -157,8 +157,9 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, BwdTen
       // One key block: keys j0 + [0, n), or (rows given) the kept keys rows[0, n) gathered into a packed
       // block; its grads are written to the keys' own rows.
       auto key_block = [&](int64_t j0, int64_t n, const int* rows) {
-        std::fill(sc.dk_blk.begin(), sc.dk_blk.begin() + n * Dp, 0.f);
-        std::fill(sc.dv_blk.begin(), sc.dv_blk.begin() + n * Dvp, 0.f);
+        // The first row block that runs writes the block's dK and dV rows, the others add to them; where
+        // none runs (a fully masked block, no row that sees it) they are zero.
+        bool written = false;
         if (rows != nullptr || mask_bias(sc.mbias.data(), mask, j0, n)) {  // a fully masked block: zero grads
           int64_t ldk = D, ldv = Dv;
           const float* Kp = sc.Kt.data();
@@ -192,14 +193,20 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, BwdTen
             isa.attention_bwd_scores(AttnBwdScores{st, dpt, n, rbp, block_mask, sc.limit.data(), sc.shift.data() + r0,
                                                    sc.di.data() + r0, sc.ds_sum.data() + r0});
             // dV[j] += sum_r P[r, j] dO[r]; dK[j] += sum_r dS[r, j] Q[r] (Q carries the scale)
+            const int init = written ? kTileAccumulate : kTileZero;
             isa.tile_product(TileProduct{sc.do_rows.data() + r0 * Dvp, Dvp, st, rbp, 1, rbv, sc.dv_blk.data(),
-                                         Dvp, kTileAccumulate, nullptr, n, Dvp / width});
+                                         Dvp, init, nullptr, n, Dvp / width});
             isa.tile_product(TileProduct{sc.q_rows.data() + r0 * Dp, Dp, dpt, rbp, 1, rbv, sc.dk_blk.data(), Dp,
-                                         kTileAccumulate, nullptr, n, Dp / width});
+                                         init, nullptr, n, Dp / width});
+            written = true;
             // dQ^T[d, r] += sum_j K[j, d] dS^T[j, r] (scaled at the end)
             isa.tile_product(TileProduct{dpt, rbp, Kp, 1, ldk, n, sc.dqt.data() + r0 * D, rbp, kTileAccumulate,
                                          nullptr, D, vecs});
           }
+        }
+        if (!written) {
+          std::fill(sc.dk_blk.begin(), sc.dk_blk.begin() + n * Dp, 0.f);
+          std::fill(sc.dv_blk.begin(), sc.dv_blk.begin() + n * Dvp, 0.f);
         }
         for (int64_t j = 0; j < n; ++j) {
           const int64_t key = rows != nullptr ? rows[j] : j0 + j;
