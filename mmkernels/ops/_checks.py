@@ -36,7 +36,12 @@ def check_lengths(name: str, lengths, shape, maxima: Sequence[int], like: torch.
     check_same_device(name, lengths, like)
     if lengths.numel() and _values_checkable(lengths):
         if lengths.numel() <= 4096:  # a handful of values: read them once, cheaper than four tensor ops
-            rows = lengths.reshape(-1, len(maxima)).tolist()
+            flat, cols = lengths.reshape(-1).tolist(), len(maxima)
+            # each column's min and max (builtins over a list slice): a Python loop over every
+            # value cost ~0.5 us a value, 30 us a call at batch 64
+            if all(min(flat[j::cols]) >= 0 and max(flat[j::cols]) <= hi for j, hi in enumerate(maxima)):
+                return
+            rows = lengths.reshape(-1, cols).tolist()
             for i, row in enumerate(rows):
                 for j, (n, hi) in enumerate(zip(row, maxima)):
                     if not 0 <= n <= hi:

@@ -46,6 +46,9 @@ def check_kv_masks(kv_masks, q, keys):
     return out
 
 
+_Q_DTYPES = backends.FLOAT_DTYPES + (torch.float64,)
+
+
 def check_inputs(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gate, causal):
     """Raise ValueError/TypeError naming the argument and what was expected."""
     if not isinstance(q, torch.Tensor):
@@ -60,34 +63,40 @@ def check_inputs(q, keys, values, kv_lengths, q_lengths, modality_bias, head_gat
         raise ValueError(f"the number of modalities M must be between 1 and {backends.MAX_SEGMENTS}, got {M}")
     if q.dim() != 4:
         raise ValueError(f"q must have shape (B, Lq, Hq, D), got {tuple(q.shape)}")
-    check_dtype("q", q, backends.FLOAT_DTYPES + (torch.float64,))
+    check_dtype("q", q, _Q_DTYPES)
     B, Lq, Hq, D = q.shape
+    q_dtype, q_device = q.dtype, q.device
     Hkv = Dv = None
-    # argument names are formatted only for an error: this runs on every call
+    # This runs on every call: argument names are formatted only for an error, and each tensor's
+    # shape is read once (a tensor attribute costs a few hundred ns).
     for m, (k, v) in enumerate(zip(keys, values)):
+        shapes = []
         for kind, t in (("keys", k), ("values", v)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{kind}[{m}] must be a tensor, got {type(t).__name__}")
-            if t.dim() != 4:
-                raise ValueError(f"{kind}[{m}] must have shape (B, Lk, Hkv, D), got {tuple(t.shape)}")
-            if t.dtype != q.dtype:
-                raise TypeError(f"{kind}[{m}] must have q's dtype {q.dtype}, got {t.dtype}")
-            if t.device != q.device:
+            shape = t.shape
+            if len(shape) != 4:
+                raise ValueError(f"{kind}[{m}] must have shape (B, Lk, Hkv, D), got {tuple(shape)}")
+            if t.dtype != q_dtype:
+                raise TypeError(f"{kind}[{m}] must have q's dtype {q_dtype}, got {t.dtype}")
+            if t.device != q_device:
                 check_same_device(f"{kind}[{m}]", t, q)
-            if t.shape[0] != B:
-                raise ValueError(f"{kind}[{m}] has batch {t.shape[0]}, expected q's batch {B}")
+            if shape[0] != B:
+                raise ValueError(f"{kind}[{m}] has batch {shape[0]}, expected q's batch {B}")
             if t.stride(-1) != 1 and t.numel():
                 raise ValueError(f"{kind}[{m}] must be contiguous in its last dim (stride 1), got stride {t.stride(-1)}")
-        if k.shape[1] != v.shape[1]:
-            raise ValueError(f"keys[{m}] and values[{m}] must have the same length, got {k.shape[1]} and {v.shape[1]}")
-        if k.shape[3] != D:
-            raise ValueError(f"keys[{m}] must have head dim D={D} like q, got {k.shape[3]}")
-        Hkv = k.shape[2] if Hkv is None else Hkv
-        Dv = v.shape[3] if Dv is None else Dv
-        if k.shape[2] != Hkv or v.shape[2] != Hkv:
-            raise ValueError(f"keys[{m}] and values[{m}] must have {Hkv} kv heads like keys[0], got {k.shape[2]} and {v.shape[2]}")
-        if v.shape[3] != Dv:
-            raise ValueError(f"values[{m}] must have value dim Dv={Dv} like values[0], got {v.shape[3]}")
+            shapes.append(shape)
+        (_, k_len, k_heads, k_dim), (_, v_len, v_heads, v_dim) = shapes
+        if k_len != v_len:
+            raise ValueError(f"keys[{m}] and values[{m}] must have the same length, got {k_len} and {v_len}")
+        if k_dim != D:
+            raise ValueError(f"keys[{m}] must have head dim D={D} like q, got {k_dim}")
+        Hkv = k_heads if Hkv is None else Hkv
+        Dv = v_dim if Dv is None else Dv
+        if k_heads != Hkv or v_heads != Hkv:
+            raise ValueError(f"keys[{m}] and values[{m}] must have {Hkv} kv heads like keys[0], got {k_heads} and {v_heads}")
+        if v_dim != Dv:
+            raise ValueError(f"values[{m}] must have value dim Dv={Dv} like values[0], got {v_dim}")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
     if q.stride(-1) != 1 and q.numel():
