@@ -38,7 +38,7 @@ def check_lengths(name: str, lengths, shape, maxima: Sequence[int], like: torch.
         if lengths.numel() <= 4096:  # a handful of values: read them once, cheaper than four tensor ops
             flat, cols = lengths.reshape(-1).tolist(), len(maxima)
             # each column's min and max (builtins over a list slice): a Python loop over every
-            # value cost ~0.5 us a value, 30 us a call at batch 64
+            # value cost about 0.2 us a value, 13 us a call at batch 64
             if all(min(flat[j::cols]) >= 0 and max(flat[j::cols]) <= hi for j, hi in enumerate(maxima)):
                 return
             rows = lengths.reshape(-1, cols).tolist()
