@@ -90,7 +90,8 @@ def test_attention_every_level(at_level, causal):
 
 def _within_rule_with_grads(out, ref, ref_low, leaves, leaves64, leaves_ref_low, g):
     """The output and every gradient (for one random output gradient) within DESIGN's tolerance rule:
-    against the fp64 reference, with the reference in the inputs' own precision as the yardstick."""
+    against the fp64 reference, with the reference in the inputs' own precision as the yardstick.
+    Returns the gradients of `leaves`."""
     assert_within_rule(out, ref, ref_low)
     go = torch.randn(out.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad(out, leaves, go.to(out.dtype))
@@ -98,6 +99,7 @@ def _within_rule_with_grads(out, ref, ref_low, leaves, leaves64, leaves_ref_low,
     grads_low = torch.autograd.grad(ref_low, leaves_ref_low, go.to(out.dtype))
     for i, (a, b, c) in enumerate(zip(grads, grads64, grads_low)):
         assert_within_rule(a, b, c, name=f"grad {i}")
+    return grads
 
 
 # Shapes that reach every remainder of the register tiles at every width (4, 8, 16 floats): query
@@ -179,11 +181,22 @@ def _run_mask(L, first, end):
 
 
 # Key masks that keep one run of keys (right padding, left padding, both, none, a run inside one block
-# or past a length) are served as a range of positions, with no per-key bias and no gather: forward and
-# every gradient, the masked keys' grads zero, causal (bottom-right, offsets from the lengths) included.
+# or past a length) are served as a range of positions [first_key, key_end), with no per-key bias and no
+# gather: forward and every gradient, the masked keys' grads zero, causal (bottom-right, offsets from the
+# lengths) included; fp32 at every level and the fp64 path.
 @pytest.mark.parametrize("at_level", LEVELS, indirect=True)
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_serves_masks_that_keep_one_run(at_level, causal):
+    _check_masks_that_keep_one_run(causal, torch.float32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_fp64_serves_masks_that_keep_one_run(causal):
+    require_backend("cpu", "cpu")
+    _check_masks_that_keep_one_run(causal, torch.float64)
+
+
+def _check_masks_that_keep_one_run(causal, dtype):
     g = torch.Generator().manual_seed(12 + causal)
     B, Hq, Hkv, D = 4, 4, 2, 24
     Lks = (300,) if causal else (300, 40)
@@ -198,7 +211,7 @@ def test_attention_serves_masks_that_keep_one_run(at_level, causal):
     values = [torch.randn(B, L, Hkv, D, generator=g, dtype=torch.float64) for L in Lks]
     M = len(Lks)
     leaves64 = [t.requires_grad_(True) for t in (q, *keys, *values)]
-    leaves_low = [t.detach().float().requires_grad_(True) for t in leaves64]
+    leaves_low = [t.detach().to(dtype).requires_grad_(True) for t in leaves64]
     leaves_ref = [t.detach().clone().requires_grad_(True) for t in leaves_low]
 
     def run(fn, ls, **extra):
@@ -207,7 +220,10 @@ def test_attention_serves_masks_that_keep_one_run(at_level, causal):
     out = run(mmkernels.cross_modal_attention, leaves_low, backend="cpu")
     ref = run(cross_modal_attention_reference, leaves64)
     ref_low = run(cross_modal_attention_reference, leaves_ref, upcast=False)
-    _within_rule_with_grads(out, ref, ref_low, leaves_low, leaves64, leaves_ref, g)
+    grads = _within_rule_with_grads(out, ref, ref_low, leaves_low, leaves64, leaves_ref, g)
+    for m, mask in enumerate(masks):  # the keys each mask hides get exactly zero gradients
+        for grad in (grads[1 + m], grads[1 + M + m]):
+            assert not grad[~mask].any()
 
 
 # A key mask that hides a whole key block inside a segment (too few keys masked to gather them, two
@@ -232,8 +248,7 @@ def test_attention_backward_of_a_fully_masked_key_block(at_level):
     out = run(mmkernels.cross_modal_attention, leaves_low, backend="cpu")
     ref = run(cross_modal_attention_reference, leaves64)
     ref_low = run(cross_modal_attention_reference, leaves_ref, upcast=False)
-    _within_rule_with_grads(out, ref, ref_low, leaves_low, leaves64, leaves_ref, g)
-    dk, dv = torch.autograd.grad(run(mmkernels.cross_modal_attention, leaves_low, backend="cpu").sum(), leaves_low[1:])
+    _, dk, dv = _within_rule_with_grads(out, ref, ref_low, leaves_low, leaves64, leaves_ref, g)
     assert not dk[:, 128:256].any() and not dv[:, 128:256].any()
 
 

@@ -105,7 +105,11 @@ void cross_modal_attention_bwd_gemm(const CrossModalAttentionProblem& p, BwdTens
         const int64_t dks = dkm.stride(1), dvs = dvm.stride(1);
         auto dk_row = [&](int64_t j) { return dk0 + j * dks; };
         auto dv_row = [&](int64_t j) { return dv0 + j * dvs; };
-        for (int64_t j0 = 0; j0 < maxlim; j0 += kBwdKeys) {
+        // The keys before the first kept one get zero grads like those past the last visible one.
+        const int64_t first = std::min(p.first_key(b, m), maxlim);
+        zero_grad_rows(dk0, dks, D, 0, first);
+        zero_grad_rows(dv0, dvs, Dv, 0, first);
+        for (int64_t j0 = first; j0 < maxlim; j0 += kBwdKeys) {
           const int64_t n = std::min(kBwdKeys, maxlim - j0);
           std::fill(dKt.begin(), dKt.begin() + n * D, acc_t(0));
           std::fill(dVt.begin(), dVt.begin() + n * Dv, acc_t(0));

@@ -147,8 +147,6 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, BwdTen
       const scalar_t* kbase = ks.rows(m, b, kvh);
       const scalar_t* vbase = vs.rows(m, b, kvh);
       const bool* mask = p.mask_row(b, m);
-      int64_t first = 0, end = maxlim;  // the keys with grads to compute: [first, end)
-      if (mask != nullptr && kept_run(mask, maxlim, &first, &end)) mask = nullptr;
       const at::Tensor& dkm = io.dk[m];
       const at::Tensor& dvm = io.dv[m];
       scalar_t* dk0 = io.dk[m].data_ptr<scalar_t>() + b * dkm.stride(0) + kvh * dkm.stride(2);
@@ -214,7 +212,7 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, BwdTen
           store_row<scalar_t>(dv0 + key * dvs, sc.dv_blk.data() + j * Dvp, Dv, stream);
         }
       };
-      if (mask != nullptr && !p.causal && compact_keys(mask, end, sc.kept)) {
+      if (mask != nullptr && !p.causal && compact_keys(mask, maxlim, sc.kept)) {
         for (int64_t j = 0; j < maxlim; ++j) {  // the masked keys' grads are 0
           if (!mask[j]) {
             zero_grad_rows(dk0, dks, D, j, j + 1);
@@ -225,13 +223,13 @@ void cross_modal_attention_bwd_tiles(const CrossModalAttentionProblem& p, BwdTen
         for (int64_t c0 = 0; c0 < kept; c0 += kBwdKeys) key_block(0, std::min(kBwdKeys, kept - c0), sc.kept.data() + c0);
       } else {
         // The keys before the first kept one get zero grads like those past the last visible one.
-        if (mask != nullptr) first = first_kept(mask, end);
+        const int64_t first = std::min(p.first_key(b, m), maxlim);
         zero_grad_rows(dk0, dks, D, 0, first);
         zero_grad_rows(dv0, dvs, Dv, 0, first);
-        for (int64_t j0 = first; j0 < end; j0 += kBwdKeys) key_block(j0, std::min(kBwdKeys, end - j0), nullptr);
+        for (int64_t j0 = first; j0 < maxlim; j0 += kBwdKeys) key_block(j0, std::min(kBwdKeys, maxlim - j0), nullptr);
       }
-      zero_grad_rows(dk0, dks, D, end, p.Lk[m]);
-      zero_grad_rows(dv0, dvs, Dv, end, p.Lk[m]);
+      zero_grad_rows(dk0, dks, D, maxlim, p.Lk[m]);
+      zero_grad_rows(dv0, dvs, Dv, maxlim, p.Lk[m]);
       if (has_bias) {  // one write per head: tasks on other threads write the neighbouring entries
         for (int64_t g = 0; g < G; ++g) {
           double sum = 0.0;

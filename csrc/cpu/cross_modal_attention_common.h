@@ -29,16 +29,21 @@ struct CrossModalAttentionProblem {
   std::vector<double> bias;     // (Hq*M,) or empty
   std::vector<double> gate_t;   // (Hq,) tanh(head_gate) or empty
   std::vector<at::Tensor> masks;  // (M,) contiguous bool (B, Lk_m), or empty: every key within kv_len
-  std::vector<int64_t> key_end;   // (B*M,) end of the kept keys, or empty without masks (see read_key_masks)
-  std::vector<uint8_t> masked;    // (B*M,) whether the mask of (b, m) is still needed below key_end
+  std::vector<int64_t> key_start;  // (B*M,) first kept key, or empty without masks (see read_key_masks)
+  std::vector<int64_t> key_end;    // (B*M,) end of the kept keys, or empty without masks
+  std::vector<uint8_t> masked;     // (B*M,) whether the mask of (b, m) is still needed in [key_start, key_end)
   bool causal = false;
 
   double bias_at(int64_t h, int64_t m) const { return bias.empty() ? 0.0 : bias[h * M + m]; }
   double gate_at(int64_t h) const { return gate_t.empty() ? 1.0 : gate_t[h]; }
-  // Key mask of sample b in segment m (True = attend), or nullptr when there are none.
+  // Key mask of sample b in segment m (True = attend), or nullptr when there are none or it keeps
+  // every key of [first_key, key_end).
   const bool* mask_row(int64_t b, int64_t m) const {
     return masks.empty() || !masked[b * M + m] ? nullptr : masks[m].data_ptr<bool>() + b * Lk[m];
   }
+  // The first key of segment m that sample b keeps (0 without masks): key blocks start there, and the
+  // keys before it get zero gradients, so left padding costs no partly masked block and no mask.
+  int64_t first_key(int64_t b, int64_t m) const { return key_start.empty() ? 0 : key_start[b * M + m]; }
   // Number of keys of segment m visible to query i of sample b (before the key mask).
   int64_t visible(int64_t b, int64_t m, int64_t i) const {
     const int64_t kl = kv_len[b * M + m];
@@ -57,11 +62,14 @@ inline std::vector<int64_t> read_lengths(const std::optional<at::Tensor>& t, int
   return out;
 }
 
-// Per (b, m), from its key mask: the end of the kept keys (one past the last True within kv_len), a bound
-// that every query's visible keys take (blocks past it are skipped), and whether the mask is still needed
-// below it (not when it keeps every key there: right padding, an encoder's padding mask, then costs no
-// mask bias). kv_len itself is left alone: it sets the causal offset, which the masks must not move.
+// Per (b, m), from its key mask: the first kept key and the end of the kept keys (one past the last True
+// within kv_len). Every query's visible keys end at the latter (blocks past it are skipped) and the key
+// blocks start at the former; the mask itself is still needed only where it hides a key between the two
+// (not for right or left padding, or both: an encoder's or a left-padded decoder's padding mask then
+// costs no mask bias and no gather). kv_len itself is left alone: it sets the causal offset, which the
+// masks must not move.
 inline void read_key_masks(CrossModalAttentionProblem& p) {
+  p.key_start.assign(static_cast<size_t>(p.B * p.M), 0);
   p.key_end.assign(static_cast<size_t>(p.B * p.M), 0);
   p.masked.assign(static_cast<size_t>(p.B * p.M), 0);
   bool any_needed = false;
@@ -72,11 +80,14 @@ inline void read_key_masks(CrossModalAttentionProblem& p) {
       const int64_t n = p.kv_len[b * p.M + m];
       int64_t end = n;
       while (end > 0 && !row[end - 1]) --end;
-      int64_t prefix = 0;
-      while (prefix < end && row[prefix]) ++prefix;
+      int64_t start = 0;
+      while (start < end && !row[start]) ++start;
+      int64_t run = start;
+      while (run < end && row[run]) ++run;
+      p.key_start[b * p.M + m] = start;
       p.key_end[b * p.M + m] = end;
-      p.masked[b * p.M + m] = prefix < end;
-      any_needed = any_needed || prefix < end;
+      p.masked[b * p.M + m] = run < end;
+      any_needed = any_needed || run < end;
     }
   }
   if (!any_needed) p.masks.clear();
@@ -166,28 +177,6 @@ inline bool compact_keys(const bool* mask, int64_t visible, std::vector<int>& ke
   kept.resize(n_kept);
   for (int64_t j = 0, c = 0; j < visible; ++j)
     if (mask[j]) kept[c++] = static_cast<int>(j);
-  return true;
-}
-
-// The first position below `visible` that `mask` keeps (visible where none; 0 without a mask): key blocks
-// start there, so left padding costs no partly masked block.
-inline int64_t first_kept(const bool* mask, int64_t visible) {
-  int64_t j = 0;
-  while (mask != nullptr && j < visible && !mask[j]) ++j;
-  return j;
-}
-
-// Whether the keys below `visible` that `mask` keeps are one run [*first, *end) (right or left padding,
-// or both): such a mask is a range of key positions, served like lengths, with no per-key bias and no
-// gather. *first = *end where it keeps none; both are left as they are where it is not one run.
-inline bool kept_run(const bool* mask, int64_t visible, int64_t* first, int64_t* end) {
-  const int64_t run_first = first_kept(mask, visible);
-  int64_t j = run_first;
-  while (j < visible && mask[j]) ++j;
-  const int64_t run_end = j;
-  while (j < visible && !mask[j]) ++j;
-  if (j != visible) return false;
-  *first = run_first, *end = run_end;
   return true;
 }
 

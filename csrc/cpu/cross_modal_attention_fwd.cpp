@@ -142,7 +142,7 @@ void cross_modal_attention_fwd_gemm(const CrossModalAttentionProblem& p, const a
         const scalar_t* kbase = ks.rows(m, b, kvh);
         const scalar_t* vbase = vs.rows(m, b, kvh);
         const bool* mask = p.mask_row(b, m);
-        for (int64_t j0 = 0; j0 < maxlim; j0 += kFwdKeys) {
+        for (int64_t j0 = p.first_key(b, m); j0 < maxlim; j0 += kFwdKeys) {
           const int64_t n = std::min(kFwdKeys, maxlim - j0);
           if (!mask_bias(mbias, mask, j0, n)) continue;  // a fully masked block changes nothing
           int64_t ldk, ldv;
@@ -255,8 +255,6 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
       const scalar_t* kbase = ks.rows(m, b, kvh);
       const scalar_t* vbase = vs.rows(m, b, kvh);
       const bool* mask = p.mask_row(b, m);
-      int64_t start = 0;
-      if (mask != nullptr && kept_run(mask, max_visible, &start, &max_visible)) mask = nullptr;
       if (mask != nullptr && !p.causal &&
           compact_keys(mask, max_visible, sc.kept)) {  // every row sees keys [0, max_visible): gather the kept
         const int64_t kept = static_cast<int64_t>(sc.kept.size());
@@ -279,7 +277,7 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
         continue;
       }
       blk.next_rows = nullptr;
-      for (int64_t j0 = mask != nullptr ? first_kept(mask, max_visible) : start; j0 < max_visible; j0 += kTileKeys) {
+      for (int64_t j0 = p.first_key(b, m); j0 < max_visible; j0 += kTileKeys) {
         const int64_t n = std::min(kTileKeys, max_visible - j0);
         if (!mask_bias(sc.mbias.data(), mask, j0, n)) continue;  // a fully masked block changes nothing
         // The next block: this segment's, the start of the next segment's, or the upcoming task's first.
