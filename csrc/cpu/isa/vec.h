@@ -94,26 +94,52 @@ inline typename Vec<W>::F vexp(typename Vec<W>::F x) {
 // vexp for the softmax's x <= 0 (scores minus their max or log-sum-exp; -inf too), in 17 operations
 // instead of 24: no upper clamp, and x / ln2 rounded by adding 1.5 * 2^23, whose low mantissa bits are
 // then the exponent (the same polynomial and error; it differs from vexp only where x / ln2 is a tie).
-// Exactly 0 below kExpLo.
-template <int W>
-inline typename Vec<W>::F vexp_nonpositive(typename Vec<W>::F x) {
+// Exactly 0 below kExpLo. U vectors in place, each step across all of them: U independent chains in
+// flight, so a CPU whose scheduler fills up with one chain's waiting operations (Zen 1's) still finds
+// ready work (4 at a time: 3-5% off the attention forward there).
+template <int W, int U>
+inline void vexp_nonpositive_n(typename Vec<W>::F (&x)[U]) {
   typedef typename Vec<W>::F F;
   typedef typename Vec<W>::I I;
   using namespace ::mmkernels::fast_math;
   constexpr float kShift = 12582912.0f;  // 1.5 * 2^23
-  const I under = x < kExpLo;
-  const F t = x * kLog2e + kShift;
-  const F n = t - kShift;
-  F r = x - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  const F p = vexp_poly<W>(r);
-  I bits;
-  __builtin_memcpy(&bits, &t, sizeof(F));
-  bits = (bits + 127) << 23;
-  F scale;
-  __builtin_memcpy(&scale, &bits, sizeof(F));
-  const F res = p * scale;
-  return under ? Vec<W>::splat(0.0f).v : res;
+  F t[U], r[U], p[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    t[u] = x[u] * kLog2e + kShift;
+    r[u] = x[u] - (t[u] - kShift) * kLn2Hi;
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) r[u] = r[u] - (t[u] - kShift) * kLn2Lo;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) p[u] = Vec<W>::splat(kExpP0).v * r[u] + kExpP1;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) p[u] = p[u] * r[u] + kExpP2;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) p[u] = p[u] * r[u] + kExpP3;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) p[u] = p[u] * r[u] + kExpP4;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) p[u] = p[u] * r[u] + kExpP5;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    p[u] = p[u] * r[u] * r[u] + r[u] + 1.0f;
+    I bits;
+    __builtin_memcpy(&bits, &t[u], sizeof(F));
+    bits = (bits + 127) << 23;
+    F scale;
+    __builtin_memcpy(&scale, &bits, sizeof(F));
+    const I under = x[u] < kExpLo;
+    const F res = p[u] * scale;
+    x[u] = under ? Vec<W>::splat(0.0f).v : res;
+  }
+}
+
+template <int W>
+inline typename Vec<W>::F vexp_nonpositive(typename Vec<W>::F x) {
+  typename Vec<W>::F one[1] = {x};
+  vexp_nonpositive_n<W, 1>(one);
+  return one[0];
 }
 
 template <int W>
