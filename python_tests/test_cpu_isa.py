@@ -174,6 +174,34 @@ def test_attention_gathers_the_keys_of_masks_with_holes(at_level, dtype):
     _within_rule_with_grads(out, ref, ref_low, leaves_low, leaves64, leaves_ref, g)
 
 
+# Wide heads (D + Dv past 128 floats) take key blocks of 64 in the forward: lengths that end inside
+# and on a block, key masks with holes (kept keys gathered into blocks of 64), causal offsets.
+@pytest.mark.parametrize("at_level", LEVELS, indirect=True)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_key_blocks_of_wide_heads(at_level, causal):
+    g = torch.Generator().manual_seed(13 + causal)
+    B, Lq, Hq, Hkv, D, Dv = 2, 21, 2, 1, 128, 96
+    Lks = (200,) if causal else (200, 64)
+    q = torch.randn(B, Lq, Hq, D, generator=g, dtype=torch.float64)
+    keys = [torch.randn(B, L, Hkv, D, generator=g, dtype=torch.float64) for L in Lks]
+    values = [torch.randn(B, L, Hkv, Dv, generator=g, dtype=torch.float64) for L in Lks]
+    masks = [torch.rand(B, L, generator=g) < (0.95 if causal else 0.6) for L in Lks]
+    lengths = torch.tensor([list(Lks), [L - 64 if L > 64 else L - 1 for L in Lks]])
+    kw = dict(kv_lengths=lengths, kv_masks=masks, causal=causal)
+    leaves64 = [t.requires_grad_(True) for t in (q, *keys, *values)]
+    leaves32 = [t.detach().float().requires_grad_(True) for t in leaves64]
+    leaves_ref = [t.detach().clone().requires_grad_(True) for t in leaves32]
+    M = len(Lks)
+
+    def run(fn, ls, **extra):
+        return fn(ls[0], ls[1 : 1 + M], ls[1 + M :], **kw, **extra)
+
+    out = run(mmkernels.cross_modal_attention, leaves32, backend="cpu")
+    ref = run(cross_modal_attention_reference, leaves64)
+    ref_low = run(cross_modal_attention_reference, leaves_ref, upcast=False)
+    _within_rule_with_grads(out, ref, ref_low, leaves32, leaves64, leaves_ref, g)
+
+
 def _run_mask(L, first, end):
     mask = torch.zeros(L, dtype=torch.bool)
     mask[first:end] = True

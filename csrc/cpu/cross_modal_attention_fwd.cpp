@@ -25,7 +25,12 @@ namespace {
 
 constexpr int64_t kFwdRows = 64;   // target query rows (positions x grouped heads) per task
 constexpr int64_t kFwdKeys = 256;  // key block of the fp64 path
-constexpr int64_t kTileKeys = 128; // key block of the vector path: its scores stay in L1/L2
+// Key block of the vector path: 128 keys while a block's keys and values (n x (D + Dv) floats) take
+// at most 64 KiB, else 64, so that they stay in L2 beside the scores and the query tile (at D 128 on
+// Zen 1, 512 KiB of L2: 64 keys took 5-6% off the forward; at D 64, 128 keys are the faster).
+inline int64_t tile_keys(int64_t D, int64_t Dv) {
+  return (D + Dv) * static_cast<int64_t>(sizeof(float)) * 128 <= (64 << 10) ? 128 : 64;
+}
 
 // Both paths' tasks: (batch, kv head, block of BQ query positions), the G query heads sharing the kv
 // head stacked into rows r <-> (position i0 + r / G, head kvh * G + r % G).
@@ -199,6 +204,7 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
   const int64_t D = p.D, Dv = p.Dv, M = p.M, G = p.G;
   const QueryTasks tasks(p);
   const CpuIsaKernels& isa = current_kernels();
+  const int64_t block_keys = tile_keys(D, Dv);
   const int64_t width = isa.width;
   const int64_t rp_max = (tasks.BQ * G + width - 1) / width * width;
   const float scale = static_cast<float>(scale_d);
@@ -213,17 +219,17 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
     void trim() { trim_scratch(kept); }
   };
   auto size_scratch = [&](Scratch& sc) {
-    sc.qt.resize(D * rp_max), sc.st.resize(kTileKeys * rp_max), sc.acc_t.resize(rp_max * Dv);
-    sc.Kt.resize(kTileKeys * D), sc.Vt.resize(kTileKeys * Dv), sc.row_max.resize(rp_max);
+    sc.qt.resize(D * rp_max), sc.st.resize(block_keys * rp_max), sc.acc_t.resize(rp_max * Dv);
+    sc.Kt.resize(block_keys * D), sc.Vt.resize(block_keys * Dv), sc.row_max.resize(rp_max);
     sc.row_sum.resize(rp_max), sc.row_bias.resize(rp_max), sc.alpha.resize(rp_max);
-    sc.mbias.resize(kTileKeys), sc.limit.resize(rp_max), sc.visible.resize(rp_max);
+    sc.mbias.resize(block_keys), sc.limit.resize(rp_max), sc.visible.resize(rp_max);
   };
   parallel_tasks<Scratch>(tasks.count, size_scratch, [&](int64_t t, int64_t upcoming, Scratch& sc) {
     const auto [b, kvh, i0, i1, iv1, R] = tasks.at(p, t);
     // The upcoming task's first block (segment 0 from key 0), prefetched during this task's last block.
     const QueryTasks::Task up = tasks.at(p, upcoming < 0 ? 0 : upcoming);
     const int64_t b_up = up.b, kvh_up = up.kvh;
-    const int64_t n_up = upcoming < 0 ? 0 : std::min(kTileKeys, p.kv_len[b_up * M]);
+    const int64_t n_up = upcoming < 0 ? 0 : std::min(block_keys, p.kv_len[b_up * M]);
     const int64_t rp = (R + width - 1) / width * width;
 
     float* qt = sc.qt.data();
@@ -258,16 +264,16 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
       if (mask != nullptr && !p.causal &&
           compact_keys(mask, max_visible, sc.kept)) {  // every row sees keys [0, max_visible): gather the kept
         const int64_t kept = static_cast<int64_t>(sc.kept.size());
-        for (int64_t c0 = 0; c0 < kept; c0 += kTileKeys) {
-          const int64_t n = std::min(kTileKeys, kept - c0);
+        for (int64_t c0 = 0; c0 < kept; c0 += block_keys) {
+          const int64_t n = std::min(block_keys, kept - c0);
           const int* rows = sc.kept.data() + c0;
           pack_rows<scalar_t>(kbase, ks.row_stride(m), rows, n, D, sc.Kt.data());
           pack_rows<scalar_t>(vbase, vs.row_stride(m), rows, n, Dv, sc.Vt.data());
           blk.k = sc.Kt.data(), blk.v = sc.Vt.data(), blk.ldk = D, blk.ldv = Dv, blk.n = n;
           blk.mask_bias = nullptr;
-          const int64_t n_next = std::min(kTileKeys, kept - c0 - kTileKeys);
+          const int64_t n_next = std::min(block_keys, kept - c0 - block_keys);
           blk.next_n = std::max<int64_t>(n_next, 0);
-          blk.next_rows = n_next > 0 ? rows + kTileKeys : nullptr;
+          blk.next_rows = n_next > 0 ? rows + block_keys : nullptr;
           blk.next_k = n_next > 0 ? kbase : nullptr, blk.next_v = n_next > 0 ? vbase : nullptr;
           blk.next_k_stride = ks.row_stride(m) * sizeof(scalar_t), blk.next_v_stride = vs.row_stride(m) * sizeof(scalar_t);
           blk.next_row_bytes_k = D * sizeof(scalar_t), blk.next_row_bytes_v = Dv * sizeof(scalar_t);
@@ -277,17 +283,17 @@ void cross_modal_attention_fwd_tiles(const CrossModalAttentionProblem& p, const 
         continue;
       }
       blk.next_rows = nullptr;
-      for (int64_t j0 = p.first_key(b, m); j0 < max_visible; j0 += kTileKeys) {
-        const int64_t n = std::min(kTileKeys, max_visible - j0);
+      for (int64_t j0 = p.first_key(b, m); j0 < max_visible; j0 += block_keys) {
+        const int64_t n = std::min(block_keys, max_visible - j0);
         if (!mask_bias(sc.mbias.data(), mask, j0, n)) continue;  // a fully masked block changes nothing
         // The next block: this segment's, the start of the next segment's, or the upcoming task's first.
-        const bool last = j0 + kTileKeys >= max_visible;
+        const bool last = j0 + block_keys >= max_visible;
         const bool next_task = last && m + 1 == M;
         const int64_t mn = next_task ? 0 : last ? m + 1 : m;
         const int64_t bn = next_task ? b_up : b, kvhn = next_task ? kvh_up : kvh;
-        const int64_t next = last ? 0 : j0 + kTileKeys;
+        const int64_t next = last ? 0 : j0 + block_keys;
         const int64_t n_next = next_task ? n_up
-                               : std::min(kTileKeys, (last ? p.kv_len[b * M + mn] : max_visible) - next);
+                               : std::min(block_keys, (last ? p.kv_len[b * M + mn] : max_visible) - next);
         int64_t ldk, ldv;
         blk.k = load_rows<scalar_t, float>(kbase, ks.row_stride(m), j0, n, D, sc.Kt.data(), &ldk);
         blk.v = load_rows<scalar_t, float>(vbase, vs.row_stride(m), j0, n, Dv, sc.Vt.data(), &ldv);
