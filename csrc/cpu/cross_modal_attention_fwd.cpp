@@ -27,7 +27,7 @@ constexpr int64_t kFwdRows = 64;   // target query rows (positions x grouped hea
 constexpr int64_t kFwdKeys = 256;  // key block of the fp64 path
 // Key block of the vector path: 128 keys while a block's keys and values (n x (D + Dv) floats) take
 // at most 64 KiB, else 64, so that they stay in L2 beside the scores and the query tile (at D 128 on
-// Zen 1, 512 KiB of L2: 64 keys took 5-6% off the forward; at D 64, 128 keys are the faster).
+// Zen 1, 512 KiB of L2: 64 keys took 5-7% off the forward; at D 64, 128 keys are the faster).
 inline int64_t tile_keys(int64_t D, int64_t Dv) {
   return (D + Dv) * static_cast<int64_t>(sizeof(float)) * 128 <= (64 << 10) ? 128 : 64;
 }

@@ -14,7 +14,7 @@
 // value dims), about 24 of AVX-512's 32 vector registers and 12 of the 16 below; fewer row vectors
 // take more outputs so that enough independent accumulators hide the FMA latency. AVX2 takes 4 row
 // vectors by 3 rather than 2 by 6: 7 loads per 12 FMAs instead of 8, and each key or value element
-// broadcast once per 32 rows (1-5% off the forward on Zen 1, whose 256-bit FMAs run one a cycle).
+// broadcast once per 32 rows (4-6% off the forward on Zen 1, whose 256-bit FMAs run one a cycle).
 template <int W>
 constexpr int row_vecs() {
   return W == 4 ? 2 : 4;
@@ -109,6 +109,26 @@ inline void tile_product_all(const TileProduct& t) {
   }
 }
 
+// Keys taken U at a time by the softmax's exponentials, forward and backward (see vexp_nonpositive_n);
+// a block's last n % U keys go one at a time (a check per key in the U-wide step costs 1.5-3%).
+constexpr int kExpKeys = 4;
+
+// Keys [0, U) of one lane chunk of P^T (rows of rp floats from st): s becomes exp(s - shift); sum gains it.
+template <int W, int U>
+inline void softmax_exp_keys(float* st, long long rp, typename Vec<W>::F shift, typename Vec<W>::F& sum) {
+  typename Vec<W>::F e[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) e[u] = Vec<W>::load(st + u * rp).v - shift;
+  vexp_nonpositive_n<W, U>(e);
+  typename Vec<W>::F part = e[0];  // one add a step on sum's chain
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    Vec<W>{e[u]}.store(st + u * rp);
+    if (u > 0) part += e[u];
+  }
+  sum += part;
+}
+
 // The online softmax of one block over S^T (n x rp), in place: S^T becomes P^T (exp(s - c), 0 where
 // a key is masked or past the row's limit), each row's running max and sum move on, and alpha gets
 // the factor that rescales the row's accumulated output (0 while it has seen no key).
@@ -138,23 +158,9 @@ inline void softmax_block(float* st, long long rp, long long n, const float* mas
     // exp(s + b - nm); where nm is -inf (no key yet, or a bias of -inf) every P is 0
     const F shift = nm == vninf ? -vninf : nm - b;
     F sum = zero;
-    constexpr int U = 4;  // keys at a time: see vexp_nonpositive_n
     long long j = 0;
-    for (; j + U <= n; j += U) {
-      F e[U];
-#pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) e[u] = Vec<W>::load(st + (j + u) * rp + c).v - shift;
-      vexp_nonpositive_n<W, U>(e);
-#pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) Vec<W>{e[u]}.store(st + (j + u) * rp + c);
-      sum += (e[0] + e[1]) + (e[2] + e[3]);
-    }
-    for (; j < n; ++j) {
-      float* row = st + j * rp + c;
-      const F e = vexp_nonpositive<W>(Vec<W>::load(row).v - shift);
-      Vec<W>{e}.store(row);
-      sum += e;
-    }
+    for (; j + kExpKeys <= n; j += kExpKeys) softmax_exp_keys<W, kExpKeys>(st + j * rp + c, rp, shift, sum);
+    for (; j < n; ++j) softmax_exp_keys<W, 1>(st + j * rp + c, rp, shift, sum);
     const F a = m_old == vninf ? zero : vexp_nonpositive<W>(m_old - nm);
     Vec<W>{Vec<W>::load(row_sum + c).v * a + sum}.store(row_sum + c);
     Vec<W>{nm}.store(row_max + c);
@@ -189,6 +195,36 @@ void attention_fwd_block_rows(const AttnFwdBlock& a) {
                                   a.rp / W});
 }
 
+// Keys [j, j + U) of the backward's elementwise step on lane chunk c (see attention_bwd_scores_rows).
+template <int W, int U>
+inline void bwd_scores_keys(const AttnBwdScores& a, long long c, long long j, typename Vec<W>::I lim,
+                            typename Vec<W>::F shift, typename Vec<W>::F di, typename Vec<W>::F& sum) {
+  typedef typename Vec<W>::F F;
+  typedef typename Vec<W>::I I;
+  const F zero = Vec<W>::splat(0.f).v;
+  F x[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    x[u] = Vec<W>::load(a.st + (j + u) * a.rp + c).v - shift;
+    if (a.mask_bias != nullptr) x[u] += a.mask_bias[j + u];
+    x[u] = x[u] > zero ? zero : x[u];  // <= 0 up to rounding for the forward's lse; an lse from elsewhere must not wrap exp
+  }
+  vexp_nonpositive_n<W, U>(x);
+  F part = zero;  // one add a step on sum's chain
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    float* s = a.st + (j + u) * a.rp + c;
+    float* dp = a.dpt + (j + u) * a.rp + c;
+    const I jv = I{} + static_cast<int>(j + u);
+    const F pj = jv < lim ? x[u] : zero;
+    const F ds = pj * (Vec<W>::load(dp).v - di);
+    Vec<W>{pj}.store(s);
+    Vec<W>{ds}.store(dp);
+    part += ds;
+  }
+  sum += part;
+}
+
 // The backward's elementwise step on one (key block x row block), transposed (n x rp, rows in lanes):
 // P = exp(s + mask bias - shift) for keys below the row's limit (0 elsewhere), shift = lse - bias, and
 // dS = P (dP - Di); s becomes P, dp becomes dS, and ds_sum (per row) gains the sum of dS.
@@ -203,31 +239,9 @@ void attention_bwd_scores_rows(const AttnBwdScores& a) {
     const F shift = Vec<W>::load(a.shift + c).v;
     const F di = Vec<W>::load(a.di + c).v;
     F sum = zero;
-    constexpr int U = 4;  // keys at a time: see vexp_nonpositive_n
-    for (long long j = 0; j < a.n; j += U) {
-      const int u_n = a.n - j < U ? static_cast<int>(a.n - j) : U;
-      F x[U];
-#pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) {
-        // past the block's end: a zero score, computed and dropped
-        x[u] = u < u_n ? Vec<W>::load(a.st + (j + u) * a.rp + c).v - shift : zero;
-        if (a.mask_bias != nullptr && u < u_n) x[u] += a.mask_bias[j + u];
-        x[u] = x[u] > zero ? zero : x[u];  // <= 0 up to rounding for the forward's lse; an lse from elsewhere must not wrap exp
-      }
-      vexp_nonpositive_n<W, U>(x);
-#pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) {
-        if (u >= u_n) break;
-        float* s = a.st + (j + u) * a.rp + c;
-        float* dp = a.dpt + (j + u) * a.rp + c;
-        const I jv = I{} + static_cast<int>(j + u);
-        const F pj = jv < lim ? x[u] : zero;
-        const F ds = pj * (Vec<W>::load(dp).v - di);
-        Vec<W>{pj}.store(s);
-        Vec<W>{ds}.store(dp);
-        sum += ds;
-      }
-    }
+    long long j = 0;
+    for (; j + kExpKeys <= a.n; j += kExpKeys) bwd_scores_keys<W, kExpKeys>(a, c, j, lim, shift, di, sum);
+    for (; j < a.n; ++j) bwd_scores_keys<W, 1>(a, c, j, lim, shift, di, sum);
     Vec<W>{Vec<W>::load(a.ds_sum + c).v + sum}.store(a.ds_sum + c);
   }
 }

@@ -96,7 +96,7 @@ inline typename Vec<W>::F vexp(typename Vec<W>::F x) {
 // then the exponent (the same polynomial and error; it differs from vexp only where x / ln2 is a tie).
 // Exactly 0 below kExpLo. U vectors in place, each step across all of them: U independent chains in
 // flight, so a CPU whose scheduler fills up with one chain's waiting operations (Zen 1's) still finds
-// ready work (4 at a time: 3-5% off the attention forward there).
+// ready work (4 at a time: 2-5% off the attention forward there).
 template <int W, int U>
 inline void vexp_nonpositive_n(typename Vec<W>::F (&x)[U]) {
   typedef typename Vec<W>::F F;
