@@ -142,16 +142,41 @@ inline typename Vec<W>::F vexp_nonpositive(typename Vec<W>::F x) {
   return one[0];
 }
 
+// tanh of U vectors in place, each step across all of them (see vexp_nonpositive_n): e = exp(-2|x|)
+// is never above 0, and the sign is put back with its bit (tanh(-0) = -0).
+template <int W, int U>
+inline void vtanh_n(typename Vec<W>::F (&x)[U]) {
+  typedef typename Vec<W>::F F;
+  typedef typename Vec<W>::I I;
+  using namespace ::mmkernels::fast_math;
+  I sign[U];
+  F ax[U], e[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    I bits;
+    __builtin_memcpy(&bits, &x[u], sizeof(F));
+    sign[u] = bits & (int)0x80000000u;
+    bits &= 0x7fffffff;
+    __builtin_memcpy(&ax[u], &bits, sizeof(F));
+    e[u] = -2.0f * ax[u];
+  }
+  vexp_nonpositive_n<W, U>(e);
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    F t = (1.0f - e[u]) / (1.0f + e[u]);
+    const F x2 = ax[u] * ax[u];
+    const F ts = ax[u] * (1.0f + x2 * (kTanhT1 + x2 * (kTanhT2 + x2 * kTanhT3)));
+    t = ax[u] < kTanhSeries ? ts : t;
+    I bits;
+    __builtin_memcpy(&bits, &t, sizeof(F));
+    bits |= sign[u];
+    __builtin_memcpy(&x[u], &bits, sizeof(F));
+  }
+}
+
 template <int W>
 inline typename Vec<W>::F vtanh(typename Vec<W>::F x) {
-  typedef typename Vec<W>::F F;
-  const F zero = Vec<W>::splat(0.0f).v;
-  const F ax = x < zero ? -x : x;
-  const F e = vexp<W>(-2.0f * ax);
-  F t = (1.0f - e) / (1.0f + e);
-  const F x2 = ax * ax;
-  using namespace ::mmkernels::fast_math;
-  const F ts = ax * (1.0f + x2 * (kTanhT1 + x2 * (kTanhT2 + x2 * kTanhT3)));
-  t = ax < kTanhSeries ? ts : t;
-  return x < zero ? -t : t;
+  typename Vec<W>::F one[1] = {x};
+  vtanh_n<W, 1>(one);
+  return one[0];
 }
