@@ -55,45 +55,9 @@ inline typename Vec<W>::F vmax(typename Vec<W>::F a, typename Vec<W>::F b) {
   return a > b ? a : b;
 }
 
-// exp(r) on the reduced range |r| <= ln2 / 2 (fast_expf's polynomial).
-template <int W>
-inline typename Vec<W>::F vexp_poly(typename Vec<W>::F r) {
-  using namespace ::mmkernels::fast_math;
-  typename Vec<W>::F p = Vec<W>::splat(kExpP0).v;
-  p = p * r + kExpP1;
-  p = p * r + kExpP2;
-  p = p * r + kExpP3;
-  p = p * r + kExpP4;
-  p = p * r + kExpP5;
-  return p * r * r + r + 1.0f;
-}
-
-template <int W>
-inline typename Vec<W>::F vexp(typename Vec<W>::F x) {
-  typedef typename Vec<W>::F F;
-  typedef typename Vec<W>::I I;
-  using namespace ::mmkernels::fast_math;
-  const F hi = Vec<W>::splat(kExpHi).v, lo = Vec<W>::splat(kExpLo).v;
-  const I under = x < lo;
-  F xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;
-  // n = floor(x / ln2 + 0.5): truncation toward zero corrected for negative arguments
-  const F t = xc * kLog2e + 0.5f;
-  F n = __builtin_convertvector(__builtin_convertvector(t, I), F);
-  n = n > t ? n - 1.0f : n;
-  F r = xc - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  const F p = vexp_poly<W>(r);
-  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
-  F scale;
-  __builtin_memcpy(&scale, &bits, sizeof(F));
-  const F res = p * scale;
-  return under ? Vec<W>::splat(0.0f).v : res;
-}
-
-// vexp for the softmax's x <= 0 (scores minus their max or log-sum-exp; -inf too), in 17 operations
-// instead of 24: no upper clamp, and x / ln2 rounded by adding 1.5 * 2^23, whose low mantissa bits are
-// then the exponent (the same polynomial and error; it differs from vexp only where x / ln2 is a tie).
+// exp for x <= 0 (the softmax's scores minus their max or log-sum-exp, gate logits minus their max,
+// -2|x| in tanh; -inf too), in 17 operations instead of a clamped range reduction's 24: no upper clamp,
+// and x / ln2 rounded by adding 1.5 * 2^23, whose low mantissa bits are then the exponent.
 // Exactly 0 below kExpLo. U vectors in place, each step across all of them: U independent chains in
 // flight, so a CPU whose scheduler fills up with one chain's waiting operations (Zen 1's) still finds
 // ready work (4 at a time: 2-5% off the attention forward there).
@@ -174,9 +138,3 @@ inline void vtanh_n(typename Vec<W>::F (&x)[U]) {
   }
 }
 
-template <int W>
-inline typename Vec<W>::F vtanh(typename Vec<W>::F x) {
-  typename Vec<W>::F one[1] = {x};
-  vtanh_n<W, 1>(one);
-  return one[0];
-}
