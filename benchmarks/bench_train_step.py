@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmkernels.models import FusionModel  # noqa: E402
 from mmkernels.models.text import load_tokenizer  # noqa: E402
 from mmkernels.train.config import load_config  # noqa: E402
+from mmkernels.train.optim import make_optimizer  # noqa: E402
 
 
 def synthetic_batch(B: int, text_len: int = 24, audio_len: int = 8000, device="cpu", seed=0):
@@ -60,7 +61,7 @@ def main(argv=None):
         m = copy.deepcopy(base)
         m.set_backend(be)
         models[name] = m
-        opts[name] = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4)
+        opts[name] = make_optimizer(m, cfg.train)  # the trainer's optimizer: its groups, fused AdamW
     # as the trainer feeds it: prepare_batch adds the rows' text keys, so a frozen text encoder runs once per
     # distinct question (its cache), not every step
     batch = base.prepare_batch(synthetic_batch(a.batch_size, cfg.data.max_text_len,

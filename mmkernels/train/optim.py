@@ -6,6 +6,8 @@ import math
 
 import torch
 
+_FUSED_DEVICES = ("cpu", "cuda")
+
 
 def make_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:
     """`t`: the train section of the config. Norms, biases, gates and position tables get no decay."""
@@ -22,7 +24,12 @@ def make_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:
           {"params": groups["no_decay"], "weight_decay": 0.0, "lr": t.lr},
           {"params": groups["text_decay"], "weight_decay": t.weight_decay, "lr": tl},
           {"params": groups["text_no_decay"], "weight_decay": 0.0, "lr": tl}]
-    return torch.optim.AdamW([g for g in pg if g["params"]])
+    pg = [g for g in pg if g["params"]]
+    # torch's fused AdamW: one kernel over every tensor instead of a Python loop over them (on 2 CPU cores
+    # about 12 ms of the fusion model's 170 ms step); it needs floating-point parameters on a device it has
+    # a kernel for, otherwise the loop
+    fused = all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for g in pg for p in g["params"])
+    return torch.optim.AdamW(pg, fused=fused or None)
 
 
 def lr_factor(step: int, t, total_steps: int) -> float:
