@@ -7,7 +7,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -56,15 +56,22 @@ def median_ms(fn: Callable[[], object], reps: int = 15, warmup: int = 3, device:
 
 
 def interleaved_median_ms(fns: Dict[str, Callable[[], object]], reps: int = 15, warmup: int = 2,
-                          device: str = "cpu") -> Dict[str, float]:
+                          device: str = "cpu", before: Optional[Dict[str, Callable[[], object]]] = None
+                          ) -> Dict[str, float]:
     """Median ms of each fn, timed round-robin: the machine's drifts (a noisy VM,
-    clock changes) hit every variant alike, so their ratios stay meaningful."""
+    clock changes) hit every variant alike, so their ratios stay meaningful.
+    before[name], where given, runs untimed ahead of each call of fns[name]."""
+    before = before or {}
     for _ in range(warmup):
-        for fn in fns.values():
+        for name, fn in fns.items():
+            if name in before:
+                before[name]()
             fn()
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            if name in before:
+                before[name]()
             sync(device)
             t0 = time.perf_counter()
             fn()

@@ -34,3 +34,19 @@ def test_bench_gpu_dry_run_writes_every_entry(tmp_path):
     for impl, n in (("sdpa-flash", 3), ("flex-attention", 2)):  # flash: the prefill's causal floor too
         timed = [row for row in rows if row["impl"].startswith(impl) and row["fwd_ms"]]
         assert len(timed) == n, (impl, rows)
+
+
+def test_interleaved_timing_runs_each_setup_untimed_before_its_variant():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from common import interleaved_median_ms
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    import time
+
+    log = []
+    fns = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
+    before = {"a": lambda: (log.append("set a"), time.sleep(0.02)), "b": lambda: log.append("set b")}
+    t = interleaved_median_ms(fns, reps=3, warmup=1, before=before)
+    assert log == ["set a", "a", "set b", "b"] * 4  # one warmup round, three timed
+    assert t["a"] < 10  # the 20 ms setup is not in a's time
