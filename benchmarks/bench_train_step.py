@@ -55,7 +55,7 @@ def main(argv=None):
     torch.manual_seed(0)
     # One model and one optimizer (the trainer's: its groups, fused AdamW), its ops switched to a backend
     # before each step: the two backends share the weights in memory, so only the ops differ between them
-    # (with a copy of the model each, where each copy's tensors sit moved the shared part of the step).
+    # (as in bench_transformers.py, where copies of a model made their identical parts differ).
     base = FusionModel(cfg.model).to(a.device)
     backends = {"mmkernels": None, "reference": "reference"}
     opt = make_optimizer(base, cfg.train)

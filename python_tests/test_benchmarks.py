@@ -4,6 +4,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,6 @@ def test_interleaved_timing_runs_each_setup_untimed_before_its_variant():
         from common import interleaved_median_ms
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    import time
 
     log = []
     fns = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
