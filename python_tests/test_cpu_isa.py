@@ -64,6 +64,27 @@ def test_gated_fusion_every_level(at_level, M, N, H, activation):
 
 
 @pytest.mark.parametrize("at_level", LEVELS, indirect=True)
+def test_gated_fusion_tanh_edges_every_level(at_level):
+    """One modality (gate 1), so the output is the level's tanh itself: a participant's NaN stays NaN,
+    +-inf and beyond the rational's clamp give exactly +-1, tiny values pass through,
+    and over a dense range the relative error stays within 4e-7 of tanh's."""
+    x = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 1e-6, -1e-30, 9.0, 9.5, -40.0,
+                      3e38, -3e38])
+    dense = torch.linspace(-12, 12, 240001)
+    f = torch.cat([x, dense]).reshape(1, 1, -1)  # 240013 columns: a tail at every width
+    out = mmkernels.gated_fusion(f, torch.zeros_like(f), backend="cpu")[0, : f.shape[-1]].reshape(-1)
+    head, body = out[: len(x)], out[len(x):]
+    assert head[0].isnan()
+    assert head[1:3].tolist() == [1.0, -1.0]
+    assert head[3] == 0 and head[4] == 0  # (-0's sign does not survive the sum over modalities, 0 + -0)
+    assert head[5] == torch.tensor(1e-6) and head[6] == torch.tensor(-1e-30)
+    assert head[7:].tolist() == [1.0, 1.0, -1.0, 1.0, -1.0]
+    want = torch.tanh(dense.double())
+    assert ((body.double() - want).abs() <= 4e-7 * want.abs().clamp_min(1e-30)).all()
+    assert body.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("at_level", LEVELS, indirect=True)
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_every_level(at_level, causal):
     """fp32 attention (the rows' max, exp and the backward's exp/dS run at the level) with lengths,

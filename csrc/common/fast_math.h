@@ -18,9 +18,14 @@ constexpr float kLn2Lo = -2.12194440e-4f;
 // Cephes polynomial for exp(r) on [-ln2/2, ln2/2]: 1 + r + r^2 (((((P0 r + P1) r + P2) r + P3) r + P4) r + P5)
 constexpr float kExpP0 = 1.9875691500E-4f, kExpP1 = 1.3981999507E-3f, kExpP2 = 8.3334519073E-3f,
                 kExpP3 = 4.1665795894E-2f, kExpP4 = 1.6666665459E-1f, kExpP5 = 5.0000001201E-1f;
-// tanh: below kTanhSeries the odd Taylor series x (1 + x^2 (T1 + x^2 (T2 + x^2 T3))) avoids 1 - e's cancellation
-constexpr float kTanhSeries = 0.0625f;
-constexpr float kTanhT1 = -0.333333333f, kTanhT2 = 0.133333333f, kTanhT3 = -0.0539682540f;
+// tanh(x) = x P(x^2) / Q(x^2) for |x| <= kTanhClamp, P(0) = Q(0) = 1 (so tanh(x) = x to rounding near 0),
+// +-1 beyond: 9 multiply-adds and a divide, half of what exp(-2|x|) and (1 - e) / (1 + e) cost. The coefficients
+// minimise the relative error of the rational over [0, 9] (Lawson-weighted linearised least squares,
+// fitted in double; 6e-8 before float rounding). Above 9, tanh rounds to 1 in float.
+constexpr float kTanhClamp = 9.0f;
+constexpr float kTanhP1 = 0.12922502f, kTanhP2 = 0.0029241345f, kTanhP3 = 9.295425e-06f, kTanhP4 = -1.2854191e-08f,
+                kTanhP5 = 1.8418746e-11f;
+constexpr float kTanhQ1 = 0.46255803f, kTanhQ2 = 0.023777368f, kTanhQ3 = 0.00022854746f;
 }  // namespace fast_math
 
 inline float fast_expf(float x) {
@@ -50,16 +55,25 @@ inline float fast_expf(float x) {
 inline double fast_exp(double x) { return __builtin_exp(x); }
 inline float fast_exp(float x) { return fast_expf(x); }
 
-// tanh(x) = sign(x) * (1 - e) / (1 + e), e = exp(-2|x|). Absolute error < 1e-7;
-// relative error ~1e-7 near 0 through the series branch.
+// Max relative error 3.7e-7 (6 ulp, near saturation), as the exp-based form it replaced; a NaN stays NaN
+// (the clamp and the cap compare so that NaN fails them), tanh(-0) = -0.
 inline float fast_tanhf(float x) {
   using namespace fast_math;
   float ax = x < 0.0f ? -x : x;
-  float e = fast_expf(-2.0f * ax);
-  float t = (1.0f - e) / (1.0f + e);
-  float x2 = ax * ax;
-  float ts = ax * (1.0f + x2 * (kTanhT1 + x2 * (kTanhT2 + x2 * kTanhT3)));
-  t = ax < kTanhSeries ? ts : t;
+  ax = ax > kTanhClamp ? kTanhClamp : ax;
+  const float s = ax * ax;
+  float p = kTanhP5;
+  p = p * s + kTanhP4;
+  p = p * s + kTanhP3;
+  p = p * s + kTanhP2;
+  p = p * s + kTanhP1;
+  p = p * s + 1.0f;
+  float q = kTanhQ3;
+  q = q * s + kTanhQ2;
+  q = q * s + kTanhQ1;
+  q = q * s + 1.0f;
+  float t = ax * p / q;
+  t = t > 1.0f ? 1.0f : t;
   return x < 0.0f ? -t : t;
 }
 

@@ -106,15 +106,15 @@ inline typename Vec<W>::F vexp_nonpositive(typename Vec<W>::F x) {
   return one[0];
 }
 
-// tanh of U vectors in place, each step across all of them (see vexp_nonpositive_n): e = exp(-2|x|)
-// is never above 0, and the sign is put back with its bit (tanh(-0) = -0).
+// tanh of U vectors in place, each step across all of them (see vexp_nonpositive_n): fast_tanhf's
+// rational lane-wise, the sign put back with its bit (tanh(-0) = -0; a NaN stays NaN).
 template <int W, int U>
 inline void vtanh_n(typename Vec<W>::F (&x)[U]) {
   typedef typename Vec<W>::F F;
   typedef typename Vec<W>::I I;
   using namespace ::mmkernels::fast_math;
   I sign[U];
-  F ax[U], e[U];
+  F ax[U], s[U], p[U], q[U];
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) {
     I bits;
@@ -122,19 +122,34 @@ inline void vtanh_n(typename Vec<W>::F (&x)[U]) {
     sign[u] = bits & (int)0x80000000u;
     bits &= 0x7fffffff;
     __builtin_memcpy(&ax[u], &bits, sizeof(F));
-    e[u] = -2.0f * ax[u];
+    ax[u] = ax[u] > kTanhClamp ? Vec<W>::splat(kTanhClamp).v : ax[u];
+    s[u] = ax[u] * ax[u];
   }
-  vexp_nonpositive_n<W, U>(e);
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) {
-    F t = (1.0f - e[u]) / (1.0f + e[u]);
-    const F x2 = ax[u] * ax[u];
-    const F ts = ax[u] * (1.0f + x2 * (kTanhT1 + x2 * (kTanhT2 + x2 * kTanhT3)));
-    t = ax[u] < kTanhSeries ? ts : t;
+    p[u] = Vec<W>::splat(kTanhP5).v * s[u] + kTanhP4;
+    q[u] = Vec<W>::splat(kTanhQ3).v * s[u] + kTanhQ2;
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    p[u] = p[u] * s[u] + kTanhP3;
+    q[u] = q[u] * s[u] + kTanhQ1;
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    p[u] = p[u] * s[u] + kTanhP2;
+    q[u] = q[u] * s[u] + 1.0f;
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) p[u] = p[u] * s[u] + kTanhP1;
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    p[u] = p[u] * s[u] + 1.0f;
+    F t = ax[u] * p[u] / q[u];
+    t = t > 1.0f ? Vec<W>::splat(1.0f).v : t;
     I bits;
     __builtin_memcpy(&bits, &t, sizeof(F));
     bits |= sign[u];
     __builtin_memcpy(&x[u], &bits, sizeof(F));
   }
 }
-
