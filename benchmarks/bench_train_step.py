@@ -65,17 +65,16 @@ def main(argv=None):
                                                int(cfg.data.max_audio_seconds * 8000)), a.device)
 
     def step(name):
-        m, o = base, opt
-        m.set_backend(backends[name])
+        base.set_backend(backends[name])
         if a.device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if a.bf16 else torch.autocast("cpu", enabled=False)
         with ctx:
-            loss = m(batch)["loss"]
-        o.zero_grad(set_to_none=True)
+            loss = base(batch)["loss"]
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        o.step()
+        opt.step()
         if a.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t
