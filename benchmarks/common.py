@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import gc
 import os
+import random
 import statistics
 import time
 from pathlib import Path
@@ -59,7 +60,11 @@ def interleaved_median_ms(fns: Dict[str, Callable[[], object]], reps: int = 15, 
                           device: str = "cpu", before: Optional[Dict[str, Callable[[], object]]] = None
                           ) -> Dict[str, float]:
     """Median ms of each fn, timed round-robin: the machine's drifts (a noisy VM,
-    clock changes) hit every variant alike, so their ratios stay meaningful.
+    clock changes) hit every variant alike, so their ratios stay meaningful. Each
+    round runs the variants in a new (seeded) order: a variant pays for what the one
+    before it left behind (page faults for its frees, evicted caches), and in a fixed
+    order one variant would always pay for the same neighbour (the heap trimmed after the
+    eager attention's large frees faults in the next variant's memory; see keep_heap).
     before[name], where given, runs untimed ahead of each call of fns[name]."""
     before = before or {}
     for _ in range(warmup):
@@ -68,8 +73,12 @@ def interleaved_median_ms(fns: Dict[str, Callable[[], object]], reps: int = 15, 
                 before[name]()
             fn()
     times: Dict[str, List[float]] = {name: [] for name in fns}
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
     for _ in range(reps):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name in order:
+            fn = fns[name]
             if name in before:
                 before[name]()
             sync(device)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -37,16 +38,41 @@ def test_bench_gpu_dry_run_writes_every_entry(tmp_path):
         assert len(timed) == n, (impl, rows)
 
 
-def test_interleaved_timing_runs_each_setup_untimed_before_its_variant():
+def _interleaved_median_ms():
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         from common import interleaved_median_ms
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
+    return interleaved_median_ms
 
+
+def test_interleaved_timing_runs_each_setup_untimed_before_its_variant():
+    interleaved_median_ms = _interleaved_median_ms()
     log = []
     fns = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
     before = {"a": lambda: (log.append("set a"), time.sleep(0.02)), "b": lambda: log.append("set b")}
     t = interleaved_median_ms(fns, reps=3, warmup=1, before=before)
-    assert log == ["set a", "a", "set b", "b"] * 4  # one warmup round, three timed
+    pairs = [tuple(log[i:i + 2]) for i in range(0, len(log), 2)]
+    assert set(pairs) == {("set a", "a"), ("set b", "b")}  # each setup right before its own variant
+    rounds = [sorted(p[1] for p in pairs[i:i + 2]) for i in range(0, len(pairs), 2)]
+    assert rounds == [["a", "b"]] * 4  # one warmup round, three timed: every variant once a round
     assert t["a"] < 10  # the 20 ms setup is not in a's time
+
+
+def test_interleaved_timing_lets_every_variant_follow_every_other():
+    # A variant pays for what the one before it left (page faults for its frees, evicted caches): in a
+    # fixed order the same variant always pays for the same neighbour.
+    interleaved_median_ms = _interleaved_median_ms()
+    log = []
+    fns = {name: (lambda name=name: log.append(name)) for name in "abc"}
+    interleaved_median_ms(fns, reps=60, warmup=0)
+    follows = Counter(zip(log, log[1:]))
+    for x in "abc":
+        for y in "abc":
+            if x != y:
+                assert follows[(x, y)] >= 10, follows  # about 20 each in 60 rounds
+    first = list(log)
+    log.clear()
+    interleaved_median_ms(fns, reps=60, warmup=0)
+    assert log == first  # the order is seeded: a rerun times the variants in the same order
